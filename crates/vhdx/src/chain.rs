@@ -1,0 +1,396 @@
+//! A differencing chain: the top file and every parent down to a base file, read as one
+//! virtual disk.
+//!
+//! Reads cost the same at any depth: a map with one entry per *unit* (the smallest block
+//! size in the chain) records the highest layer that holds anything in that unit, so a read
+//! starts at the layer that answers it instead of walking down from the top. Only units
+//! that a layer holds partly (sector bitmaps) continue to the layers below. Writes go to
+//! the top file only and set their units to the top layer. Parents are opened read-only.
+
+use crate::create::absolute;
+use crate::error::{Error, Result};
+use crate::file::{DiskKind, OpenOptions, Segment, VhdxFile};
+use crate::format::{
+    KEY_ABSOLUTE_WIN32_PATH, KEY_PARENT_LINKAGE, KEY_PARENT_LINKAGE2, KEY_RELATIVE_PATH,
+    PAYLOAD_BLOCK_NOT_PRESENT, ParentLocator, parse_braced_guid,
+};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+/// Deepest chain this implementation opens.
+pub const MAX_CHAIN_DEPTH: usize = 1024;
+const NO_LAYER: u16 = u16::MAX;
+
+/// How a range of the chain reads, for block-status queries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// Stored data (may still contain zero bytes).
+    Data(u64),
+    /// Reads as zeros without stored data.
+    Zero(u64),
+}
+
+impl Extent {
+    /// Length of the extent.
+    pub fn len(self) -> u64 {
+        match self {
+            Extent::Data(l) | Extent::Zero(l) => l,
+        }
+    }
+    /// Whether the extent is empty.
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An open chain; `layers()[0]` is the top file.
+pub struct Chain {
+    layers: Vec<VhdxFile>,
+    unit_shift: u32,
+    map: Vec<AtomicU16>,
+    virtual_size: u64,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("layers", &self.paths())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Candidate paths of the parent named by `locator`, in the order the spec tries them.
+pub fn parent_candidates(child: &Path, locator: &ParentLocator) -> Vec<PathBuf> {
+    let child_abs = absolute(child).unwrap_or_else(|_| child.to_owned());
+    let dir = child_abs.parent().unwrap_or(Path::new("/")).to_owned();
+    let mut out = Vec::new();
+    if let Some(rel) = locator.get(KEY_RELATIVE_PATH) {
+        let rel = rel.replace('\\', "/");
+        if let Ok(p) = absolute(&dir.join(rel.trim_start_matches("./"))) {
+            out.push(p);
+        }
+    }
+    if let Some(abs) = locator.get(KEY_ABSOLUTE_WIN32_PATH) {
+        let stripped = abs.strip_prefix("\\\\?\\").unwrap_or(abs);
+        if let Some(rest) = stripped
+            .strip_prefix("UNC\\localhost")
+            .filter(|r| r.starts_with('\\'))
+        {
+            out.push(PathBuf::from(rest.replace('\\', "/")));
+        } else if stripped.starts_with('\\') || stripped.starts_with('/') {
+            out.push(PathBuf::from(stripped.replace('\\', "/")));
+        } else if stripped.len() > 2 && stripped.as_bytes()[1] == b':' {
+            // A drive-letter path cannot be mapped here; try its file name beside the child.
+            if let Some(name) = stripped.rsplit('\\').next() {
+                out.push(dir.join(name));
+            }
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// Finds and opens (read-only) the parent of a differencing file, verifying that its
+/// DataWriteGuid matches the child's linkage and that sizes agree.
+pub fn open_parent(child: &VhdxFile) -> Result<VhdxFile> {
+    open_parent_with(child, OpenOptions::default())
+}
+
+/// Like [`open_parent`] with explicit open options (a merge opens the parent writable).
+pub fn open_parent_with(child: &VhdxFile, options: OpenOptions) -> Result<VhdxFile> {
+    let locator = child.parent_locator().ok_or_else(|| Error::Unsupported {
+        path: child.path().to_owned(),
+        reason: "not a differencing file".into(),
+    })?;
+    let linkage = locator.get(KEY_PARENT_LINKAGE).and_then(parse_braced_guid);
+    let linkage2 = locator
+        .get(KEY_PARENT_LINKAGE2)
+        .and_then(parse_braced_guid)
+        .filter(|g| !g.is_nil());
+    let candidates = parent_candidates(child.path(), &locator);
+    let mut mismatch: Option<Error> = None;
+    for candidate in &candidates {
+        if !candidate.exists() {
+            continue;
+        }
+        let parent = VhdxFile::open(candidate, options.clone())?;
+        let dwg = parent.data_write_guid();
+        if Some(dwg) != linkage && Some(dwg) != linkage2 {
+            mismatch.get_or_insert(Error::ParentLinkageMismatch {
+                child: child.path().to_owned(),
+                parent: candidate.clone(),
+                expected: locator.get(KEY_PARENT_LINKAGE).unwrap_or("").to_owned(),
+                actual: dwg,
+            });
+            continue;
+        }
+        let (cg, pg) = (child.geometry(), parent.geometry());
+        let what = if cg.virtual_size != pg.virtual_size {
+            Some("virtual size")
+        } else if cg.logical_sector_size != pg.logical_sector_size {
+            Some("logical sector size")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(Error::ParentMismatch {
+                child: child.path().to_owned(),
+                parent: candidate.clone(),
+                what,
+            });
+        }
+        return Ok(parent);
+    }
+    Err(mismatch.unwrap_or_else(|| Error::ParentNotFound {
+        child: child.path().to_owned(),
+        tried: if candidates.is_empty() {
+            "no usable path in the parent locator".into()
+        } else {
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    }))
+}
+
+impl Chain {
+    /// Opens `path` and every parent below it. Only the top file is opened writable, and
+    /// only if `writable`.
+    pub fn open(path: &Path, writable: bool) -> Result<Chain> {
+        let top = VhdxFile::open(
+            path,
+            OpenOptions {
+                writable,
+                ..OpenOptions::default()
+            },
+        )?;
+        Chain::from_top(top)
+    }
+
+    /// Opens the parents of an already open top file.
+    pub fn from_top(top: VhdxFile) -> Result<Chain> {
+        let mut layers = vec![top];
+        let mut seen = vec![absolute(layers[0].path())?];
+        while layers.last().unwrap().kind() == DiskKind::Differencing {
+            if layers.len() >= MAX_CHAIN_DEPTH {
+                return Err(Error::BadChain {
+                    path: layers[0].path().to_owned(),
+                    reason: format!("is deeper than {MAX_CHAIN_DEPTH} files"),
+                });
+            }
+            let parent = open_parent(layers.last().unwrap())?;
+            let abs = absolute(parent.path())?;
+            if seen.contains(&abs) {
+                return Err(Error::BadChain {
+                    path: layers[0].path().to_owned(),
+                    reason: format!("loops back to {}", abs.display()),
+                });
+            }
+            seen.push(abs);
+            layers.push(parent);
+        }
+        Chain::from_layers(layers)
+    }
+
+    /// Builds a chain from files already opened and verified, top first.
+    pub fn from_layers(layers: Vec<VhdxFile>) -> Result<Chain> {
+        let virtual_size = layers[0].geometry().virtual_size;
+        let unit = layers
+            .iter()
+            .map(|l| l.geometry().block_size)
+            .min()
+            .unwrap();
+        let unit_shift = unit.trailing_zeros();
+        let units = virtual_size.div_ceil(u64::from(unit));
+        let base = layers.len() - 1;
+        let base_index = u16::try_from(base).map_err(|_| Error::BadChain {
+            path: layers[0].path().to_owned(),
+            reason: "has too many files".into(),
+        })?;
+        let map: Vec<AtomicU16> = (0..units).map(|_| AtomicU16::new(base_index)).collect();
+        for (i, layer) in layers.iter().enumerate().rev().skip(1) {
+            let g = layer.geometry();
+            let per_block = u64::from(g.block_size) >> unit_shift;
+            for block in 0..g.payload_blocks() {
+                if layer.block_entry(block).state() == PAYLOAD_BLOCK_NOT_PRESENT {
+                    continue;
+                }
+                let first = block * per_block;
+                for u in first..(first + per_block).min(units) {
+                    map[u as usize].store(i as u16, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(Chain {
+            layers,
+            unit_shift,
+            map,
+            virtual_size,
+        })
+    }
+
+    /// The files, top first.
+    pub fn layers(&self) -> &[VhdxFile] {
+        &self.layers
+    }
+    /// The top (writable) file.
+    pub fn top(&self) -> &VhdxFile {
+        &self.layers[0]
+    }
+    /// Paths of the files, top first.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.layers.iter().map(|l| l.path().to_owned()).collect()
+    }
+    /// Guest-visible size.
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+    /// Logical sector size.
+    pub fn logical_sector_size(&self) -> u32 {
+        self.layers[0].geometry().logical_sector_size
+    }
+    /// Takes the chain apart, top first.
+    pub fn into_layers(self) -> Vec<VhdxFile> {
+        self.layers
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.virtual_size) {
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.virtual_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs of `[offset, offset+len)` that start at the same layer.
+    fn for_each_run(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u16, u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let u = pos >> self.unit_shift;
+            let layer = self.map[u as usize].load(Ordering::Acquire);
+            let mut next = (u + 1) << self.unit_shift;
+            while next < end && self.map[(next >> self.unit_shift) as usize].load(Ordering::Acquire) == layer {
+                next += 1 << self.unit_shift;
+            }
+            let stop = next.min(end);
+            f(layer, pos, stop - pos)?;
+            pos = stop;
+        }
+        Ok(())
+    }
+
+    /// Reads the virtual disk.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.for_each_run(offset, buf.len() as u64, |layer, pos, n| {
+            let start = (pos - offset) as usize;
+            self.read_from(layer as usize, &mut buf[start..start + n as usize], pos)
+        })
+    }
+
+    fn read_from(&self, layer: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        if layer >= self.layers.len() || layer == NO_LAYER as usize {
+            buf.fill(0);
+            return Ok(());
+        }
+        let file = &self.layers[layer];
+        let mut at = 0usize;
+        file.resolve(offset, buf.len() as u64, &mut |seg| {
+            let n = seg.len() as usize;
+            let part = &mut buf[at..at + n];
+            match seg {
+                Segment::Data { file_offset, .. } => file.read_stored(part, file_offset)?,
+                Segment::Zero { .. } => part.fill(0),
+                Segment::Parent { .. } => self.read_from(layer + 1, part, offset + at as u64)?,
+            }
+            at += n;
+            Ok(())
+        })
+    }
+
+    /// Which parts of a range hold data and which read as zeros.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let mut out: Vec<Extent> = Vec::new();
+        self.for_each_run(offset, len, |layer, pos, n| {
+            self.status_from(layer as usize, pos, n, &mut out)
+        })?;
+        Ok(out)
+    }
+
+    fn status_from(&self, layer: usize, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+        let push = |out: &mut Vec<Extent>, e: Extent| match (out.last_mut(), e) {
+            (Some(Extent::Data(l)), Extent::Data(n)) | (Some(Extent::Zero(l)), Extent::Zero(n)) => {
+                *l += n
+            }
+            _ => out.push(e),
+        };
+        if layer >= self.layers.len() {
+            push(out, Extent::Zero(len));
+            return Ok(());
+        }
+        let mut at = offset;
+        self.layers[layer].resolve(offset, len, &mut |seg| {
+            match seg {
+                Segment::Data { len, .. } => push(out, Extent::Data(len)),
+                Segment::Zero { len } => push(out, Extent::Zero(len)),
+                Segment::Parent { len } => self.status_from(layer + 1, at, len, out)?,
+            }
+            at += seg.len();
+            Ok(())
+        })
+    }
+
+    fn mark_top(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.unit_shift;
+        let last = (offset + len - 1) >> self.unit_shift;
+        for u in first..=last {
+            self.map[u as usize].store(0, Ordering::Release);
+        }
+    }
+
+    /// Writes into the top file.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.top().write_at(buf, offset)?;
+        self.mark_top(offset, buf.len() as u64);
+        Ok(())
+    }
+
+    /// Makes a range read as zeros (discard / write-zeroes) in the top file.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.top().write_zeroes(offset, len)?;
+        self.mark_top(offset, len);
+        Ok(())
+    }
+
+    /// Makes all writes durable.
+    pub fn flush(&self) -> Result<()> {
+        self.top().flush()
+    }
+
+    /// Closes every file (the top one cleanly, so that its log is empty).
+    pub fn close(self) -> Result<()> {
+        let mut result = Ok(());
+        for layer in self.layers {
+            let r = layer.close();
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}

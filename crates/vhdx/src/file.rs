@@ -1,0 +1,1600 @@
+//! One VHDX file: open and validate it, resolve reads to file ranges, write payload, and
+//! commit metadata through the log.
+//!
+//! A [`VhdxFile`] knows nothing of its parent: a read of a range a differencing file does
+//! not hold resolves to [`Segment::Parent`], and the [`crate::Chain`] continues there.
+
+use crate::error::{Corruption, Error, Result};
+use crate::format::*;
+use crate::io::FileIo;
+use crate::log::{self, ActiveSequence, ReplayOverlay};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions as FsOpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use uuid::Uuid;
+
+/// What kind of disk a file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskKind {
+    /// Every block allocated at creation (LeaveBlockAllocated).
+    Fixed,
+    /// Blocks allocated on first write.
+    Dynamic,
+    /// A child that records only what differs from its parent.
+    Differencing,
+}
+
+impl DiskKind {
+    /// Lowercase name as the CLI prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskKind::Fixed => "fixed",
+            DiskKind::Dynamic => "dynamic",
+            DiskKind::Differencing => "differencing",
+        }
+    }
+}
+
+/// The sizes that define a disk's layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Payload block size in bytes.
+    pub block_size: u32,
+    /// Logical sector size (512 or 4096).
+    pub logical_sector_size: u32,
+    /// Physical sector size (512 or 4096).
+    pub physical_sector_size: u32,
+}
+
+impl Geometry {
+    /// Payload blocks per sector-bitmap block.
+    pub fn chunk_ratio(&self) -> u64 {
+        SECTORS_PER_CHUNK * u64::from(self.logical_sector_size) / u64::from(self.block_size)
+    }
+    /// Number of payload blocks.
+    pub fn payload_blocks(&self) -> u64 {
+        self.virtual_size.div_ceil(u64::from(self.block_size))
+    }
+    /// Number of sector-bitmap blocks (chunks).
+    pub fn sector_bitmap_blocks(&self) -> u64 {
+        self.payload_blocks().div_ceil(self.chunk_ratio())
+    }
+    /// BAT entries a file of this geometry needs.
+    pub fn bat_entries(&self, differencing: bool) -> u64 {
+        if differencing {
+            self.sector_bitmap_blocks() * (self.chunk_ratio() + 1)
+        } else {
+            let p = self.payload_blocks();
+            p + (p.saturating_sub(1)) / self.chunk_ratio()
+        }
+    }
+    /// BAT index of payload block `block`.
+    pub fn payload_index(&self, block: u64) -> u64 {
+        block + block / self.chunk_ratio()
+    }
+    /// BAT index of the sector-bitmap entry of chunk `chunk`.
+    pub fn bitmap_index(&self, chunk: u64) -> u64 {
+        chunk * (self.chunk_ratio() + 1) + self.chunk_ratio()
+    }
+    /// Logical sectors per payload block.
+    pub fn sectors_per_block(&self) -> u64 {
+        u64::from(self.block_size) / u64::from(self.logical_sector_size)
+    }
+    /// Bytes of sector bitmap that describe one payload block.
+    pub fn bitmap_bytes_per_block(&self) -> u64 {
+        self.sectors_per_block() / 8
+    }
+    /// Guest bytes of block `block` (the last block may be short).
+    pub fn block_len(&self, block: u64) -> u64 {
+        let start = block * u64::from(self.block_size);
+        (self.virtual_size - start).min(u64::from(self.block_size))
+    }
+    /// Validates sizes as the format requires.
+    pub fn validate(&self) -> Result<(), Corruption> {
+        if !self.block_size.is_power_of_two()
+            || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size)
+        {
+            return Err(Corruption::InvalidBlockSize {
+                block_size: self.block_size,
+            });
+        }
+        for (which, size) in [
+            ("logical", self.logical_sector_size),
+            ("physical", self.physical_sector_size),
+        ] {
+            if size != 512 && size != 4096 {
+                return Err(Corruption::InvalidSectorSize { which, size });
+            }
+        }
+        if self.virtual_size == 0
+            || self.virtual_size > MAX_VIRTUAL_SIZE
+            || self.virtual_size % u64::from(self.logical_sector_size) != 0
+        {
+            return Err(Corruption::InvalidVirtualSize {
+                size: self.virtual_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How a byte range of a file resolves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segment {
+    /// Stored in this file at `file_offset`.
+    Data {
+        /// File offset of the first byte.
+        file_offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Reads as zeros.
+    Zero {
+        /// Bytes.
+        len: u64,
+    },
+    /// Not in this file: the parent has it.
+    Parent {
+        /// Bytes.
+        len: u64,
+    },
+}
+
+impl Segment {
+    /// Length of the segment.
+    pub fn len(&self) -> u64 {
+        match *self {
+            Segment::Data { len, .. } | Segment::Zero { len } | Segment::Parent { len } => len,
+        }
+    }
+    /// Whether the segment is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How to open a file.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Open for writing (exclusive lock); otherwise read-only (shared lock).
+    pub writable: bool,
+    /// Keep the DataWriteGuid even though data is written: for merges that add data a
+    /// reader of this file's chain already sees, so children stay linked.
+    pub keep_data_write_guid: bool,
+    /// Use this value as the new DataWriteGuid at the first write (a merge into a parent
+    /// announces it to the child beforehand through parent_linkage2).
+    pub data_write_guid: Option<Uuid>,
+}
+
+/// Summary of what a file holds, for `info`.
+#[derive(Clone, Debug, Default)]
+pub struct Allocation {
+    /// Payload blocks fully stored here.
+    pub full_blocks: u64,
+    /// Payload blocks partly stored here (differencing).
+    pub partial_blocks: u64,
+    /// Payload blocks explicitly zero.
+    pub zero_blocks: u64,
+    /// Guest bytes stored in this file.
+    pub stored_bytes: u64,
+}
+
+/// An open VHDX file.
+pub struct VhdxFile {
+    path: PathBuf,
+    io: Arc<dyn FileIo>,
+    writable: bool,
+    geometry: Geometry,
+    kind: DiskKind,
+    creator: String,
+    virtual_disk_id: Uuid,
+    log_offset: u64,
+    log_length: u64,
+    bat_offset: u64,
+    metadata_offset: u64,
+    metadata_length: u64,
+    regions: Vec<RegionEntry>,
+    bat: Vec<AtomicU64>,
+    /// Sector bitmaps of payload blocks that are (or were, this session) partially present.
+    bitmaps: RwLock<HashMap<u64, Box<[u8]>>>,
+    data_guid_done: AtomicBool,
+    replayed_log: bool,
+    state: Mutex<State>,
+}
+
+struct State {
+    header: Header,
+    current_slot: usize,
+    file_guid_done: bool,
+    data_guid_done: bool,
+    forced_data_write_guid: Option<Uuid>,
+    log_active: bool,
+    log_next: u64,
+    log_sequence: u64,
+    file_end: u64,
+    dirty_bat: BTreeSet<u64>,
+    dirty_bitmap: BTreeSet<u64>,
+    metadata: Vec<MetadataItem>,
+    parent_locator: Option<ParentLocator>,
+    params: FileParameters,
+    poisoned: bool,
+    closed: bool,
+}
+
+const SECTOR: u64 = LOG_SECTOR_SIZE as u64;
+
+impl std::fmt::Debug for VhdxFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhdxFile")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .field("geometry", &self.geometry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens a file on disk with the lock its access mode needs.
+pub(crate) fn open_locked(path: &Path, writable: bool) -> Result<File> {
+    let file = FsOpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let locked = if writable {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
+    match locked {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(Error::Locked {
+            path: path.to_owned(),
+        }),
+        Err(TryLockError::Error(e)) => Err(Error::io(path, e)),
+    }
+}
+
+impl VhdxFile {
+    /// Opens a file on disk.
+    pub fn open(path: &Path, options: OpenOptions) -> Result<VhdxFile> {
+        let file = open_locked(path, options.writable)?;
+        VhdxFile::open_io(Arc::new(file), path, options)
+    }
+
+    /// Opens a file through any [`FileIo`]; `path` names it in errors and locates parents.
+    pub fn open_io(io: Arc<dyn FileIo>, path: &Path, options: OpenOptions) -> Result<VhdxFile> {
+        let ioerr = |e| Error::io(path, e);
+        let corrupt = |c| Error::corrupt(path, c);
+
+        let mut ident = vec![0u8; FILE_IDENTIFIER_SIZE];
+        io.read_at(&mut ident, 0).map_err(ioerr)?;
+        let creator = parse_file_identifier(&ident).map_err(corrupt)?;
+
+        let (header, current_slot) = read_current_header(io.as_ref()).map_err(|e| match e {
+            HeaderReadError::Io(e) => ioerr(e),
+            HeaderReadError::Corrupt(c) => corrupt(c),
+        })?;
+        header.validate_log_location().map_err(corrupt)?;
+
+        let mut io = io;
+        let mut header = header;
+        let mut current_slot = current_slot;
+        let mut replayed_log = false;
+        let mut file_guid_done = false;
+        if !header.log_guid.is_nil() && header.log_length != 0 {
+            let seq = log::find_active_sequence(
+                io.as_ref(),
+                header.log_offset,
+                u64::from(header.log_length),
+                header.log_guid,
+            )
+            .map_err(ioerr)?;
+            if u64::from(header.log_length) > log::MAX_LOG_LENGTH {
+                return Err(corrupt(Corruption::LogTooLarge {
+                    length: u64::from(header.log_length),
+                }));
+            }
+            let seq = seq.ok_or_else(|| corrupt(log::no_sequence(header.log_guid)))?;
+            validate_sequence(io.as_ref(), &seq).map_err(|e| match e {
+                HeaderReadError::Io(e) => ioerr(e),
+                HeaderReadError::Corrupt(c) => corrupt(c),
+            })?;
+            if options.writable {
+                log::apply_in_place(io.as_ref(), &seq).map_err(ioerr)?;
+                io.sync().map_err(ioerr)?;
+                let mut h = header.clone();
+                h.log_guid = Uuid::nil();
+                h.file_write_guid = Uuid::new_v4();
+                current_slot =
+                    write_header_pair(io.as_ref(), &mut h, current_slot).map_err(ioerr)?;
+                header = h;
+                file_guid_done = true;
+                tracing::info!(path = %path.display(), entries = seq.entries, "replayed the vhdx log");
+            } else {
+                let overlay = ReplayOverlay::new(io, &seq).map_err(ioerr)?;
+                io = Arc::new(overlay);
+                tracing::debug!(path = %path.display(), "replayed the vhdx log in memory");
+            }
+            replayed_log = true;
+        }
+
+        let file_len = io.len().map_err(ioerr)?;
+        let regions = read_region_table(io.as_ref()).map_err(|e| match e {
+            HeaderReadError::Io(e) => ioerr(e),
+            HeaderReadError::Corrupt(c) => corrupt(c),
+        })?;
+        for r in &regions.entries {
+            if r.required && r.guid != BAT_REGION_GUID && r.guid != METADATA_REGION_GUID {
+                return Err(corrupt(Corruption::UnknownRequiredRegion { guid: r.guid }));
+            }
+        }
+        let bat_region = regions
+            .find(BAT_REGION_GUID)
+            .ok_or(corrupt(Corruption::MissingRegion { name: "bat" }))?
+            .clone();
+        let meta_region = regions
+            .find(METADATA_REGION_GUID)
+            .ok_or(corrupt(Corruption::MissingRegion { name: "metadata" }))?
+            .clone();
+        if u64::from(meta_region.length) < METADATA_TABLE_SIZE as u64
+            || u64::from(meta_region.length) > 256 * MIB
+        {
+            return Err(corrupt(Corruption::BadMetadataTable {
+                reason: "metadata region too small or too large",
+            }));
+        }
+
+        let mut region_bytes = vec![0u8; meta_region.length as usize];
+        io.read_at(&mut region_bytes, meta_region.file_offset)
+            .map_err(ioerr)?;
+        let metadata = parse_metadata_region(&region_bytes).map_err(corrupt)?;
+        let parsed = parse_known_metadata(&metadata).map_err(corrupt)?;
+        let geometry = parsed.geometry;
+        geometry.validate().map_err(corrupt)?;
+        let kind = if parsed.params.has_parent {
+            DiskKind::Differencing
+        } else if parsed.params.leave_block_allocated {
+            DiskKind::Fixed
+        } else {
+            DiskKind::Dynamic
+        };
+        let differencing = kind == DiskKind::Differencing;
+
+        let entries = geometry.bat_entries(differencing);
+        let need = entries * BAT_ENTRY_SIZE;
+        if u64::from(bat_region.length) < need {
+            return Err(corrupt(Corruption::BatTooSmall {
+                have: u64::from(bat_region.length),
+                need,
+            }));
+        }
+        let mut bat_bytes = vec![0u8; need as usize];
+        io.read_at(&mut bat_bytes, bat_region.file_offset)
+            .map_err(ioerr)?;
+        let bat: Vec<AtomicU64> = bat_bytes
+            .chunks_exact(8)
+            .map(|c| AtomicU64::new(le_u64(c, 0)))
+            .collect();
+        drop(bat_bytes);
+
+        let log_offset = header.log_offset;
+        let log_length = u64::from(header.log_length);
+        validate_layout(
+            &geometry,
+            kind,
+            &bat,
+            &regions.entries,
+            log_offset,
+            log_length,
+            file_len,
+        )
+        .map_err(corrupt)?;
+
+        let file = VhdxFile {
+            path: path.to_owned(),
+            io,
+            writable: options.writable,
+            geometry,
+            kind,
+            creator,
+            virtual_disk_id: parsed.virtual_disk_id,
+            log_offset,
+            log_length,
+            bat_offset: bat_region.file_offset,
+            metadata_offset: meta_region.file_offset,
+            metadata_length: u64::from(meta_region.length),
+            regions: regions.entries,
+            bat,
+            bitmaps: RwLock::new(HashMap::new()),
+            data_guid_done: AtomicBool::new(options.keep_data_write_guid),
+            replayed_log,
+            state: Mutex::new(State {
+                header,
+                current_slot,
+                file_guid_done,
+                data_guid_done: options.keep_data_write_guid,
+                forced_data_write_guid: options.data_write_guid,
+                log_active: false,
+                log_next: 0,
+                log_sequence: 1,
+                file_end: file_len.next_multiple_of(MIB),
+                dirty_bat: BTreeSet::new(),
+                dirty_bitmap: BTreeSet::new(),
+                metadata,
+                parent_locator: parsed.parent_locator,
+                params: parsed.params,
+                poisoned: false,
+                closed: false,
+            }),
+        };
+        file.load_bitmaps()?;
+        Ok(file)
+    }
+
+    fn load_bitmaps(&self) -> Result<()> {
+        if self.kind != DiskKind::Differencing {
+            return Ok(());
+        }
+        let g = &self.geometry;
+        let per_block = g.bitmap_bytes_per_block();
+        let mut maps = self.bitmaps.write().unwrap();
+        let mut chunk_buf: Option<(u64, Vec<u8>)> = None;
+        for block in 0..g.payload_blocks() {
+            let e = self.entry(g.payload_index(block));
+            if e.state() != PAYLOAD_BLOCK_PARTIALLY_PRESENT {
+                continue;
+            }
+            let chunk = block / g.chunk_ratio();
+            let sb = self.entry(g.bitmap_index(chunk));
+            if sb.state() != SB_BLOCK_PRESENT {
+                return Err(self.corrupt(Corruption::BadBatState {
+                    index: g.payload_index(block),
+                    state: e.state(),
+                }));
+            }
+            if chunk_buf.as_ref().is_none_or(|(c, _)| *c != chunk) {
+                let mut buf = vec![0u8; SECTOR_BITMAP_BLOCK_SIZE as usize];
+                self.io
+                    .read_at(&mut buf, sb.file_offset())
+                    .map_err(|e| self.ioerr(e))?;
+                chunk_buf = Some((chunk, buf));
+            }
+            let (_, buf) = chunk_buf.as_ref().unwrap();
+            let start = ((block % g.chunk_ratio()) * per_block) as usize;
+            maps.insert(
+                block,
+                buf[start..start + per_block as usize]
+                    .to_vec()
+                    .into_boxed_slice(),
+            );
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Accessors
+    // ------------------------------------------------------------------------------------
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The disk's sizes.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    /// Fixed, dynamic or differencing.
+    pub fn kind(&self) -> DiskKind {
+        self.kind
+    }
+    /// Whether the file was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    /// The creator string of the file type identifier.
+    pub fn creator(&self) -> &str {
+        &self.creator
+    }
+    /// The virtual disk id (shared by a chain).
+    pub fn virtual_disk_id(&self) -> Uuid {
+        self.virtual_disk_id
+    }
+    /// The current header.
+    pub fn header(&self) -> Header {
+        self.lock().header.clone()
+    }
+    /// The DataWriteGuid children link to.
+    pub fn data_write_guid(&self) -> Uuid {
+        self.lock().header.data_write_guid
+    }
+    /// Whether opening replayed a log.
+    pub fn replayed_log(&self) -> bool {
+        self.replayed_log
+    }
+    /// The parent locator of a differencing file.
+    pub fn parent_locator(&self) -> Option<ParentLocator> {
+        self.lock().parent_locator.clone()
+    }
+    /// All metadata items.
+    pub fn metadata_items(&self) -> Vec<MetadataItem> {
+        self.lock().metadata.clone()
+    }
+    /// The region table entries.
+    pub fn regions(&self) -> &[RegionEntry] {
+        &self.regions
+    }
+    /// Log location (offset, length).
+    pub fn log_location(&self) -> (u64, u64) {
+        (self.log_offset, self.log_length)
+    }
+    /// BAT region offset.
+    pub fn bat_offset(&self) -> u64 {
+        self.bat_offset
+    }
+    /// Metadata region location (offset, length).
+    pub fn metadata_location(&self) -> (u64, u64) {
+        (self.metadata_offset, self.metadata_length)
+    }
+    /// Current length of the file in bytes.
+    pub fn file_size(&self) -> Result<u64> {
+        self.io.len().map_err(|e| self.ioerr(e))
+    }
+    /// The BAT entry at `index`.
+    pub fn entry(&self, index: u64) -> BatEntry {
+        BatEntry(self.bat[index as usize].load(Ordering::Acquire))
+    }
+    /// Number of BAT entries in use.
+    pub fn bat_len(&self) -> u64 {
+        self.bat.len() as u64
+    }
+    /// State and entry of payload block `block`.
+    pub fn block_entry(&self, block: u64) -> BatEntry {
+        self.entry(self.geometry.payload_index(block))
+    }
+    /// The sector bitmap of a partially present block.
+    pub fn block_bitmap(&self, block: u64) -> Option<Box<[u8]>> {
+        self.bitmaps.read().unwrap().get(&block).cloned()
+    }
+    /// Counts what the file stores.
+    pub fn allocation(&self) -> Allocation {
+        let g = &self.geometry;
+        let mut a = Allocation::default();
+        let sector = u64::from(g.logical_sector_size);
+        let maps = self.bitmaps.read().unwrap();
+        for block in 0..g.payload_blocks() {
+            match self.block_entry(block).state() {
+                PAYLOAD_BLOCK_FULLY_PRESENT => {
+                    a.full_blocks += 1;
+                    a.stored_bytes += g.block_len(block);
+                }
+                PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
+                    a.partial_blocks += 1;
+                    if let Some(bits) = maps.get(&block) {
+                        let set: u64 = bits.iter().map(|b| u64::from(b.count_ones())).sum();
+                        a.stored_bytes += (set * sector).min(g.block_len(block));
+                    }
+                }
+                PAYLOAD_BLOCK_ZERO | PAYLOAD_BLOCK_UNMAPPED | PAYLOAD_BLOCK_UNDEFINED
+                | PAYLOAD_BLOCK_UNMAPPED_V095 => a.zero_blocks += 1,
+                _ => {}
+            }
+        }
+        a
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn ioerr(&self, e: std::io::Error) -> Error {
+        Error::io(&self.path, e)
+    }
+    fn corrupt(&self, c: Corruption) -> Error {
+        Error::corrupt(&self.path, c)
+    }
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.geometry.virtual_size;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::OutOfRange { offset, len, size });
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Reads
+    // ------------------------------------------------------------------------------------
+
+    /// Resolves `[offset, offset + len)` of the virtual disk into segments, calling `visit`
+    /// for each (adjacent segments of the same kind are merged).
+    pub fn resolve(
+        &self,
+        offset: u64,
+        len: u64,
+        visit: &mut dyn FnMut(Segment) -> Result<()>,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        let g = &self.geometry;
+        let bs = u64::from(g.block_size);
+        let sector = u64::from(g.logical_sector_size);
+        let differencing = self.kind == DiskKind::Differencing;
+        let mut pending: Option<Segment> = None;
+        let mut emit = |seg: Segment, pending: &mut Option<Segment>| -> Result<()> {
+            if let Some(p) = pending.as_mut() {
+                match (p, seg) {
+                    (Segment::Data { file_offset, len }, Segment::Data { file_offset: o, len: l })
+                        if *file_offset + *len == o =>
+                    {
+                        *len += l;
+                        return Ok(());
+                    }
+                    (Segment::Zero { len }, Segment::Zero { len: l })
+                    | (Segment::Parent { len }, Segment::Parent { len: l }) => {
+                        *len += l;
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(p) = pending.replace(seg) {
+                visit(p)?;
+            }
+            Ok(())
+        };
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = (end - pos).min(bs - in_block);
+            let e = self.block_entry(block);
+            match e.state() {
+                PAYLOAD_BLOCK_FULLY_PRESENT => emit(
+                    Segment::Data {
+                        file_offset: e.file_offset() + in_block,
+                        len: n,
+                    },
+                    &mut pending,
+                )?,
+                PAYLOAD_BLOCK_PARTIALLY_PRESENT if differencing => {
+                    let maps = self.bitmaps.read().unwrap();
+                    let bits = maps.get(&block);
+                    let mut p = in_block;
+                    let stop = in_block + n;
+                    while p < stop {
+                        let s = p / sector;
+                        let present = bits.is_some_and(|b| bit(b, s));
+                        // Extend over sectors with the same bit.
+                        let mut q = (s + 1) * sector;
+                        while q < stop && bits.is_some_and(|b| bit(b, q / sector)) == present {
+                            q += sector;
+                        }
+                        let q = q.min(stop);
+                        let seg = if present {
+                            Segment::Data {
+                                file_offset: e.file_offset() + p,
+                                len: q - p,
+                            }
+                        } else {
+                            Segment::Parent { len: q - p }
+                        };
+                        emit(seg, &mut pending)?;
+                        p = q;
+                    }
+                }
+                PAYLOAD_BLOCK_NOT_PRESENT if differencing => {
+                    emit(Segment::Parent { len: n }, &mut pending)?
+                }
+                _ => emit(Segment::Zero { len: n }, &mut pending)?,
+            }
+            pos += n;
+        }
+        if let Some(p) = pending {
+            visit(p)?;
+        }
+        Ok(())
+    }
+
+    /// Reads stored bytes at a file offset returned by [`VhdxFile::resolve`].
+    pub fn read_stored(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        self.io
+            .read_at(buf, file_offset)
+            .map_err(|e| self.ioerr(e))
+    }
+
+    /// Reads the virtual disk as this file alone sees it; ranges it leaves to a parent read
+    /// as zeros (use a [`crate::Chain`] to read through parents).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut at = 0usize;
+        self.resolve(offset, buf.len() as u64, &mut |seg| {
+            let n = seg.len() as usize;
+            match seg {
+                Segment::Data { file_offset, .. } => {
+                    self.read_stored(&mut buf[at..at + n], file_offset)?
+                }
+                Segment::Zero { .. } | Segment::Parent { .. } => buf[at..at + n].fill(0),
+            }
+            at += n;
+            Ok(())
+        })
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Writes
+    // ------------------------------------------------------------------------------------
+
+    fn check_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Changes the DataWriteGuid (once per session) before the first guest-visible change.
+    fn ensure_data_guid(&self) -> Result<()> {
+        if self.data_guid_done.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        self.check_poisoned(&st)?;
+        if !st.data_guid_done {
+            let guid = st.forced_data_write_guid.unwrap_or_else(Uuid::new_v4);
+            self.update_header(&mut st, |h| h.data_write_guid = guid)?;
+            st.data_guid_done = true;
+        }
+        self.data_guid_done.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn check_poisoned(&self, st: &State) -> Result<()> {
+        if st.poisoned || st.closed {
+            return Err(Error::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes guest data. Newly allocated blocks are recorded in memory and committed
+    /// through the log by the next [`VhdxFile::flush`]: as with any disk with a volatile
+    /// write cache, only flushed writes survive a crash.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.ensure_data_guid()?;
+        let bs = u64::from(self.geometry.block_size);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = ((bs - in_block) as usize).min(buf.len() - done);
+            self.write_in_block(block, in_block, &buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_in_block(&self, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
+        let g = self.geometry;
+        let index = g.payload_index(block);
+        loop {
+            let e = self.entry(index);
+            match e.state() {
+                PAYLOAD_BLOCK_FULLY_PRESENT => {
+                    return self
+                        .io
+                        .write_at(data, e.file_offset() + in_block)
+                        .map_err(|e| self.ioerr(e));
+                }
+                PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
+                    self.io
+                        .write_at(data, e.file_offset() + in_block)
+                        .map_err(|e| self.ioerr(e))?;
+                    let mut st = self.lock();
+                    self.check_poisoned(&st)?;
+                    self.set_bits(&mut st, block, in_block, data.len() as u64);
+                    return Ok(());
+                }
+                _ => {
+                    let mut st = self.lock();
+                    self.check_poisoned(&st)?;
+                    if self.entry(index) != e {
+                        continue;
+                    }
+                    return self.allocate_and_write(&mut st, block, in_block, data, e);
+                }
+            }
+        }
+    }
+
+    fn allocate_and_write(
+        &self,
+        st: &mut State,
+        block: u64,
+        in_block: u64,
+        data: &[u8],
+        old: BatEntry,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let whole = in_block == 0 && data.len() as u64 == g.block_len(block);
+        let partial_in_parent =
+            self.kind == DiskKind::Differencing && old.state() == PAYLOAD_BLOCK_NOT_PRESENT;
+        if partial_in_parent && !whole {
+            self.ensure_bitmap_block(st, block / g.chunk_ratio())?;
+        }
+        let offset = self.allocate(st, u64::from(g.block_size))?;
+        self.io
+            .write_at(data, offset + in_block)
+            .map_err(|e| self.ioerr(e))?;
+        if partial_in_parent && !whole {
+            {
+                let mut maps = self.bitmaps.write().unwrap();
+                // Start from a clear bitmap: stale bits of an earlier life of the block must
+                // not make parent sectors look present.
+                maps.insert(
+                    block,
+                    vec![0u8; g.bitmap_bytes_per_block() as usize].into_boxed_slice(),
+                );
+            }
+            self.mark_bitmap_dirty(st, block, 0, g.bitmap_bytes_per_block());
+            self.set_entry(
+                st,
+                g.payload_index(block),
+                BatEntry::new(PAYLOAD_BLOCK_PARTIALLY_PRESENT, offset),
+            );
+            self.set_bits(st, block, in_block, data.len() as u64);
+        } else {
+            // Fresh space reads as zeros, which is what the rest of a ZERO or NOT_PRESENT
+            // block of a non-differencing file must read as.
+            self.set_entry(
+                st,
+                g.payload_index(block),
+                BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, offset),
+            );
+        }
+        Ok(())
+    }
+
+    /// Reserves `len` bytes at the end of the file (1 MiB aligned) and extends the file.
+    fn allocate(&self, st: &mut State, len: u64) -> Result<u64> {
+        let offset = st.file_end;
+        let end = offset + len;
+        let cur = self.io.len().map_err(|e| self.ioerr(e))?;
+        if cur < end {
+            self.io.set_len(end).map_err(|e| self.ioerr(e))?;
+        }
+        st.file_end = end;
+        Ok(offset)
+    }
+
+    fn ensure_bitmap_block(&self, st: &mut State, chunk: u64) -> Result<()> {
+        let index = self.geometry.bitmap_index(chunk);
+        if self.entry(index).state() == SB_BLOCK_PRESENT {
+            return Ok(());
+        }
+        let offset = self.allocate(st, SECTOR_BITMAP_BLOCK_SIZE)?;
+        self.set_entry(st, index, BatEntry::new(SB_BLOCK_PRESENT, offset));
+        Ok(())
+    }
+
+    fn set_entry(&self, st: &mut State, index: u64, entry: BatEntry) {
+        self.bat[index as usize].store(entry.0, Ordering::Release);
+        st.dirty_bat.insert(index * BAT_ENTRY_SIZE / SECTOR);
+    }
+
+    fn set_bits(&self, st: &mut State, block: u64, in_block: u64, len: u64) {
+        let g = self.geometry;
+        let sector = u64::from(g.logical_sector_size);
+        let first = in_block / sector;
+        let last = (in_block + len).div_ceil(sector);
+        let full = {
+            let mut maps = self.bitmaps.write().unwrap();
+            let bits = maps
+                .entry(block)
+                .or_insert_with(|| vec![0u8; g.bitmap_bytes_per_block() as usize].into());
+            for s in first..last {
+                bits[(s / 8) as usize] |= 1 << (s % 8);
+            }
+            let valid = g.block_len(block).div_ceil(sector);
+            (0..valid).all(|s| bit(bits, s))
+        };
+        self.mark_bitmap_dirty(st, block, first / 8, (last - 1) / 8 + 1);
+        if full {
+            let e = self.block_entry(block);
+            self.set_entry(
+                st,
+                g.payload_index(block),
+                BatEntry::new(PAYLOAD_BLOCK_FULLY_PRESENT, e.file_offset()),
+            );
+        }
+    }
+
+    /// Marks bytes `[from, to)` of a block's bitmap slice dirty.
+    fn mark_bitmap_dirty(&self, st: &mut State, block: u64, from: u64, to: u64) {
+        let g = self.geometry;
+        let chunk = block / g.chunk_ratio();
+        let sb = self.entry(g.bitmap_index(chunk));
+        let base = sb.file_offset() + (block % g.chunk_ratio()) * g.bitmap_bytes_per_block();
+        let first = (base + from) / SECTOR;
+        let last = (base + to - 1) / SECTOR;
+        for s in first..=last {
+            st.dirty_bitmap.insert(s * SECTOR);
+        }
+    }
+
+    /// Makes a range read as zeros (discard and write-zeroes). Whole blocks become ZERO
+    /// blocks (their space is no longer used); partial ranges are written with zeros. In a
+    /// differencing file a zeroed range never reads the parent's data.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.ensure_data_guid()?;
+        let g = self.geometry;
+        let bs = u64::from(g.block_size);
+        let differencing = self.kind == DiskKind::Differencing;
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = (end - pos).min(bs - in_block);
+            let e = self.block_entry(block);
+            let whole = in_block == 0 && n == g.block_len(block);
+            let state = e.state();
+            let reads_zero = matches!(
+                state,
+                PAYLOAD_BLOCK_ZERO
+                    | PAYLOAD_BLOCK_UNMAPPED
+                    | PAYLOAD_BLOCK_UNDEFINED
+                    | PAYLOAD_BLOCK_UNMAPPED_V095
+            ) || (state == PAYLOAD_BLOCK_NOT_PRESENT && !differencing);
+            if reads_zero {
+                // Already zero.
+            } else if whole && self.kind != DiskKind::Fixed {
+                let mut st = self.lock();
+                self.check_poisoned(&st)?;
+                self.set_entry(
+                    &mut st,
+                    g.payload_index(block),
+                    BatEntry::new(PAYLOAD_BLOCK_ZERO, 0),
+                );
+            } else {
+                let zeros = vec![0u8; n as usize];
+                self.write_in_block(block, in_block, &zeros)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Makes every write so far durable, then commits pending metadata through the log.
+    pub fn flush(&self) -> Result<()> {
+        let mut st = self.lock();
+        self.check_poisoned(&st)?;
+        if !self.writable {
+            return Ok(());
+        }
+        let result = self.flush_locked(&mut st);
+        if result.is_err() {
+            st.poisoned = true;
+        }
+        result
+    }
+
+    fn flush_locked(&self, st: &mut State) -> Result<()> {
+        self.io.sync().map_err(|e| self.ioerr(e))?;
+        if st.dirty_bat.is_empty() && st.dirty_bitmap.is_empty() {
+            return Ok(());
+        }
+        let mut sectors: Vec<(u64, Vec<u8>)> = Vec::new();
+        let bat_sectors = std::mem::take(&mut st.dirty_bat);
+        for s in bat_sectors {
+            let mut buf = vec![0u8; LOG_SECTOR_SIZE];
+            let first = s * SECTOR / BAT_ENTRY_SIZE;
+            let n = (SECTOR / BAT_ENTRY_SIZE).min(self.bat_len() - first);
+            for i in 0..n {
+                put_u64(&mut buf, (i * 8) as usize, self.entry(first + i).0);
+            }
+            if n < SECTOR / BAT_ENTRY_SIZE {
+                // Entries past the ones we use (a larger BAT region) keep their bytes.
+                let mut disk = vec![0u8; LOG_SECTOR_SIZE];
+                self.io
+                    .read_at(&mut disk, self.bat_offset + s * SECTOR)
+                    .map_err(|e| self.ioerr(e))?;
+                buf[(n * 8) as usize..].copy_from_slice(&disk[(n * 8) as usize..]);
+            }
+            sectors.push((self.bat_offset + s * SECTOR, buf));
+        }
+        let bitmap_sectors = std::mem::take(&mut st.dirty_bitmap);
+        for s in bitmap_sectors {
+            sectors.push((s, self.bitmap_sector(s)?));
+        }
+        self.commit(st, &sectors)
+    }
+
+    /// Builds the current contents of the bitmap sector at file offset `s`.
+    fn bitmap_sector(&self, s: u64) -> Result<Vec<u8>> {
+        let g = self.geometry;
+        let mut buf = vec![0u8; LOG_SECTOR_SIZE];
+        self.io.read_at(&mut buf, s).map_err(|e| self.ioerr(e))?;
+        // Which chunk's bitmap block holds this sector?
+        let per_block = g.bitmap_bytes_per_block();
+        let maps = self.bitmaps.read().unwrap();
+        for chunk in 0..g.sector_bitmap_blocks() {
+            let sb = self.entry(g.bitmap_index(chunk));
+            if sb.state() != SB_BLOCK_PRESENT
+                || s < sb.file_offset()
+                || s >= sb.file_offset() + SECTOR_BITMAP_BLOCK_SIZE
+            {
+                continue;
+            }
+            let in_sb = s - sb.file_offset();
+            let first_block = chunk * g.chunk_ratio() + in_sb / per_block;
+            let last_block = chunk * g.chunk_ratio() + (in_sb + SECTOR - 1) / per_block;
+            for block in first_block..=last_block {
+                let Some(bits) = maps.get(&block) else {
+                    continue;
+                };
+                let slice_start = (block % g.chunk_ratio()) * per_block;
+                let s0 = slice_start.max(in_sb);
+                let s1 = (slice_start + per_block).min(in_sb + SECTOR);
+                if s0 < s1 {
+                    buf[(s0 - in_sb) as usize..(s1 - in_sb) as usize].copy_from_slice(
+                        &bits[(s0 - slice_start) as usize..(s1 - slice_start) as usize],
+                    );
+                }
+            }
+            break;
+        }
+        Ok(buf)
+    }
+
+    /// Writes `sectors` (4 KiB each, at their final file offsets) through the log: entry,
+    /// sync, apply, sync, in entries of at most half the ring.
+    fn commit(&self, st: &mut State, sectors: &[(u64, Vec<u8>)]) -> Result<()> {
+        let ioerr = |e| self.ioerr(e);
+        if self.log_length == 0 {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                reason: "the file has no log, so its metadata cannot be changed safely".into(),
+            });
+        }
+        let per_entry = log::max_sectors_per_entry(self.log_length).max(1);
+        for group in sectors.chunks(per_entry) {
+            let first_entry = !st.log_active;
+            let log_guid = if first_entry {
+                Uuid::new_v4()
+            } else {
+                st.header.log_guid
+            };
+            if first_entry {
+                st.log_next = 0;
+            }
+            let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+            let file_len = self.io.len().map_err(ioerr)?;
+            let entry = log::build_entry(
+                &refs,
+                st.log_next,
+                st.log_sequence,
+                log_guid,
+                file_len.next_multiple_of(MIB).min(file_len.max(MIB)) / MIB * MIB,
+                st.file_end.max(file_len.next_multiple_of(MIB)),
+            );
+            self.write_ring(st.log_next, &entry)?;
+            self.io.sync().map_err(ioerr)?;
+            if first_entry {
+                // The entry becomes replayable only once the header names its log GUID.
+                self.update_header(st, |h| h.log_guid = log_guid)?;
+                st.log_active = true;
+            }
+            for (offset, data) in group {
+                self.io.write_at(data, *offset).map_err(ioerr)?;
+            }
+            self.io.sync().map_err(ioerr)?;
+            st.log_next = (st.log_next + entry.len() as u64) % self.log_length;
+            st.log_sequence += 1;
+        }
+        Ok(())
+    }
+
+    fn write_ring(&self, at: u64, entry: &[u8]) -> Result<()> {
+        let first = (self.log_length - at).min(entry.len() as u64) as usize;
+        self.io
+            .write_at(&entry[..first], self.log_offset + at)
+            .map_err(|e| self.ioerr(e))?;
+        if first < entry.len() {
+            self.io
+                .write_at(&entry[first..], self.log_offset)
+                .map_err(|e| self.ioerr(e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a new header into both slots (the non-current one first), changing the
+    /// FileWriteGuid on the session's first update.
+    fn update_header(&self, st: &mut State, change: impl FnOnce(&mut Header)) -> Result<()> {
+        let mut h = st.header.clone();
+        change(&mut h);
+        if !st.file_guid_done {
+            h.file_write_guid = Uuid::new_v4();
+        }
+        match write_header_pair(self.io.as_ref(), &mut h, st.current_slot) {
+            Ok(slot) => {
+                st.current_slot = slot;
+                st.header = h;
+                st.file_guid_done = true;
+                Ok(())
+            }
+            Err(e) => {
+                st.poisoned = true;
+                Err(self.ioerr(e))
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Metadata changes (used by merge and convert)
+    // ------------------------------------------------------------------------------------
+
+    /// Rewrites the metadata region with `items` through the log.
+    fn commit_metadata(&self, st: &mut State, items: Vec<MetadataItem>) -> Result<()> {
+        let new = encode_metadata_region(&items, self.metadata_length as usize)
+            .map_err(|c| self.corrupt(c))?;
+        let mut old = vec![0u8; self.metadata_length as usize];
+        self.io
+            .read_at(&mut old, self.metadata_offset)
+            .map_err(|e| self.ioerr(e))?;
+        let sectors: Vec<(u64, Vec<u8>)> = new
+            .chunks(LOG_SECTOR_SIZE)
+            .zip(old.chunks(LOG_SECTOR_SIZE))
+            .enumerate()
+            .filter(|(_, (n, o))| n != o)
+            .map(|(i, (n, _))| (self.metadata_offset + i as u64 * SECTOR, n.to_vec()))
+            .collect();
+        if sectors.len() > log::max_sectors_per_entry(self.log_length) {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                reason: "metadata change too large for one log entry".into(),
+            });
+        }
+        self.io.sync().map_err(|e| self.ioerr(e))?;
+        let result = self.commit(st, &sectors);
+        if result.is_err() {
+            st.poisoned = true;
+        }
+        result?;
+        st.metadata = parse_metadata_region(&new).map_err(|c| self.corrupt(c))?;
+        Ok(())
+    }
+
+    /// Replaces the parent locator (the file must be differencing). Atomic: one log entry.
+    pub fn set_parent_locator(&self, locator: &ParentLocator) -> Result<()> {
+        self.check_writable()?;
+        let mut st = self.lock();
+        self.check_poisoned(&st)?;
+        if !st.params.has_parent {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                reason: "not a differencing file".into(),
+            });
+        }
+        let data = locator.encode();
+        let mut items = st.metadata.clone();
+        match items
+            .iter_mut()
+            .find(|m| m.id == PARENT_LOCATOR_GUID && !m.is_user())
+        {
+            Some(item) => item.data = data,
+            None => items.push(MetadataItem {
+                id: PARENT_LOCATOR_GUID,
+                flags: METADATA_FLAG_IS_REQUIRED,
+                offset: 0,
+                data,
+            }),
+        }
+        // Pending BAT changes go first so that the locator never points past them.
+        self.flush_locked(&mut st)?;
+        self.commit_metadata(&mut st, items)?;
+        st.parent_locator = Some(locator.clone());
+        Ok(())
+    }
+
+    /// Turns a differencing file whose every sector is stored (no block reads its parent)
+    /// into a dynamic file: sector-bitmap entries are cleared, then one log entry drops
+    /// HasParent and the parent locator.
+    pub fn detach_from_parent(&self) -> Result<()> {
+        self.check_writable()?;
+        let mut st = self.lock();
+        self.check_poisoned(&st)?;
+        let g = self.geometry;
+        for block in 0..g.payload_blocks() {
+            let s = self.block_entry(block).state();
+            if s == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
+                return Err(Error::Unsupported {
+                    path: self.path.clone(),
+                    reason: format!("block {block} still reads from the parent"),
+                });
+            }
+        }
+        for chunk in 0..g.sector_bitmap_blocks() {
+            let index = g.bitmap_index(chunk);
+            if index < self.bat_len() && self.entry(index).state() != SB_BLOCK_NOT_PRESENT {
+                self.set_entry(&mut st, index, BatEntry(0));
+            }
+        }
+        self.flush_locked(&mut st)?;
+        let mut params = st.params;
+        params.has_parent = false;
+        params.leave_block_allocated = false;
+        let mut items: Vec<MetadataItem> = st
+            .metadata
+            .iter()
+            .filter(|m| !(m.id == PARENT_LOCATOR_GUID && !m.is_user()))
+            .cloned()
+            .collect();
+        for item in items.iter_mut() {
+            if item.id == FILE_PARAMETERS_GUID && !item.is_user() {
+                item.data = params.encode();
+            }
+        }
+        self.commit_metadata(&mut st, items)?;
+        st.params = params;
+        st.parent_locator = None;
+        Ok(())
+    }
+
+    /// Writes both header copies again (after one was found damaged).
+    pub fn rewrite_headers(&self) -> Result<()> {
+        self.check_writable()?;
+        let mut st = self.lock();
+        self.check_poisoned(&st)?;
+        self.update_header(&mut st, |_| {})
+    }
+
+    /// Rewrites both region table copies from `table`, through the log.
+    pub fn rewrite_region_tables(&self, table: &RegionTable) -> Result<()> {
+        self.check_writable()?;
+        let bytes = table.encode();
+        let mut st = self.lock();
+        self.check_poisoned(&st)?;
+        let sectors: Vec<(u64, Vec<u8>)> = REGION_TABLE_OFFSETS
+            .iter()
+            .flat_map(|&o| {
+                bytes
+                    .chunks(LOG_SECTOR_SIZE)
+                    .enumerate()
+                    .map(move |(i, c)| (o + i as u64 * SECTOR, c.to_vec()))
+            })
+            .collect();
+        let result = self.commit(&mut st, &sectors);
+        if result.is_err() {
+            st.poisoned = true;
+        }
+        result
+    }
+
+    /// Closes the file: flushes, and clears the LogGuid so other tools can open it.
+    pub fn close(self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&self) -> Result<()> {
+        let mut st = self.lock();
+        if st.closed || !self.writable {
+            st.closed = true;
+            return Ok(());
+        }
+        if st.poisoned {
+            st.closed = true;
+            return Err(Error::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        let result = self.flush_locked(&mut st).and_then(|()| {
+            if st.log_active {
+                self.update_header(&mut st, |h| h.log_guid = Uuid::nil())?;
+                st.log_active = false;
+            }
+            Ok(())
+        });
+        st.closed = true;
+        result
+    }
+}
+
+impl Drop for VhdxFile {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_inner() {
+            tracing::warn!(path = %self.path.display(), error = &e as &dyn std::error::Error, "closing vhdx file failed");
+        }
+    }
+}
+
+fn bit(bits: &[u8], sector: u64) -> bool {
+    bits.get((sector / 8) as usize)
+        .is_some_and(|b| b & (1 << (sector % 8)) != 0)
+}
+
+enum HeaderReadError {
+    Io(std::io::Error),
+    Corrupt(Corruption),
+}
+
+impl From<std::io::Error> for HeaderReadError {
+    fn from(e: std::io::Error) -> Self {
+        HeaderReadError::Io(e)
+    }
+}
+impl From<Corruption> for HeaderReadError {
+    fn from(c: Corruption) -> Self {
+        HeaderReadError::Corrupt(c)
+    }
+}
+
+/// Reads both header slots and picks the current one (MS-VHDX 2.2.2.1).
+fn read_current_header(io: &dyn FileIo) -> Result<(Header, usize), HeaderReadError> {
+    let mut parsed = [None, None];
+    for (i, off) in HEADER_OFFSETS.iter().enumerate() {
+        let mut buf = vec![0u8; HEADER_SIZE];
+        io.read_at(&mut buf, *off)?;
+        parsed[i] = Header::parse(&buf).ok();
+    }
+    match parsed {
+        [Some(a), Some(b)] => {
+            if a.sequence_number > b.sequence_number {
+                Ok((a, 0))
+            } else if b.sequence_number > a.sequence_number {
+                Ok((b, 1))
+            } else if a == b {
+                // Disk2VHD writes two identical headers; QEMU accepts them, so do we.
+                Ok((a, 0))
+            } else {
+                Err(Corruption::HeaderSequenceConflict {
+                    sequence_number: a.sequence_number,
+                }
+                .into())
+            }
+        }
+        [Some(a), None] => Ok((a, 0)),
+        [None, Some(b)] => Ok((b, 1)),
+        [None, None] => Err(Corruption::NoValidHeader.into()),
+    }
+}
+
+/// Writes `h` twice (sequence + 1 into the non-current slot, then + 2 into the other),
+/// syncing after each. Returns the slot now current.
+fn write_header_pair(io: &dyn FileIo, h: &mut Header, current: usize) -> std::io::Result<usize> {
+    let mut slot = current;
+    for _ in 0..2 {
+        h.sequence_number += 1;
+        slot = 1 - slot;
+        io.write_at(&h.encode(), HEADER_OFFSETS[slot])?;
+        io.sync()?;
+    }
+    Ok(slot)
+}
+
+fn read_region_table(io: &dyn FileIo) -> Result<RegionTable, HeaderReadError> {
+    let mut first_error = None;
+    for off in REGION_TABLE_OFFSETS {
+        let mut buf = vec![0u8; REGION_TABLE_SIZE];
+        io.read_at(&mut buf, off)?;
+        match RegionTable::parse(&buf) {
+            Ok(t) => return Ok(t),
+            Err(c) => {
+                first_error.get_or_insert(c);
+            }
+        }
+    }
+    Err(first_error.unwrap().into())
+}
+
+fn validate_sequence(io: &dyn FileIo, seq: &ActiveSequence) -> Result<(), HeaderReadError> {
+    let len = io.len()?;
+    if len < seq.flushed_file_offset {
+        return Err(Corruption::LogTruncatedFile {
+            len,
+            flushed: seq.flushed_file_offset,
+        }
+        .into());
+    }
+    for w in &seq.writes {
+        let offset = match w {
+            log::LogWrite::Sector { file_offset, .. } | log::LogWrite::Zero { file_offset, .. } => {
+                *file_offset
+            }
+        };
+        // The log must never touch the file identifier or the headers (it is found
+        // through them); region tables at 192 KiB and later are fair game.
+        if offset < REGION_TABLE_OFFSETS[0] {
+            return Err(Corruption::LogBadTarget { offset }.into());
+        }
+    }
+    Ok(())
+}
+
+pub(crate) struct KnownMetadata {
+    pub geometry: Geometry,
+    pub params: FileParameters,
+    pub virtual_disk_id: Uuid,
+    pub parent_locator: Option<ParentLocator>,
+}
+
+pub(crate) fn parse_known_metadata(items: &[MetadataItem]) -> Result<KnownMetadata, Corruption> {
+    let find = |id: Uuid, item: &'static str| {
+        items
+            .iter()
+            .find(|m| m.id == id && !m.is_user())
+            .ok_or(Corruption::MissingMetadataItem { item })
+    };
+    for m in items {
+        let known = !m.is_user()
+            && [
+                FILE_PARAMETERS_GUID,
+                VIRTUAL_DISK_SIZE_GUID,
+                VIRTUAL_DISK_ID_GUID,
+                LOGICAL_SECTOR_SIZE_GUID,
+                PHYSICAL_SECTOR_SIZE_GUID,
+                PARENT_LOCATOR_GUID,
+            ]
+            .contains(&m.id);
+        if !known && m.is_required() {
+            return Err(Corruption::UnknownRequiredMetadata { id: m.id });
+        }
+    }
+    let params = FileParameters::parse(&find(FILE_PARAMETERS_GUID, "file parameters")?.data)?;
+    let virtual_size = parse_u64_item(
+        &find(VIRTUAL_DISK_SIZE_GUID, "virtual disk size")?.data,
+        "virtual disk size",
+    )?;
+    let virtual_disk_id = parse_guid_item(
+        &find(VIRTUAL_DISK_ID_GUID, "virtual disk id")?.data,
+        "virtual disk id",
+    )?;
+    let logical = parse_u32_item(
+        &find(LOGICAL_SECTOR_SIZE_GUID, "logical sector size")?.data,
+        "logical sector size",
+    )?;
+    let physical = parse_u32_item(
+        &find(PHYSICAL_SECTOR_SIZE_GUID, "physical sector size")?.data,
+        "physical sector size",
+    )?;
+    let parent_locator = if params.has_parent {
+        Some(ParentLocator::parse(
+            &find(PARENT_LOCATOR_GUID, "parent locator")?.data,
+        )?)
+    } else {
+        None
+    };
+    Ok(KnownMetadata {
+        geometry: Geometry {
+            virtual_size,
+            block_size: params.block_size,
+            logical_sector_size: logical,
+            physical_sector_size: physical,
+        },
+        params,
+        virtual_disk_id,
+        parent_locator,
+    })
+}
+
+/// Checks BAT states, and that no two objects of the file overlap and every block lies
+/// inside the file.
+fn validate_layout(
+    g: &Geometry,
+    kind: DiskKind,
+    bat: &[AtomicU64],
+    regions: &[RegionEntry],
+    log_offset: u64,
+    log_length: u64,
+    file_len: u64,
+) -> Result<(), Corruption> {
+    let differencing = kind == DiskKind::Differencing;
+    let chunk_ratio = g.chunk_ratio();
+    let bs = u64::from(g.block_size);
+    // (start, end, what): what = u64::MAX - k for fixed structures, else BAT index.
+    let mut spans: Vec<(u64, u64, u64)> = Vec::new();
+    const HEADER_SECTION: u64 = u64::MAX;
+    const LOG: u64 = u64::MAX - 1;
+    spans.push((0, HEADER_SECTION_SIZE, HEADER_SECTION));
+    if log_length > 0 {
+        spans.push((log_offset, log_offset + log_length, LOG));
+    }
+    for (i, r) in regions.iter().enumerate() {
+        spans.push((
+            r.file_offset,
+            r.file_offset + u64::from(r.length),
+            u64::MAX - 2 - i as u64,
+        ));
+    }
+    let payload_blocks = g.payload_blocks();
+    for (index, raw) in bat.iter().enumerate() {
+        let index = index as u64;
+        let e = BatEntry(raw.load(Ordering::Relaxed));
+        let is_bitmap = index % (chunk_ratio + 1) == chunk_ratio;
+        let state = e.state();
+        if is_bitmap {
+            match state {
+                SB_BLOCK_NOT_PRESENT => continue,
+                SB_BLOCK_PRESENT if differencing => {}
+                _ => return Err(Corruption::BadBatState { index, state }),
+            }
+            if e.file_offset() < HEADER_SECTION_SIZE || e.file_offset() >= file_len {
+                return Err(Corruption::BlockOutOfBounds {
+                    index,
+                    offset: e.file_offset(),
+                });
+            }
+            spans.push((
+                e.file_offset(),
+                e.file_offset() + SECTOR_BITMAP_BLOCK_SIZE,
+                index,
+            ));
+            continue;
+        }
+        let block = index - index / (chunk_ratio + 1);
+        if block >= payload_blocks {
+            continue;
+        }
+        match state {
+            PAYLOAD_BLOCK_NOT_PRESENT
+            | PAYLOAD_BLOCK_UNDEFINED
+            | PAYLOAD_BLOCK_ZERO
+            | PAYLOAD_BLOCK_UNMAPPED
+            | PAYLOAD_BLOCK_UNMAPPED_V095 => continue,
+            PAYLOAD_BLOCK_FULLY_PRESENT => {}
+            PAYLOAD_BLOCK_PARTIALLY_PRESENT if differencing => {
+                let sb = BatEntry(
+                    bat[(block / chunk_ratio * (chunk_ratio + 1) + chunk_ratio) as usize]
+                        .load(Ordering::Relaxed),
+                );
+                if sb.state() != SB_BLOCK_PRESENT {
+                    return Err(Corruption::BadBatState { index, state });
+                }
+            }
+            _ => return Err(Corruption::BadBatState { index, state }),
+        }
+        let start = e.file_offset();
+        let last = block + 1 == payload_blocks;
+        if start < HEADER_SECTION_SIZE || start >= file_len || (!last && start + bs > file_len) {
+            return Err(Corruption::BlockOutOfBounds {
+                index,
+                offset: start,
+            });
+        }
+        spans.push((start, start + bs, index));
+    }
+    spans.sort_unstable();
+    let describe = |what: u64| -> String {
+        match what {
+            HEADER_SECTION => "the header section".into(),
+            LOG => "the log".into(),
+            w if w >= u64::MAX - 2 - regions.len() as u64 => {
+                let r = &regions[(u64::MAX - 2 - w) as usize];
+                format!("region {}", r.guid)
+            }
+            w => format!("the block of bat entry {w}"),
+        }
+    };
+    for pair in spans.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            return Err(Corruption::Overlap {
+                first: describe(pair[0].2),
+                second: describe(pair[1].2),
+            });
+        }
+    }
+    Ok(())
+}

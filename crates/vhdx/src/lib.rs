@@ -1,0 +1,90 @@
+//! # vhdx: Microsoft's VHDX virtual disk format
+//!
+//! A pure format crate: it knows files, not virtual machines. It creates, opens, reads and
+//! writes fixed, dynamic and differencing (`.avhdx`) files as specified by MS-VHDX v8.0,
+//! composes differencing chains, merges a child with its parent in either direction, and
+//! checks and repairs a file's structure. It stays interoperable: qemu-img opens our fixed
+//! and dynamic files, and files made by Hyper-V, Disk2VHD and qemu-img open here.
+//!
+//! ## Layers
+//!
+//! | module | role |
+//! |---|---|
+//! | [`format`] | every on-disk structure, parsed and encoded with explicit little-endian code |
+//! | [`io`] | [`FileIo`]: positional reads and writes; memory, fault-injecting and crash-simulating files |
+//! | [`log`] | the metadata log: active-sequence search, replay in place or in memory, entry building |
+//! | [`file`] | [`VhdxFile`]: one file: validation at open, read resolution, write paths, commits |
+//! | [`chain`] | [`Chain`]: a file and its parents read as one disk, with an O(1) block-to-layer map |
+//! | [`create`] | new fixed, dynamic and differencing files |
+//! | [`merge`] | child into parent, parent into child, restartable |
+//! | [`check`] | structure report and repair |
+//!
+//! ## Guarantees and invariants
+//!
+//! * **Validation at open.** Signatures and checksums of headers and region tables, the
+//!   current header by sequence number, required regions and metadata items, sizes, every
+//!   BAT state for the kind of file, every block inside the file, no two structures
+//!   overlapping. Damage is reported as a precise [`Corruption`], never a panic.
+//! * **Logs are replayed.** A file whose header names a log is replayed in place when opened
+//!   writable, and in memory when opened read-only (the file is then not written).
+//! * **Positional, concurrent I/O.** All methods take `&self`; there is no seek cursor.
+//!   Writes into allocated blocks go straight to the file without a lock; allocation and
+//!   bitmap changes take a short lock.
+//! * **Parents are read-only.** A chain opens every parent read-only (with a shared lock);
+//!   only a merge opens a parent for writing. A writable file holds an exclusive lock.
+//! * **Identity.** The DataWriteGuid changes once per session, before the first
+//!   guest-visible change; the FileWriteGuid at the first modification; the LogGuid is set
+//!   when the session's first log entry is written and cleared on a clean close, so
+//!   `qemu-img` can open the file read-only afterwards.
+//!
+//! ## Crash model
+//!
+//! The file behaves like a disk with a volatile write cache: a write that returned is
+//! durable after the next [`VhdxFile::flush`] (or [`Chain::flush`]); a crash loses at
+//! most the writes since the last flush, never a flushed one, and never leaves a file
+//! that fails to open.
+//!
+//! * Payload data is written in place or into space appended at the end of the file;
+//!   allocations only extend the file, so new space reads as zeros and never overlaps
+//!   anything a committed BAT entry points at.
+//! * A flush syncs the data, then commits the changed BAT and sector-bitmap sectors
+//!   through the log: entry written and synced, header names the log (first entry only),
+//!   sectors written to their places and synced. Replaying an applied entry again is
+//!   harmless; a torn entry is ignored and the previous complete one stays the head.
+//! * Metadata-region changes (parent locator, detaching a child from its parent) go
+//!   through the log the same way, one entry per change, so they are atomic.
+//! * Space left by a crash between allocation and commit, or by zeroed blocks, is a leak:
+//!   harmless, reported by [`check::check`], and trimmed at the end of the file by repair.
+//! * After an I/O error during a commit the handle refuses further changes ("poisoned");
+//!   reopening the file replays or discards the log.
+
+#![forbid(unsafe_code)]
+
+pub mod chain;
+pub mod check;
+pub mod create;
+pub mod error;
+pub mod file;
+pub mod format;
+pub mod io;
+pub mod log;
+pub mod merge;
+
+pub use chain::{Chain, Extent};
+pub use create::{CreateParams, create, create_differencing};
+pub use error::{Corruption, Error, Result};
+pub use file::{DiskKind, Geometry, OpenOptions, Segment, VhdxFile};
+pub use io::FileIo;
+pub use merge::{MergeDirection, MergeOutcome, merge};
+
+/// Formats an error with its sources, `outer: inner: ...`, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
