@@ -257,7 +257,10 @@ impl Chain {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.virtual_size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.virtual_size)
+        {
             return Err(Error::OutOfRange {
                 offset,
                 len,
@@ -280,7 +283,9 @@ impl Chain {
             let u = pos >> self.unit_shift;
             let layer = self.map[u as usize].load(Ordering::Acquire);
             let mut next = (u + 1) << self.unit_shift;
-            while next < end && self.map[(next >> self.unit_shift) as usize].load(Ordering::Acquire) == layer {
+            while next < end
+                && self.map[(next >> self.unit_shift) as usize].load(Ordering::Acquire) == layer
+            {
                 next += 1 << self.unit_shift;
             }
             let stop = next.min(end);
@@ -329,7 +334,13 @@ impl Chain {
         Ok(out)
     }
 
-    fn status_from(&self, layer: usize, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+    fn status_from(
+        &self,
+        layer: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
         let push = |out: &mut Vec<Extent>, e: Extent| match (out.last_mut(), e) {
             (Some(Extent::Data(l)), Extent::Data(n)) | (Some(Extent::Zero(l)), Extent::Zero(n)) => {
                 *l += n

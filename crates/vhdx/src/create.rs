@@ -140,7 +140,11 @@ pub fn create_differencing_of(
 
 /// Builds the parent locator a child at `child` uses to find `parent`: all five keys, in
 /// the order Hyper-V writes them.
-pub fn locator_for(child: &Path, parent: &Path, parent_data_write_guid: Uuid) -> Result<ParentLocator> {
+pub fn locator_for(
+    child: &Path,
+    parent: &Path,
+    parent_data_write_guid: Uuid,
+) -> Result<ParentLocator> {
     let parent_abs = absolute(parent)?;
     let child_abs = absolute(child)?;
     let child_dir = child_abs.parent().unwrap_or(Path::new("/"));
@@ -162,7 +166,10 @@ pub fn locator_for(child: &Path, parent: &Path, parent_data_write_guid: Uuid) ->
     loc.set(KEY_RELATIVE_PATH, win_relative);
     loc.set(
         KEY_VOLUME_PATH,
-        format!("\\\\?\\Volume{}{abs_win}", braced_guid(volume_guid(&parent_abs))),
+        format!(
+            "\\\\?\\Volume{}{abs_win}",
+            braced_guid(volume_guid(&parent_abs))
+        ),
     );
     loc.set(KEY_PARENT_LINKAGE2, braced_guid(Uuid::nil()));
     Ok(loc)

@@ -112,7 +112,9 @@ impl Geometry {
         }
         if self.virtual_size == 0
             || self.virtual_size > MAX_VIRTUAL_SIZE
-            || self.virtual_size % u64::from(self.logical_sector_size) != 0
+            || !self
+                .virtual_size
+                .is_multiple_of(u64::from(self.logical_sector_size))
         {
             return Err(Corruption::InvalidVirtualSize {
                 size: self.virtual_size,
@@ -578,7 +580,9 @@ impl VhdxFile {
                         a.stored_bytes += (set * sector).min(g.block_len(block));
                     }
                 }
-                PAYLOAD_BLOCK_ZERO | PAYLOAD_BLOCK_UNMAPPED | PAYLOAD_BLOCK_UNDEFINED
+                PAYLOAD_BLOCK_ZERO
+                | PAYLOAD_BLOCK_UNMAPPED
+                | PAYLOAD_BLOCK_UNDEFINED
                 | PAYLOAD_BLOCK_UNMAPPED_V095 => a.zero_blocks += 1,
                 _ => {}
             }
@@ -624,9 +628,13 @@ impl VhdxFile {
         let mut emit = |seg: Segment, pending: &mut Option<Segment>| -> Result<()> {
             if let Some(p) = pending.as_mut() {
                 match (p, seg) {
-                    (Segment::Data { file_offset, len }, Segment::Data { file_offset: o, len: l })
-                        if *file_offset + *len == o =>
-                    {
+                    (
+                        Segment::Data { file_offset, len },
+                        Segment::Data {
+                            file_offset: o,
+                            len: l,
+                        },
+                    ) if *file_offset + *len == o => {
                         *len += l;
                         return Ok(());
                     }
@@ -699,9 +707,7 @@ impl VhdxFile {
 
     /// Reads stored bytes at a file offset returned by [`VhdxFile::resolve`].
     pub fn read_stored(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
-        self.io
-            .read_at(buf, file_offset)
-            .map_err(|e| self.ioerr(e))
+        self.io.read_at(buf, file_offset).map_err(|e| self.ioerr(e))
     }
 
     /// Reads the virtual disk as this file alone sees it; ranges it leaves to a parent read
@@ -1240,7 +1246,7 @@ impl VhdxFile {
         let mut items: Vec<MetadataItem> = st
             .metadata
             .iter()
-            .filter(|m| !(m.id == PARENT_LOCATOR_GUID && !m.is_user()))
+            .filter(|m| m.id != PARENT_LOCATOR_GUID || m.is_user())
             .cloned()
             .collect();
         for item in items.iter_mut() {

@@ -164,7 +164,10 @@ impl Header {
     /// Validates the log location against the file's alignment rules.
     pub fn validate_log_location(&self) -> Result<(), Corruption> {
         let len = u64::from(self.log_length);
-        if len % MIB != 0 || self.log_offset % MIB != 0 || (len != 0 && self.log_offset < MIB) {
+        if len % MIB != 0
+            || !self.log_offset.is_multiple_of(MIB)
+            || (len != 0 && self.log_offset < MIB)
+        {
             return Err(Corruption::BadLogLocation {
                 offset: self.log_offset,
                 length: len,
@@ -248,7 +251,7 @@ impl RegionTable {
                 length: le_u32(buf, at + 24),
                 required: le_u32(buf, at + 28) & 1 == 1,
             };
-            if entry.file_offset % MIB != 0
+            if !entry.file_offset.is_multiple_of(MIB)
                 || entry.file_offset < HEADER_SECTION_SIZE
                 || u64::from(entry.length) % MIB != 0
             {
@@ -311,8 +314,7 @@ pub const VIRTUAL_DISK_ID_GUID: Uuid = Uuid::from_u128(0xBECA12AB_B2E6_4523_93EF
 /// Logical sector size item: u32, 512 or 4096.
 pub const LOGICAL_SECTOR_SIZE_GUID: Uuid = Uuid::from_u128(0x8141BF1D_A96F_4709_BA47_F233A8FAAB5F);
 /// Physical sector size item: u32, 512 or 4096.
-pub const PHYSICAL_SECTOR_SIZE_GUID: Uuid =
-    Uuid::from_u128(0xCDA348C7_445D_4471_9CC9_E9885251C556);
+pub const PHYSICAL_SECTOR_SIZE_GUID: Uuid = Uuid::from_u128(0xCDA348C7_445D_4471_9CC9_E9885251C556);
 /// Parent locator item (differencing files only).
 pub const PARENT_LOCATOR_GUID: Uuid = Uuid::from_u128(0xA8D35F2D_B30B_454D_ABF7_D3D84834AB0C);
 /// Locator type of a VHDX parent locator.
@@ -555,7 +557,7 @@ impl ParentLocator {
             let end = start
                 .checked_add(usize::from(len))
                 .ok_or(bad("string beyond the item"))?;
-            if len == 0 || len % 2 != 0 || end > data.len() {
+            if len == 0 || !len.is_multiple_of(2) || end > data.len() {
                 return Err(bad("string beyond the item"));
             }
             let units: Vec<u16> = data[start..end]
@@ -625,10 +627,7 @@ pub fn braced_guid(guid: Uuid) -> String {
 
 /// Parses a GUID as found in a parent locator: braces optional, any case.
 pub fn parse_braced_guid(text: &str) -> Option<Uuid> {
-    let inner = text
-        .trim()
-        .trim_start_matches('{')
-        .trim_end_matches('}');
+    let inner = text.trim().trim_start_matches('{').trim_end_matches('}');
     Uuid::parse_str(inner).ok()
 }
 
@@ -662,7 +661,7 @@ pub struct BatEntry(pub u64);
 impl BatEntry {
     /// Builds an entry from a state and a file offset (a multiple of 1 MiB).
     pub fn new(state: u8, file_offset: u64) -> BatEntry {
-        debug_assert!(file_offset % MIB == 0);
+        debug_assert!(file_offset.is_multiple_of(MIB));
         BatEntry(u64::from(state & 7) | (file_offset & !(MIB - 1)))
     }
     /// The state (bits 0-2).

@@ -60,6 +60,10 @@
 
 #![forbid(unsafe_code)]
 
+// Offsets are u64 and buffers are indexed with usize; the casts between them are lossless
+// only on 64-bit hosts, which is all Snapvisor supports.
+const _: () = assert!(usize::BITS == 64, "snapvisor needs a 64-bit host");
+
 pub mod chain;
 pub mod check;
 pub mod create;

@@ -111,7 +111,8 @@ fn scan_ring(ring: &[u8], log_guid: Uuid) -> Option<ActiveSequence> {
             if candidate.as_ref().is_none_or(|(_, seq)| head_seq > *seq) {
                 let tail = u64::from(head.header.tail);
                 let start = run.iter().position(|(o, _)| *o == tail).unwrap();
-                let entries: Vec<ParsedEntry> = run.into_iter().skip(start).map(|(_, e)| e).collect();
+                let entries: Vec<ParsedEntry> =
+                    run.into_iter().skip(start).map(|(_, e)| e).collect();
                 candidate = Some((entries, head_seq));
             }
             cur_tail = at;
@@ -236,7 +237,7 @@ fn parse_entry(ring: &[u8], at: u64, log_guid: Uuid) -> Option<ParsedEntry> {
 
 /// Applies a sequence's writes to a file in place (without syncing).
 pub fn apply_in_place(io: &dyn FileIo, seq: &ActiveSequence) -> io::Result<()> {
-    const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     for w in &seq.writes {
         match w {
             LogWrite::Sector { file_offset, data } => io.write_at(&data[..], *file_offset)?,
@@ -286,7 +287,8 @@ impl<F: FileIo> ReplayOverlay<F> {
                 } => {
                     // A later zero range hides earlier sectors it covers.
                     let end = file_offset + length;
-                    let hidden: Vec<u64> = sectors.range(*file_offset..end).map(|(k, _)| *k).collect();
+                    let hidden: Vec<u64> =
+                        sectors.range(*file_offset..end).map(|(k, _)| *k).collect();
                     for k in hidden {
                         sectors.remove(&k);
                     }

@@ -28,8 +28,8 @@ use crate::create::{absolute, locator_for, sync_parent_dir};
 use crate::error::{Error, Result};
 use crate::file::{DiskKind, OpenOptions, Segment, VhdxFile};
 use crate::format::{
-    KEY_PARENT_LINKAGE2, PAYLOAD_BLOCK_FULLY_PRESENT,
-    PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT, braced_guid, parse_braced_guid,
+    KEY_PARENT_LINKAGE2, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
+    PAYLOAD_BLOCK_PARTIALLY_PRESENT, braced_guid, parse_braced_guid,
 };
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
@@ -185,7 +185,9 @@ pub fn merge(
 
 fn merge_into_parent(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Result<MergeOutcome> {
     let child_path = child.path().to_owned();
-    let mut locator = child.parent_locator().expect("differencing file has a locator");
+    let mut locator = child
+        .parent_locator()
+        .expect("differencing file has a locator");
     let new_guid = match locator
         .get(KEY_PARENT_LINKAGE2)
         .and_then(parse_braced_guid)

@@ -1,0 +1,194 @@
+//! # disk: virtual disks as one trait
+//!
+//! [`Disk`] is what everything above the format layer uses: the NBD server, conversion,
+//! backups. It is implemented for raw image files ([`RawDisk`]) and for VHDX chains
+//! ([`VhdxDisk`]); [`open`] picks the right one by looking at the file.
+//!
+//! All methods take `&self` and may run concurrently from many threads: implementations use
+//! positional I/O. Write semantics are those of a disk with a volatile write cache: a write
+//! is durable once a later [`Disk::flush`] returns.
+//!
+//! [`convert`] copies any disk into a new raw or VHDX file, skipping ranges that read as
+//! zeros so they stay unallocated in the destination.
+
+#![forbid(unsafe_code)]
+
+pub mod convert;
+pub mod raw;
+
+pub use convert::{ConvertOptions, OutputFormat, convert};
+pub use raw::RawDisk;
+pub use vhdx::Extent;
+
+use std::path::{Path, PathBuf};
+
+/// An error from a disk backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A VHDX error.
+    #[error(transparent)]
+    Vhdx(#[from] vhdx::Error),
+    /// An I/O error on a raw file.
+    #[error("i/o error on {}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A request beyond the end of the disk.
+    #[error("range {offset}+{len} is beyond the end of the disk ({size} bytes)")]
+    OutOfRange {
+        /// Offset requested.
+        offset: u64,
+        /// Length requested.
+        len: u64,
+        /// Disk size.
+        size: u64,
+    },
+    /// A write to a read-only disk.
+    #[error("{} is open read-only", path.display())]
+    ReadOnly {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The destination of a conversion already exists.
+    #[error("{} already exists", path.display())]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Result of disk operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A virtual disk.
+pub trait Disk: Send + Sync {
+    /// Guest-visible size in bytes.
+    fn size(&self) -> u64;
+    /// Logical sector size.
+    fn sector_size(&self) -> u32;
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes a range read as zeros, releasing its space where the format can.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+    /// Discards a range: it reads as zeros afterwards (never as a parent's data).
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Which parts of a range hold data and which read as zeros without stored data.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.size(), offset, len)?;
+        Ok(vec![Extent::Data(len)])
+    }
+}
+
+pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|e| e > size) {
+        return Err(Error::OutOfRange { offset, len, size });
+    }
+    Ok(())
+}
+
+/// A VHDX chain as a [`Disk`].
+#[derive(Debug)]
+pub struct VhdxDisk {
+    chain: vhdx::Chain,
+    writable: bool,
+}
+
+impl VhdxDisk {
+    /// Opens a VHDX file and its parents.
+    pub fn open(path: &Path, writable: bool) -> Result<VhdxDisk> {
+        Ok(VhdxDisk {
+            chain: vhdx::Chain::open(path, writable)?,
+            writable,
+        })
+    }
+    /// Wraps an open chain.
+    pub fn from_chain(chain: vhdx::Chain, writable: bool) -> VhdxDisk {
+        VhdxDisk { chain, writable }
+    }
+    /// The chain.
+    pub fn chain(&self) -> &vhdx::Chain {
+        &self.chain
+    }
+    /// Closes the chain cleanly.
+    pub fn close(self) -> Result<()> {
+        Ok(self.chain.close()?)
+    }
+}
+
+impl Disk for VhdxDisk {
+    fn size(&self) -> u64 {
+        self.chain.virtual_size()
+    }
+    fn sector_size(&self) -> u32 {
+        self.chain.logical_sector_size()
+    }
+    fn is_read_only(&self) -> bool {
+        !self.writable
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Ok(self.chain.read_at(buf, offset)?)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Ok(self.chain.write_at(buf, offset)?)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        Ok(self.chain.write_zeroes(offset, len)?)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(self.chain.flush()?)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        Ok(self.chain.block_status(offset, len)?)
+    }
+}
+
+/// Image formats [`open`] recognises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Raw bytes.
+    Raw,
+    /// VHDX.
+    Vhdx,
+}
+
+/// Recognises a file's format by its first bytes (`vhdxfile` means VHDX, anything else raw).
+pub fn probe(path: &Path) -> Result<Format> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::Io {
+        path: path.to_owned(),
+        source: e,
+    })?;
+    let mut sig = [0u8; 8];
+    let n = f.read(&mut sig).map_err(|e| Error::Io {
+        path: path.to_owned(),
+        source: e,
+    })?;
+    Ok(
+        if n == 8 && &sig == vhdx::format::FILE_IDENTIFIER_SIGNATURE {
+            Format::Vhdx
+        } else {
+            Format::Raw
+        },
+    )
+}
+
+/// Opens a raw or VHDX disk, recognising the format.
+pub fn open(path: &Path, writable: bool) -> Result<Box<dyn Disk>> {
+    Ok(match probe(path)? {
+        Format::Vhdx => Box::new(VhdxDisk::open(path, writable)?),
+        Format::Raw => Box::new(RawDisk::open(path, writable)?),
+    })
+}

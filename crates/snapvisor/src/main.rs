@@ -1,0 +1,64 @@
+//! `snapvisor`: the command line.
+//!
+//! Every command runs in-process for now (disks); later subcommands talk to VM workers.
+//! Errors print as one line on stderr (`snapvisor: <what failed>: <why>`) and exit 1.
+
+mod demo;
+mod disk_cmd;
+mod units;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Checkpoints and backups for QEMU/KVM virtual machines, on VHDX disks.
+#[derive(Parser, Debug)]
+#[command(name = "snapvisor", version, about, long_about = None)]
+struct Cli {
+    /// Log more (repeat for debug and trace); also honours RUST_LOG.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Work with virtual disk files (VHDX and raw).
+    #[command(subcommand)]
+    Disk(disk_cmd::DiskCommand),
+    /// Show the disk engine at work on embedded defaults: base disk, writes, differencing
+    /// child, more writes, the chain, a merge, verification.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Disk(cmd) => disk_cmd::run(cmd),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("snapvisor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

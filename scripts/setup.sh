@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what Snapvisor's build, demo and tests need on Debian bookworm. Idempotent and
+# quiet when everything is already there.
+set -euo pipefail
+
+need=()
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v bzcat >/dev/null 2>&1 || need+=(bzip2)
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo is missing; install the Rust toolchain (rustup) first" >&2
+  exit 1
+fi

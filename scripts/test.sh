@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+  cargo test --workspace --locked --no-fail-fast "$@"
+fi
+cargo test --workspace --locked --doc -q
