@@ -376,15 +376,69 @@ impl Chain {
 
     /// Writes into the top file.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.top().write_at(buf, offset)?;
+        self.write_parts(offset, buf.len() as u64, Some(buf))?;
         self.mark_top(offset, buf.len() as u64);
         Ok(())
     }
 
     /// Makes a range read as zeros (discard / write-zeroes) in the top file.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.top().write_zeroes(offset, len)?;
+        self.write_parts(offset, len, None)?;
         self.mark_top(offset, len);
+        Ok(())
+    }
+
+    /// Writes `data` (zeros when `None`) at `[offset, offset+len)` of the top file. A
+    /// differencing file stores whole logical sectors, so a partial sector at either edge
+    /// is completed with what the chain reads there (read-modify-write), or the rest of
+    /// that sector would lose the parent's data.
+    fn write_parts(&self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        self.check_range(offset, len)?;
+        let top = self.top();
+        let sector = u64::from(self.logical_sector_size());
+        let end = offset + len;
+        let put = |from: u64, to: u64| match data {
+            Some(d) => top.write_at(&d[(from - offset) as usize..(to - offset) as usize], from),
+            None => top.write_zeroes(from, to - from),
+        };
+        if len == 0
+            || top.kind() != DiskKind::Differencing
+            || (offset.is_multiple_of(sector) && end.is_multiple_of(sector))
+        {
+            return put(offset, end);
+        }
+        let patch = |from: u64, to: u64| -> Result<()> {
+            let start = from - from % sector;
+            let mut buf = vec![0u8; sector as usize];
+            self.read_at(&mut buf, start)?;
+            let part = &mut buf[(from - start) as usize..(to - start) as usize];
+            match data {
+                Some(d) => {
+                    part.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize])
+                }
+                None => part.fill(0),
+            }
+            top.write_at(&buf, start)
+        };
+        let head_end = if !offset.is_multiple_of(sector) {
+            (offset - offset % sector + sector).min(end)
+        } else {
+            offset
+        };
+        let tail_start = if !end.is_multiple_of(sector) {
+            (end - end % sector).max(head_end)
+        } else {
+            end
+        };
+        if head_end > offset {
+            patch(offset, head_end)?;
+        }
+        if tail_start > head_end {
+            put(head_end, tail_start)?;
+        }
+        if end > tail_start {
+            patch(tail_start, end)?;
+        }
         Ok(())
     }
 

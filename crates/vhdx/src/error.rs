@@ -184,6 +184,20 @@ pub enum Corruption {
         /// File offset.
         offset: u64,
     },
+    /// The log, the BAT region or the metadata region extends past the end of the file.
+    #[error(
+        "{what} at offset {offset} length {length} extends past the end of the file ({file_len} bytes)"
+    )]
+    BeyondEndOfFile {
+        /// Which structure.
+        what: &'static str,
+        /// Its file offset.
+        offset: u64,
+        /// Its length.
+        length: u64,
+        /// The file's length.
+        file_len: u64,
+    },
     /// The log holds no valid sequence although the header says it must be replayed.
     #[error("the log has no valid sequence for log guid {log_guid}")]
     LogNoValidSequence {

@@ -1515,13 +1515,40 @@ fn validate_layout(
     const HEADER_SECTION: u64 = u64::MAX;
     const LOG: u64 = u64::MAX - 1;
     spans.push((0, HEADER_SECTION_SIZE, HEADER_SECTION));
+    // The log and the regions this engine reads and writes must lie inside the file, or
+    // their commits would write at whatever offset a damaged header or table names.
+    let inside =
+        |offset: u64, length: u64| offset.checked_add(length).is_some_and(|e| e <= file_len);
     if log_length > 0 {
+        if !inside(log_offset, log_length) {
+            return Err(Corruption::BeyondEndOfFile {
+                what: "the log",
+                offset: log_offset,
+                length: log_length,
+                file_len,
+            });
+        }
         spans.push((log_offset, log_offset + log_length, LOG));
     }
     for (i, r) in regions.iter().enumerate() {
+        let length = u64::from(r.length);
+        if (r.guid == BAT_REGION_GUID || r.guid == METADATA_REGION_GUID)
+            && !inside(r.file_offset, length)
+        {
+            return Err(Corruption::BeyondEndOfFile {
+                what: if r.guid == BAT_REGION_GUID {
+                    "the bat region"
+                } else {
+                    "the metadata region"
+                },
+                offset: r.file_offset,
+                length,
+                file_len,
+            });
+        }
         spans.push((
             r.file_offset,
-            r.file_offset + u64::from(r.length),
+            r.file_offset.saturating_add(length),
             u64::MAX - 2 - i as u64,
         ));
     }

@@ -71,6 +71,94 @@ pub struct MergeEstimate {
 
 /// Copy unit for the data movement.
 const COPY_CHUNK: u64 = 4 << 20;
+/// Threads that move data (reads and writes overlap across them).
+const COPY_THREADS: usize = 2;
+/// The destination is flushed after this many bytes, so that write-back overlaps copying
+/// instead of piling up at the end, and a rerun after a crash finds more already durable.
+const FLUSH_EVERY: u64 = 128 << 20;
+
+/// One piece of data movement: `len` bytes to `dest_offset` (virtual) from `source`
+/// (a virtual or file offset, as the reader understands it).
+struct CopyJob {
+    dest_offset: u64,
+    source: u64,
+    len: u64,
+}
+
+fn push_jobs(jobs: &mut Vec<CopyJob>, dest_offset: u64, len: u64, source: u64) {
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(COPY_CHUNK);
+        jobs.push(CopyJob {
+            dest_offset: dest_offset + pos,
+            source: source + pos,
+            len: n,
+        });
+        pos += n;
+    }
+}
+
+/// Runs the jobs on [`COPY_THREADS`] workers writing into `dest`; the calling thread
+/// reports progress and flushes `dest` every [`FLUSH_EVERY`] bytes. Returns bytes copied.
+fn copy_parallel(
+    jobs: &[CopyJob],
+    read: &(dyn Fn(u64, &mut [u8]) -> Result<()> + Sync),
+    dest: &VhdxFile,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    let total: u64 = jobs.iter().map(|j| j.len).sum();
+    let next = AtomicUsize::new(0);
+    let copied = AtomicU64::new(0);
+    let running = AtomicUsize::new(COPY_THREADS);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| -> Result<()> {
+        for _ in 0..COPY_THREADS {
+            s.spawn(|| {
+                let mut buf = vec![0u8; COPY_CHUNK as usize];
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let buf = &mut buf[..job.len as usize];
+                    let result =
+                        read(job.source, buf).and_then(|()| dest.write_at(buf, job.dest_offset));
+                    match result {
+                        Ok(()) => {
+                            copied.fetch_add(job.len, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error.lock().unwrap().get_or_insert(e);
+                        }
+                    }
+                }
+                running.fetch_sub(1, Ordering::Release);
+            });
+        }
+        let mut flushed = 0u64;
+        while running.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            let now = copied.load(Ordering::Relaxed);
+            progress(now, total);
+            if now - flushed >= FLUSH_EVERY && !failed.load(Ordering::Relaxed) {
+                if let Err(e) = dest.flush() {
+                    failed.store(true, Ordering::Relaxed);
+                    first_error.lock().unwrap().get_or_insert(e);
+                }
+                flushed = now;
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(e) = first_error.into_inner().unwrap() {
+        return Err(e);
+    }
+    let done = copied.load(Ordering::Relaxed);
+    progress(done, total);
+    Ok(done)
+}
 
 /// Counts the bytes each direction would copy.
 pub fn estimate(child: &Path) -> Result<MergeEstimate> {
@@ -210,32 +298,26 @@ fn merge_into_parent(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Res
         },
     )?;
     let parent_path = parent.path().to_owned();
-    let total = estimate_total_into_parent(&child)?;
-    let mut done = 0u64;
-    let mut buf = Vec::new();
+    let mut jobs = Vec::new();
+    let mut zeroed = 0u64;
     for_each_child_range(&child, |range| {
         match range {
-            ChildRange::Stored { offset, len } => {
-                let mut pos = offset;
-                while pos < offset + len {
-                    let n = (offset + len - pos).min(COPY_CHUNK);
-                    buf.resize(n as usize, 0);
-                    child.read_at(&mut buf, pos)?;
-                    parent.write_at(&buf, pos)?;
-                    pos += n;
-                    done += n;
-                    progress(done, total);
-                }
-            }
+            ChildRange::Stored { offset, len } => push_jobs(&mut jobs, offset, len, offset),
             ChildRange::Zero { offset, len } => {
                 parent.write_zeroes(offset, len)?;
-                done += len;
-                progress(done, total);
+                zeroed += len;
             }
             ChildRange::FromParent { .. } => {}
         }
         Ok(())
     })?;
+    let copied = copy_parallel(
+        &jobs,
+        &|source, buf| child.read_at(buf, source),
+        &parent,
+        progress,
+    )?;
+    let done = copied + zeroed;
     parent.flush()?;
     parent.close()?;
     drop(child);
@@ -250,25 +332,12 @@ fn merge_into_parent(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Res
     })
 }
 
-fn estimate_total_into_parent(child: &VhdxFile) -> Result<u64> {
-    let mut total = 0;
-    for_each_child_range(child, |r| {
-        if let ChildRange::Stored { len, .. } | ChildRange::Zero { len, .. } = r {
-            total += len;
-        }
-        Ok(())
-    })?;
-    Ok(total)
-}
-
 fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Result<MergeOutcome> {
     let parent = open_parent(&child)?;
     let parent_is_base = parent.kind() != DiskKind::Differencing;
-    let total = estimate_open(&child, &parent)?.into_child;
     let g = child.geometry();
     let bs = u64::from(g.block_size);
-    let mut done = 0u64;
-    let mut buf = Vec::new();
+    let mut jobs = Vec::new();
     for block in 0..g.payload_blocks() {
         let start = block * bs;
         let len = g.block_len(block);
@@ -304,22 +373,19 @@ fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Resu
         for (offset, seg) in pieces {
             match seg {
                 Segment::Data { file_offset, len } => {
-                    let mut pos = 0;
-                    while pos < len {
-                        let n = (len - pos).min(COPY_CHUNK);
-                        buf.resize(n as usize, 0);
-                        parent.read_stored(&mut buf, file_offset + pos)?;
-                        child.write_at(&buf, offset + pos)?;
-                        pos += n;
-                        done += n;
-                        progress(done, total.max(done));
-                    }
+                    push_jobs(&mut jobs, offset, len, file_offset)
                 }
                 Segment::Zero { len } if fill_zeros => child.write_zeroes(offset, len)?,
                 Segment::Zero { .. } | Segment::Parent { .. } => {}
             }
         }
     }
+    let done = copy_parallel(
+        &jobs,
+        &|source, buf| parent.read_stored(buf, source),
+        &child,
+        progress,
+    )?;
     child.flush()?;
     let parent_path = parent.path().to_owned();
     if parent_is_base {
