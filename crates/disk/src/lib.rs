@@ -164,9 +164,17 @@ pub enum Format {
     Vhdx,
 }
 
-/// Recognises a file's format by its first bytes (`vhdxfile` means VHDX, anything else raw).
+/// Recognises a file's format: `.vhdx` and `.avhdx` files are VHDX whatever their first
+/// bytes say (so a damaged one is reported as damaged, never written as a raw image);
+/// otherwise the `vhdxfile` signature means VHDX and anything else is raw.
 pub fn probe(path: &Path) -> Result<Format> {
     use std::io::Read;
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if matches!(ext.as_deref(), Some("vhdx" | "avhdx")) {
+        return Ok(Format::Vhdx);
+    }
     let mut f = std::fs::File::open(path).map_err(|e| Error::Io {
         path: path.to_owned(),
         source: e,

@@ -1,0 +1,338 @@
+//! The `snapvisor disk` command line as scripts use it: the JSON fields the contract names,
+//! exit codes, one-line errors on stderr, data in and out through stdin/stdout, and the
+//! demo the README's first command runs.
+
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn snapvisor(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_snapvisor"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run snapvisor")
+}
+
+fn ok(args: &[&str], dir: &Path) -> String {
+    let out = snapvisor(args, dir);
+    assert!(
+        out.status.success(),
+        "snapvisor {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(args: &[&str], dir: &Path) -> Value {
+    serde_json::from_str(&ok(args, dir)).expect("valid json")
+}
+
+/// Runs a failing command and returns its single stderr line.
+fn fails(args: &[&str], dir: &Path) -> String {
+    let out = snapvisor(args, dir);
+    assert!(!out.status.success(), "snapvisor {args:?} should fail");
+    let err = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty(), "no error message for {args:?}");
+    lines[0].to_owned()
+}
+
+fn write_stdin(args: &[&str], dir: &Path, data: &[u8]) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snapvisor"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn info_json_has_the_contract_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let created = json(
+        &[
+            "disk",
+            "create",
+            "base.vhdx",
+            "--size",
+            "3G",
+            "--block-size",
+            "8M",
+            "--logical-sector",
+            "4096",
+            "--physical-sector",
+            "4096",
+            "--json",
+        ],
+        d,
+    );
+    assert_eq!(created["virtual_size"], 3u64 << 30);
+    ok(
+        &["disk", "create", "child.avhdx", "--parent", "base.vhdx"],
+        d,
+    );
+    let info = json(&["disk", "info", "child.avhdx", "--json"], d);
+    for field in [
+        "format",
+        "type",
+        "virtual_size",
+        "block_size",
+        "logical_sector_size",
+        "physical_sector_size",
+        "file_size",
+        "allocated_bytes",
+        "parent",
+        "chain",
+        "data_write_guid",
+        "virtual_disk_id",
+    ] {
+        assert!(info.get(field).is_some(), "info --json lacks {field}");
+    }
+    assert_eq!(info["format"], "vhdx");
+    assert_eq!(info["type"], "differencing");
+    assert_eq!(
+        info["block_size"],
+        2u64 << 20,
+        "a child's default block is 2 MiB"
+    );
+    assert_eq!(
+        info["logical_sector_size"], 4096,
+        "a child inherits its sectors"
+    );
+    assert_eq!(info["virtual_size"], 3u64 << 30);
+    let chain: Vec<&str> = info["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(chain.len(), 2);
+    assert!(chain[0].ends_with("child.avhdx") && chain[1].ends_with("base.vhdx"));
+    assert!(info["parent"].as_str().unwrap().ends_with("base.vhdx"));
+    let base = json(&["disk", "info", "base.vhdx", "--json"], d);
+    assert_eq!(base["type"], "dynamic");
+    assert_eq!(base["parent"], Value::Null);
+    assert_eq!(base["virtual_disk_id"], info["virtual_disk_id"]);
+    let fixed = json(
+        &[
+            "disk",
+            "create",
+            "fixed.vhdx",
+            "--size",
+            "16M",
+            "--type",
+            "fixed",
+            "--json",
+        ],
+        d,
+    );
+    assert_eq!(fixed["type"], "fixed");
+    assert_eq!(fixed["allocated_bytes"], 16u64 << 20);
+}
+
+#[test]
+fn data_goes_in_and_out_and_through_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["disk", "create", "a.vhdx", "--size", "64M"], d);
+    let base_data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    write_stdin(
+        &["disk", "write", "a.vhdx", "--offset", "1M"],
+        d,
+        &base_data,
+    );
+    ok(&["disk", "create", "b.avhdx", "--parent", "a.vhdx"], d);
+    write_stdin(
+        &["disk", "write", "b.avhdx", "--offset", "1000"],
+        d,
+        b"hello",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_snapvisor"))
+        .args([
+            "disk", "read", "b.avhdx", "--offset", "1000", "--length", "5",
+        ])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"hello");
+    // The parent's data shows through the child; a discard hides it (reads zeros).
+    let out = snapvisor(
+        &[
+            "disk", "read", "b.avhdx", "--offset", "1M", "--length", "3000000",
+        ],
+        d,
+    );
+    assert_eq!(out.stdout, base_data);
+    ok(
+        &[
+            "disk", "discard", "b.avhdx", "--offset", "1M", "--length", "4K",
+        ],
+        d,
+    );
+    let out = snapvisor(
+        &[
+            "disk", "read", "b.avhdx", "--offset", "1M", "--length", "4K",
+        ],
+        d,
+    );
+    assert!(out.stdout.iter().all(|&b| b == 0));
+    // The parent itself never changed.
+    let out = snapvisor(
+        &["disk", "read", "a.vhdx", "--offset", "1M", "--length", "4K"],
+        d,
+    );
+    assert_eq!(out.stdout, base_data[..4096]);
+    let merged = json(
+        &[
+            "disk",
+            "merge",
+            "b.avhdx",
+            "--direction",
+            "into-parent",
+            "--json",
+        ],
+        d,
+    );
+    assert_eq!(merged["direction"], "into-parent");
+    assert!(merged["result"].as_str().unwrap().ends_with("a.vhdx"));
+    assert!(!d.join("b.avhdx").exists(), "the merged child is removed");
+    let out = snapvisor(
+        &[
+            "disk", "read", "a.vhdx", "--offset", "1000", "--length", "5",
+        ],
+        d,
+    );
+    assert_eq!(out.stdout, b"hello");
+    let out = snapvisor(
+        &["disk", "read", "a.vhdx", "--offset", "1M", "--length", "4K"],
+        d,
+    );
+    assert!(out.stdout.iter().all(|&b| b == 0));
+    let check = json(&["disk", "check", "a.vhdx", "--json"], d);
+    assert_eq!(check["clean"], true);
+    // Convert to raw and back: identical bytes.
+    ok(&["disk", "convert", "a.vhdx", "a.raw"], d);
+    assert_eq!(std::fs::metadata(d.join("a.raw")).unwrap().len(), 64 << 20);
+    ok(
+        &[
+            "disk",
+            "convert",
+            "a.raw",
+            "again.vhdx",
+            "--format",
+            "vhdx",
+            "--type",
+            "fixed",
+        ],
+        d,
+    );
+    let raw = std::fs::read(d.join("a.raw")).unwrap();
+    let out = snapvisor(
+        &[
+            "disk",
+            "read",
+            "again.vhdx",
+            "--offset",
+            "0",
+            "--length",
+            "64M",
+        ],
+        d,
+    );
+    assert!(out.stdout == raw, "raw -> fixed vhdx round trip differs");
+}
+
+#[test]
+fn bad_input_gives_one_clear_line_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["disk", "create", "a.vhdx", "--size", "1G"], d);
+    let before = std::fs::read(d.join("a.vhdx")).unwrap();
+    let e = fails(&["disk", "create", "a.vhdx", "--size", "1G"], d);
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(std::fs::read(d.join("a.vhdx")).unwrap(), before);
+    let e = fails(
+        &[
+            "disk",
+            "read",
+            "missing.vhdx",
+            "--offset",
+            "0",
+            "--length",
+            "1",
+        ],
+        d,
+    );
+    assert!(
+        e.contains("missing.vhdx") && e.contains("No such file"),
+        "{e}"
+    );
+    let e = fails(
+        &[
+            "disk",
+            "create",
+            "x.vhdx",
+            "--size",
+            "1G",
+            "--block-size",
+            "3M",
+        ],
+        d,
+    );
+    assert!(e.contains("power of two"), "{e}");
+    let e = fails(
+        &["disk", "read", "a.vhdx", "--offset", "1G", "--length", "1"],
+        d,
+    );
+    assert!(e.contains("beyond the end"), "{e}");
+    let e = fails(&["disk", "create", "y.vhdx", "--size", "12Q"], d);
+    assert!(e.contains("not a size"), "{e}");
+    let e = fails(&["disk", "merge", "a.vhdx"], d);
+    assert!(e.contains("not a differencing file"), "{e}");
+    let e = fails(&["disk", "create", "z.vhdx", "--size", "65T"], d);
+    assert!(e.contains("invalid"), "{e}");
+    // A damaged file: check says so with exit code 2 and names the structure.
+    let mut bad = before.clone();
+    bad[0] = b'X';
+    std::fs::write(d.join("bad.vhdx"), &bad).unwrap();
+    let out = snapvisor(&["disk", "check", "bad.vhdx"], d);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("identifier"));
+    let e = fails(&["disk", "info", "bad.vhdx"], d);
+    assert!(e.contains("bad.vhdx"), "{e}");
+    // A parent written after its child was made: the chain is refused with both names.
+    ok(&["disk", "create", "c.avhdx", "--parent", "a.vhdx"], d);
+    write_stdin(&["disk", "write", "a.vhdx", "--offset", "0"], d, b"changed");
+    let e = fails(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "1"],
+        d,
+    );
+    assert!(e.contains("c.avhdx") && e.contains("a.vhdx"), "{e}");
+}
+
+#[test]
+fn demo_runs_and_verifies_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(
+        &[
+            "demo",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--size",
+            "1G",
+        ],
+        dir.path(),
+    );
+    assert!(out.contains("demo finished: every step verified"), "{out}");
+}
