@@ -101,6 +101,26 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
+/// Times each command once per run, rotating which goes first and writing back the page
+/// cache (`sync`) before every timed command, so that no command pays for write-back or
+/// discards left by another. Returns each command's median.
+fn rotate(
+    runs: usize,
+    mut setup: impl FnMut() -> Result<()>,
+    cmds: &mut [&mut dyn FnMut() -> Result<()>],
+) -> Result<Vec<Duration>> {
+    let mut times = vec![Vec::new(); cmds.len()];
+    for run in 0..runs {
+        setup()?;
+        for k in 0..cmds.len() {
+            let i = (run + k) % cmds.len();
+            sh("sync")?;
+            times[i].push(timed(&mut *cmds[i])?);
+        }
+    }
+    Ok(times.into_iter().map(median).collect())
+}
+
 fn sh(cmd: &str) -> Result<String> {
     let out = Command::new("sh").arg("-c").arg(cmd).output()?;
     ensure!(
@@ -262,61 +282,71 @@ fn bench_convert(o: &Opts) -> Result<Vec<Row>> {
     let cp_out = o.dir.join("conv-cp.raw");
     let ours_raw = o.dir.join("conv-ours.raw");
     let q_raw = o.dir.join("conv-qemu.raw");
-    let (mut to_v, mut to_v_q, mut cps, mut to_r, mut to_r_q) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    for _ in 0..o.runs {
-        rm(&[&ours_vhdx, &q_vhdx, &cp_out, &ours_raw, &q_raw]);
-        let s = src.display();
-        to_v.push(timed(|| {
-            sh(&format!(
-                "{} disk convert {s} {} --format vhdx",
-                bin.display(),
-                ours_vhdx.display()
-            ))
-            .map(|_| ())
-        })?);
-        to_v_q.push(timed(|| {
-            sh(&format!(
-                "qemu-img convert -f raw -O vhdx {s} {q} && sync {q}",
-                q = q_vhdx.display()
-            ))
-            .map(|_| ())
-        })?);
-        cps.push(timed(|| {
-            sh(&format!("cp {s} {c} && sync {c}", c = cp_out.display())).map(|_| ())
-        })?);
-        to_r.push(timed(|| {
-            sh(&format!(
-                "{} disk convert {} {} --format raw",
-                bin.display(),
-                ours_vhdx.display(),
-                ours_raw.display()
-            ))
-            .map(|_| ())
-        })?);
-        to_r_q.push(timed(|| {
-            sh(&format!(
-                "qemu-img convert -f vhdx -O raw {} {q} && sync {q}",
-                ours_vhdx.display(),
-                q = q_raw.display()
-            ))
-            .map(|_| ())
-        })?);
-        // Both directions must round-trip exactly.
-        sh(&format!(
-            "cmp {s} {} && qemu-img compare -q -f raw -F vhdx {s} {}",
-            ours_raw.display(),
-            ours_vhdx.display()
-        ))?;
-    }
+    let s = src.display();
+    // The VHDX -> raw direction reads a file made by our own raw -> VHDX conversion.
+    sh(&format!(
+        "{} disk convert {s} {} --format vhdx",
+        bin.display(),
+        ours_vhdx.display()
+    ))?;
+    let times = rotate(
+        o.runs,
+        || {
+            rm(&[&q_vhdx, &cp_out, &ours_raw, &q_raw]);
+            rm(&[&o.dir.join("conv-ours2.vhdx")]);
+            Ok(())
+        },
+        &mut [
+            &mut || {
+                sh(&format!(
+                    "{} disk convert {s} {} --format vhdx",
+                    bin.display(),
+                    o.dir.join("conv-ours2.vhdx").display()
+                ))
+                .map(|_| ())
+            },
+            &mut || {
+                sh(&format!(
+                    "qemu-img convert -f raw -O vhdx {s} {q} && sync {q}",
+                    q = q_vhdx.display()
+                ))
+                .map(|_| ())
+            },
+            &mut || sh(&format!("cp {s} {c} && sync {c}", c = cp_out.display())).map(|_| ()),
+            &mut || {
+                sh(&format!(
+                    "{} disk convert {} {} --format raw",
+                    bin.display(),
+                    ours_vhdx.display(),
+                    ours_raw.display()
+                ))
+                .map(|_| ())
+            },
+            &mut || {
+                sh(&format!(
+                    "qemu-img convert -f vhdx -O raw {} {q} && sync {q}",
+                    ours_vhdx.display(),
+                    q = q_raw.display()
+                ))
+                .map(|_| ())
+            },
+        ],
+    )?;
+    // Both directions must round-trip exactly.
+    sh(&format!(
+        "cmp {s} {} && qemu-img compare -q -f raw -F vhdx {s} {}",
+        ours_raw.display(),
+        o.dir.join("conv-ours2.vhdx").display()
+    ))?;
+    rm(&[&o.dir.join("conv-ours2.vhdx")]);
+    let (to_v, to_v_q, cp, to_r, to_r_q) = (times[0], times[1], times[2], times[3], times[4]);
     rm(&[&ours_vhdx, &q_vhdx, &cp_out, &ours_raw, &q_raw, &src]);
-    let cp = median(cps);
     let mut rows = Vec::new();
     for (name, ours, q) in [
         ("convert raw -> VHDX (2 GiB, half zeros)", to_v, to_v_q),
         ("convert VHDX -> raw (2 GiB, half zeros)", to_r, to_r_q),
     ] {
-        let (m, q) = (median(ours), median(q));
+        let (m, q) = (ours, q);
         let vs_q = m.as_secs_f64() / q.as_secs_f64();
         let vs_cp = m.as_secs_f64() / cp.as_secs_f64();
         rows.push(Row {
@@ -513,6 +543,7 @@ fn bench_merge(o: &Opts) -> Result<Vec<Row>> {
         // Alternate which side goes first: write-back and discards left by the setup
         // slow down whichever command runs first.
         let run_ours = |ours: &mut Vec<Duration>| -> Result<()> {
+            sh("sync")?;
             ours.push(timed(|| {
                 sh(&format!(
                     "{} disk merge {} --direction into-parent",
@@ -524,6 +555,7 @@ fn bench_merge(o: &Opts) -> Result<Vec<Row>> {
             Ok(())
         };
         let run_peer = |peer: &mut Vec<Duration>| -> Result<()> {
+            sh("sync")?;
             peer.push(timed(|| {
                 sh(&format!(
                     "qemu-img commit -q -d -f qcow2 {c} && rm {c} && sync {}",

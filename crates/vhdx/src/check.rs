@@ -14,7 +14,6 @@ use crate::chain::open_parent;
 use crate::error::{Error, Result};
 use crate::file::{DiskKind, OpenOptions, VhdxFile};
 use crate::format::*;
-use std::fs::OpenOptions as FsOpenOptions;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -139,7 +138,7 @@ fn inspect(path: &Path) -> Result<CheckReport> {
     report.partial_blocks = alloc.partial_blocks;
     report.zero_blocks = alloc.zero_blocks;
 
-    let spans = used_spans(&file);
+    let spans = file.used_spans();
     let mut used = 0u64;
     let mut end = 0u64;
     for (s, e) in merge_spans(spans) {
@@ -164,39 +163,6 @@ fn inspect(path: &Path) -> Result<CheckReport> {
         report.errors.push(crate::error_chain(&e));
     }
     Ok(report)
-}
-
-/// Byte ranges of the file used by structures.
-fn used_spans(file: &VhdxFile) -> Vec<(u64, u64)> {
-    let g = file.geometry();
-    let mut spans = vec![(0, HEADER_SECTION_SIZE)];
-    let (lo, ll) = file.log_location();
-    if ll > 0 {
-        spans.push((lo, lo + ll));
-    }
-    for r in file.regions() {
-        spans.push((r.file_offset, r.file_offset + u64::from(r.length)));
-    }
-    let ratio = g.chunk_ratio();
-    for index in 0..file.bat_len() {
-        let e = file.entry(index);
-        let is_bitmap = index % (ratio + 1) == ratio;
-        let (used, len) = if is_bitmap {
-            (e.state() == SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
-        } else {
-            (
-                matches!(
-                    e.state(),
-                    PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT
-                ),
-                u64::from(g.block_size),
-            )
-        };
-        if used {
-            spans.push((e.file_offset(), e.file_offset() + len));
-        }
-    }
-    spans
 }
 
 fn merge_spans(mut spans: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
@@ -248,20 +214,10 @@ fn repair_file(path: &Path) -> Result<Vec<String>> {
         file.rewrite_region_tables(good)?;
         repaired.push("rewrote the invalid region table copy".into());
     }
-    let len = file.file_size()?;
-    let end = merge_spans(used_spans(&file))
-        .last()
-        .map_or(0, |s| s.1)
-        .next_multiple_of(MIB);
-    drop(file);
-    if len > end {
-        let f = FsOpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        f.set_len(end).map_err(|e| Error::io(path, e))?;
-        f.sync_all().map_err(|e| Error::io(path, e))?;
-        repaired.push(format!("truncated {} unused bytes at the end", len - end));
+    let trimmed = file.trim_unused_tail()?;
+    if trimmed > 0 {
+        repaired.push(format!("truncated {trimmed} unused bytes at the end"));
     }
+    file.close()?;
     Ok(repaired)
 }

@@ -311,6 +311,18 @@ pub enum Error {
         /// Virtual size.
         size: u64,
     },
+    /// A write into a differencing file that does not cover whole logical sectors.
+    #[error(
+        "range {offset}+{len} does not cover whole {sector_size}-byte sectors of a differencing file"
+    )]
+    Unaligned {
+        /// Offset requested.
+        offset: u64,
+        /// Length requested.
+        len: u64,
+        /// Logical sector size.
+        sector_size: u32,
+    },
     /// Invalid parameters for creating a file.
     #[error("invalid parameters: {0}")]
     InvalidParameters(String),

@@ -385,7 +385,7 @@ impl VhdxFile {
 
         let log_offset = header.log_offset;
         let log_length = u64::from(header.log_length);
-        validate_layout(
+        let structures_end = validate_layout(
             &geometry,
             kind,
             &bat,
@@ -423,7 +423,9 @@ impl VhdxFile {
                 log_active: false,
                 log_next: 0,
                 log_sequence: 1,
-                file_end: file_len.next_multiple_of(MIB),
+                // New space goes after everything: a last block may run past the end of
+                // the file, and unknown regions may lie beyond it.
+                file_end: file_len.max(structures_end).next_multiple_of(MIB),
                 dirty_bat: BTreeSet::new(),
                 dirty_bitmap: BTreeSet::new(),
                 metadata,
@@ -740,6 +742,20 @@ impl VhdxFile {
         Ok(())
     }
 
+    fn check_sector_aligned(&self, offset: u64, len: u64) -> Result<()> {
+        let sector = u64::from(self.geometry.logical_sector_size);
+        if self.kind == DiskKind::Differencing
+            && (!offset.is_multiple_of(sector) || !len.is_multiple_of(sector))
+        {
+            return Err(Error::Unaligned {
+                offset,
+                len,
+                sector_size: self.geometry.logical_sector_size,
+            });
+        }
+        Ok(())
+    }
+
     /// Changes the DataWriteGuid (once per session) before the first guest-visible change.
     fn ensure_data_guid(&self) -> Result<()> {
         if self.data_guid_done.load(Ordering::Acquire) {
@@ -768,9 +784,14 @@ impl VhdxFile {
     /// Writes guest data. Newly allocated blocks are recorded in memory and committed
     /// through the log by the next [`VhdxFile::flush`]: as with any disk with a volatile
     /// write cache, only flushed writes survive a crash.
+    ///
+    /// In a differencing file writes must cover whole logical sectors: the sector bitmap
+    /// marks whole sectors, and this file cannot read its parent to fill the rest
+    /// ([`crate::Chain`] does that for unaligned writes).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
+        self.check_sector_aligned(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -942,6 +963,7 @@ impl VhdxFile {
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.check_sector_aligned(offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -998,14 +1020,34 @@ impl VhdxFile {
         result
     }
 
+    /// Syncs data, then commits dirty BAT and bitmap sectors. Any failure poisons the
+    /// handle: the dirty sets were taken, so a later flush must not report success.
     fn flush_locked(&self, st: &mut State) -> Result<()> {
+        let result = self.flush_locked_inner(st);
+        if result.is_err() {
+            st.poisoned = true;
+        }
+        result
+    }
+
+    fn flush_locked_inner(&self, st: &mut State) -> Result<()> {
         self.io.sync().map_err(|e| self.ioerr(e))?;
         if st.dirty_bat.is_empty() && st.dirty_bitmap.is_empty() {
             return Ok(());
         }
+        // A large flush spans several log entries, and a crash between two of them leaves
+        // only the first ones applied. Order the sectors so that every prefix is a valid
+        // file: bitmap sectors first (nothing reads them until a PARTIALLY_PRESENT entry
+        // points there), then BAT sectors from the highest down, because a chunk's
+        // sector-bitmap entry has the highest index of its chunk and must be committed no
+        // later than the payload entries that need it.
         let mut sectors: Vec<(u64, Vec<u8>)> = Vec::new();
+        let bitmap_sectors = std::mem::take(&mut st.dirty_bitmap);
+        for s in bitmap_sectors {
+            sectors.push((s, self.bitmap_sector(s)?));
+        }
         let bat_sectors = std::mem::take(&mut st.dirty_bat);
-        for s in bat_sectors {
+        for s in bat_sectors.into_iter().rev() {
             let mut buf = vec![0u8; LOG_SECTOR_SIZE];
             let first = s * SECTOR / BAT_ENTRY_SIZE;
             let n = (SECTOR / BAT_ENTRY_SIZE).min(self.bat_len() - first);
@@ -1021,10 +1063,6 @@ impl VhdxFile {
                 buf[(n * 8) as usize..].copy_from_slice(&disk[(n * 8) as usize..]);
             }
             sectors.push((self.bat_offset + s * SECTOR, buf));
-        }
-        let bitmap_sectors = std::mem::take(&mut st.dirty_bitmap);
-        for s in bitmap_sectors {
-            sectors.push((s, self.bitmap_sector(s)?));
         }
         self.commit(st, &sectors)
     }
@@ -1219,7 +1257,10 @@ impl VhdxFile {
     /// Turns a differencing file whose every sector is stored (no block reads its parent)
     /// into a dynamic file: sector-bitmap entries are cleared, then one log entry drops
     /// HasParent and the parent locator.
-    pub fn detach_from_parent(&self) -> Result<()> {
+    ///
+    /// Consumes and closes the handle: it was opened as a differencing file, and writes
+    /// through it afterwards would use differencing states in a dynamic file.
+    pub fn detach_from_parent(self) -> Result<()> {
         self.check_writable()?;
         let mut st = self.lock();
         self.check_poisoned(&st)?;
@@ -1257,7 +1298,70 @@ impl VhdxFile {
         self.commit_metadata(&mut st, items)?;
         st.params = params;
         st.parent_locator = None;
-        Ok(())
+        drop(st);
+        self.close()
+    }
+
+    /// Byte ranges of the file used by structures (header section, log, regions, allocated
+    /// blocks), unsorted. Entries past the last payload block are ignored, as at open.
+    pub fn used_spans(&self) -> Vec<(u64, u64)> {
+        let g = self.geometry;
+        let mut spans = vec![(0, HEADER_SECTION_SIZE)];
+        let mut push = |start: u64, len: u64| {
+            if let Some(end) = start.checked_add(len) {
+                spans.push((start, end));
+            }
+        };
+        if self.log_length > 0 {
+            push(self.log_offset, self.log_length);
+        }
+        for r in &self.regions {
+            push(r.file_offset, u64::from(r.length));
+        }
+        let ratio = g.chunk_ratio();
+        for index in 0..self.bat_len() {
+            let e = self.entry(index);
+            if index % (ratio + 1) == ratio {
+                if e.state() == SB_BLOCK_PRESENT {
+                    push(e.file_offset(), SECTOR_BITMAP_BLOCK_SIZE);
+                }
+                continue;
+            }
+            let block = index - index / (ratio + 1);
+            if block < g.payload_blocks()
+                && matches!(
+                    e.state(),
+                    PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT
+                )
+            {
+                push(e.file_offset(), u64::from(g.block_size));
+            }
+        }
+        spans
+    }
+
+    /// Truncates unused space after the last structure (never below the header section,
+    /// log, regions, or any block the in-memory BAT points at, including blocks allocated
+    /// in this session). Returns bytes removed.
+    pub fn trim_unused_tail(&self) -> Result<u64> {
+        self.check_writable()?;
+        let mut st = self.lock();
+        self.check_poisoned(&st)?;
+        let end = self
+            .used_spans()
+            .iter()
+            .map(|s| s.1)
+            .max()
+            .unwrap_or(HEADER_SECTION_SIZE)
+            .next_multiple_of(MIB);
+        let len = self.io.len().map_err(|e| self.ioerr(e))?;
+        if len <= end {
+            return Ok(0);
+        }
+        self.io.set_len(end).map_err(|e| self.ioerr(e))?;
+        self.io.sync().map_err(|e| self.ioerr(e))?;
+        st.file_end = end;
+        Ok(len - end)
     }
 
     /// Writes both header copies again (after one was found damaged).
@@ -1283,7 +1387,11 @@ impl VhdxFile {
                     .map(move |(i, c)| (o + i as u64 * SECTOR, c.to_vec()))
             })
             .collect();
-        let result = self.commit(&mut st, &sectors);
+        let result = self
+            .io
+            .sync()
+            .map_err(|e| self.ioerr(e))
+            .and_then(|()| self.commit(&mut st, &sectors));
         if result.is_err() {
             st.poisoned = true;
         }
@@ -1383,7 +1491,10 @@ fn read_current_header(io: &dyn FileIo) -> Result<(Header, usize), HeaderReadErr
 fn write_header_pair(io: &dyn FileIo, h: &mut Header, current: usize) -> std::io::Result<usize> {
     let mut slot = current;
     for _ in 0..2 {
-        h.sequence_number += 1;
+        h.sequence_number = h
+            .sequence_number
+            .checked_add(1)
+            .ok_or_else(|| std::io::Error::other("header sequence number exhausted"))?;
         slot = 1 - slot;
         io.write_at(&h.encode(), HEADER_OFFSETS[slot])?;
         io.sync()?;
@@ -1497,7 +1608,7 @@ pub(crate) fn parse_known_metadata(items: &[MetadataItem]) -> Result<KnownMetada
 }
 
 /// Checks BAT states, and that no two objects of the file overlap and every block lies
-/// inside the file.
+/// inside the file. Returns the end of the last structure.
 fn validate_layout(
     g: &Geometry,
     kind: DiskKind,
@@ -1506,7 +1617,7 @@ fn validate_layout(
     log_offset: u64,
     log_length: u64,
     file_len: u64,
-) -> Result<(), Corruption> {
+) -> Result<u64, Corruption> {
     let differencing = kind == DiskKind::Differencing;
     let chunk_ratio = g.chunk_ratio();
     let bs = u64::from(g.block_size);
@@ -1532,14 +1643,14 @@ fn validate_layout(
     }
     for (i, r) in regions.iter().enumerate() {
         let length = u64::from(r.length);
-        if (r.guid == BAT_REGION_GUID || r.guid == METADATA_REGION_GUID)
-            && !inside(r.file_offset, length)
-        {
+        if !inside(r.file_offset, length) {
             return Err(Corruption::BeyondEndOfFile {
                 what: if r.guid == BAT_REGION_GUID {
                     "the bat region"
-                } else {
+                } else if r.guid == METADATA_REGION_GUID {
                     "the metadata region"
+                } else {
+                    "a region"
                 },
                 offset: r.file_offset,
                 length,
@@ -1629,5 +1740,5 @@ fn validate_layout(
             });
         }
     }
-    Ok(())
+    Ok(spans.iter().map(|s| s.1).max().unwrap_or(0))
 }

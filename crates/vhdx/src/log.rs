@@ -24,6 +24,11 @@ use uuid::Uuid;
 const SECTOR: u64 = LOG_SECTOR_SIZE as u64;
 /// Logs larger than this are refused rather than read into memory.
 pub const MAX_LOG_LENGTH: u64 = 256 << 20;
+/// No descriptor may target beyond this offset: no valid file is larger than its largest
+/// virtual size plus its metadata. Bounds what a hostile log can make a replay write.
+const MAX_TARGET: u64 = 2 * crate::format::MAX_VIRTUAL_SIZE;
+/// A zero descriptor clears at most one largest block.
+const MAX_ZERO_LENGTH: u64 = crate::format::MAX_BLOCK_SIZE as u64;
 
 /// One change a replay makes to the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +170,12 @@ fn parse_entry(ring: &[u8], at: u64, log_guid: Uuid) -> Option<ParsedEntry> {
     {
         return None;
     }
+    // Descriptors must fit in the entry; this also bounds the count before any arithmetic.
+    if u64::from(header.descriptor_count) * LOG_DESCRIPTOR_SIZE as u64
+        > entry_len - LOG_ENTRY_HEADER_SIZE as u64
+    {
+        return None;
+    }
     let desc_sectors = u64::from(log_descriptor_sectors(header.descriptor_count));
     let entry = ring_bytes(ring, at, entry_len);
     if checksum_with_zeroed_field(&entry, 4) != le_u32(&entry, 4) {
@@ -195,7 +206,10 @@ fn parse_entry(ring: &[u8], at: u64, log_guid: Uuid) -> Option<ParsedEntry> {
                 file_offset,
                 sequence_number,
             } => {
-                if sequence_number != header.sequence_number || file_offset % SECTOR != 0 {
+                if sequence_number != header.sequence_number
+                    || file_offset % SECTOR != 0
+                    || file_offset > MAX_TARGET
+                {
                     return None;
                 }
                 let start = ((desc_sectors + data_index) * SECTOR) as usize;
@@ -222,6 +236,8 @@ fn parse_entry(ring: &[u8], at: u64, log_guid: Uuid) -> Option<ParsedEntry> {
                 if sequence_number != header.sequence_number
                     || file_offset % SECTOR != 0
                     || zero_length % SECTOR != 0
+                    || zero_length > MAX_ZERO_LENGTH
+                    || file_offset > MAX_TARGET
                 {
                     return None;
                 }

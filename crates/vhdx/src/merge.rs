@@ -234,9 +234,31 @@ fn for_each_child_range(
 
 /// Merges the differencing file `child` with its parent. `progress(done, total)` is
 /// called as bytes are copied.
+///
+/// Refuses an into-parent merge (and makes `Auto` merge into the child) when other files
+/// in the two files' folders depend on the parent or on the child; see [`dependants`].
 pub fn merge(
     child: &Path,
     direction: MergeDirection,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MergeOutcome> {
+    merge_inner(child, direction, true, progress)
+}
+
+/// [`merge`] without looking for dependants: for callers that track every layer
+/// themselves (the checkpoint tree) and relink dependants afterwards with [`relink`].
+pub fn merge_unchecked(
+    child: &Path,
+    direction: MergeDirection,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MergeOutcome> {
+    merge_inner(child, direction, false, progress)
+}
+
+fn merge_inner(
+    child: &Path,
+    direction: MergeDirection,
+    check_dependants: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeOutcome> {
     let child_file = VhdxFile::open(
@@ -253,15 +275,38 @@ pub fn merge(
             reason: "not a differencing file, so there is nothing to merge".into(),
         });
     }
+    // An into-parent merge changes the parent's DataWriteGuid and removes the child, so it
+    // would break the parent's other children and the child's own children.
+    let blockers = if !check_dependants {
+        Vec::new()
+    } else {
+        let parent = open_parent(&child_file)?;
+        let mut b = dependants(parent.path(), Some(child))?;
+        b.extend(dependants(child, None)?);
+        b
+    };
     let direction = match direction {
         MergeDirection::Auto => {
             let parent = open_parent(&child_file)?;
             let est = estimate_open(&child_file, &parent)?;
-            if est.into_child < est.into_parent {
+            if est.into_child < est.into_parent || !blockers.is_empty() {
                 MergeDirection::IntoChild
             } else {
                 MergeDirection::IntoParent
             }
+        }
+        MergeDirection::IntoParent if !blockers.is_empty() => {
+            return Err(Error::Unsupported {
+                path: child.to_owned(),
+                reason: format!(
+                    "merging into the parent would break files that depend on these two: {} (merge into the child instead)",
+                    blockers
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
         }
         d => d,
     };
@@ -388,6 +433,7 @@ fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Resu
     )?;
     child.flush()?;
     let parent_path = parent.path().to_owned();
+    let result = child.path().to_owned();
     if parent_is_base {
         child.detach_from_parent()?;
     } else {
@@ -398,9 +444,8 @@ fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Resu
             grandparent.data_write_guid(),
         )?;
         child.set_parent_locator(&locator)?;
+        child.close()?;
     }
-    let result = child.path().to_owned();
-    child.close()?;
     Ok(MergeOutcome {
         direction: MergeDirection::IntoChild,
         result,
@@ -408,6 +453,44 @@ fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Resu
         removed: false,
         bytes_copied: done,
     })
+}
+
+/// Differencing files in the folder of `path` whose parent locator leads to `path`
+/// (`except` excluded). A file another process holds open for writing cannot be read and
+/// counts as a dependant, to be safe. Files in other folders are not found: the checkpoint
+/// tree, which records every layer, is the authority for that.
+pub fn dependants(path: &Path, except: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let target = absolute(path)?;
+    let except = except.map(absolute).transpose()?;
+    let dir = target.parent().unwrap_or(Path::new("/")).to_owned();
+    let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let candidate = entry.map_err(|e| Error::io(&dir, e))?.path();
+        let ext = candidate
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        if !matches!(ext.as_deref(), Some("vhdx" | "avhdx"))
+            || candidate == target
+            || Some(&candidate) == except.as_ref()
+        {
+            continue;
+        }
+        match VhdxFile::open(&candidate, OpenOptions::default()) {
+            Ok(f) => {
+                if let Some(locator) = f.parent_locator()
+                    && crate::chain::parent_candidates(&candidate, &locator)
+                        .iter()
+                        .any(|p| *p == target)
+                {
+                    found.push(candidate);
+                }
+            }
+            Err(Error::Locked { .. }) => found.push(candidate),
+            Err(_) => {}
+        }
+    }
+    Ok(found)
 }
 
 /// Points a differencing file at a new parent whose contents are the same as the old

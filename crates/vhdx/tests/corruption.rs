@@ -1013,3 +1013,153 @@ fn power_loss_keeps_flushed_writes() {
         }
     }
 }
+
+/// A flush that dirties more BAT sectors than one log entry holds is committed in several
+/// entries; power lost between any two of them must leave a file that opens and reads
+/// every write flushed before. (A differencing file is the hard case: a partially present
+/// block is only legal once its chunk's sector-bitmap entry is committed.)
+#[test]
+fn power_loss_between_the_entries_of_a_large_flush_leaves_a_usable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("parent.vhdx");
+    let child = dir.path().join("child.avhdx");
+    vhdx::create(
+        &parent,
+        &CreateParams {
+            block_size: Some(1 << 20),
+            ..CreateParams::dynamic(80 << 30)
+        },
+    )
+    .unwrap();
+    vhdx::create_differencing(&child, &parent, Some(1 << 20)).unwrap();
+    let pristine = std::fs::read(&child).unwrap();
+    // 140 writes 512 MiB apart: 140 BAT sectors plus their bitmap sectors.
+    let offsets: Vec<u64> = (0..140u64).map(|k| k * (512 << 20)).collect();
+    let mut saw_failure_midway = false;
+    // Two header writes at the first write, then the flush: data sync, first entry, header
+    // naming the log, apply, second entry, apply: about nine syncs in all.
+    for syncs in 0..=12 {
+        let io = Arc::new(FaultyIo::new(
+            CrashIo::new(pristine.clone()),
+            syncs,
+            Fault::SyncFailure,
+        ));
+        let f = VhdxFile::open_io(io.clone(), &child, rw()).unwrap();
+        let wrote = offsets
+            .iter()
+            .enumerate()
+            .all(|(k, off)| f.write_at(&[k as u8 | 1; 512], *off).is_ok());
+        let flushed = wrote && f.flush().is_ok();
+        std::mem::forget(f);
+        saw_failure_midway |= !flushed && syncs >= 6;
+        let image = io.inner().crash(|_| false);
+        let reopened = open_mem(image, false).unwrap_or_else(|e| {
+            panic!(
+                "after {syncs} syncs the child does not open: {}",
+                vhdx::error_chain(&e)
+            )
+        });
+        if flushed {
+            for (k, off) in offsets.iter().enumerate() {
+                let mut buf = [0u8; 512];
+                reopened.read_at(&mut buf, *off).unwrap();
+                assert_eq!(buf, [k as u8 | 1; 512], "flushed write {k} lost");
+            }
+        }
+    }
+    assert!(
+        saw_failure_midway,
+        "no trial failed in the middle of the flush"
+    );
+}
+
+/// A damaged BAT entry past the last payload block (padding a reader ignores) must not
+/// make repair truncate the file.
+#[test]
+fn repair_never_truncates_below_the_structures() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("p.vhdx");
+    let child = dir.path().join("c.avhdx");
+    vhdx::create(
+        &parent,
+        &CreateParams {
+            block_size: Some(1 << 20),
+            ..CreateParams::dynamic(3 << 30)
+        },
+    )
+    .unwrap();
+    vhdx::create_differencing(&child, &parent, Some(1 << 20)).unwrap();
+    {
+        let c = Chain::open(&child, true).unwrap();
+        c.write_at(&[7u8; 4096], 1 << 20).unwrap();
+        c.close().unwrap();
+    }
+    let mut bytes = std::fs::read(&child).unwrap();
+    let len = bytes.len();
+    // Entry 3072 is padding after the last payload block (3072 blocks, chunk ratio 4096).
+    put_u64(&mut bytes, (3 << 20) + 3072 * 8, 0xFFFF_FFFF_FFF0_0006);
+    std::fs::write(&child, &bytes).unwrap();
+    let report = vhdx::check::check(&child, true).unwrap();
+    assert_eq!(
+        std::fs::metadata(&child).unwrap().len(),
+        len as u64,
+        "{report:?}"
+    );
+    let c = Chain::open(&child, false).unwrap();
+    let mut buf = [0u8; 4096];
+    c.read_at(&mut buf, 1 << 20).unwrap();
+    assert_eq!(buf, [7u8; 4096]);
+}
+
+/// A log entry whose zero descriptor covers an absurd range is not a valid entry: opening
+/// neither panics nor writes terabytes of zeros.
+#[test]
+fn hostile_zero_descriptor_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    vhdx::create(&path, &CreateParams::dynamic(64 << 20)).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let log_guid = uuid_bytes(0x42);
+    // One entry at the start of the log (1 MiB): a data descriptor, then a zero
+    // descriptor from 256 MiB whose length wraps the address space.
+    let mut entry = vec![0u8; 8192];
+    entry[..4].copy_from_slice(b"loge");
+    put_u32(&mut entry, 8, 8192);
+    put_u32(&mut entry, 12, 0);
+    put_u64(&mut entry, 16, 1);
+    put_u32(&mut entry, 24, 2);
+    entry[32..48].copy_from_slice(&log_guid);
+    put_u64(&mut entry, 48, 4 << 20);
+    put_u64(&mut entry, 56, 4 << 20);
+    entry[64..68].copy_from_slice(b"desc");
+    put_u64(&mut entry, 64 + 16, 3 << 20);
+    put_u64(&mut entry, 64 + 24, 1);
+    entry[96..100].copy_from_slice(b"zero");
+    put_u64(&mut entry, 96 + 8, 0xFFFF_FFFF_F000_0000);
+    put_u64(&mut entry, 96 + 16, 0x1000_0000);
+    put_u64(&mut entry, 96 + 24, 1);
+    entry[4096..4100].copy_from_slice(b"data");
+    put_u32(&mut entry, 4096 + 4092, 1);
+    fix_crc(&mut entry, 0, 8192);
+    bytes[1 << 20..(1 << 20) + 8192].copy_from_slice(&entry);
+    // Point the current header at that log GUID.
+    for slot in [0x10000u64, 0x20000] {
+        let at = slot as usize;
+        bytes[at + 48..at + 64].copy_from_slice(&log_guid);
+        fix_crc(&mut bytes, slot, 4096);
+    }
+    for writable in [false, true] {
+        match open_mem(bytes.clone(), writable) {
+            Err(e) => assert!(
+                matches!(e.corruption(), Some(Corruption::LogNoValidSequence { .. })),
+                "{}",
+                vhdx::error_chain(&e)
+            ),
+            Ok(_) => panic!("a log with a wrapping zero range was replayed"),
+        }
+    }
+}
+
+fn uuid_bytes(fill: u8) -> [u8; 16] {
+    [fill; 16]
+}

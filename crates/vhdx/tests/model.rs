@@ -32,7 +32,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use std::path::{Path, PathBuf};
-use vhdx::merge::{MergeDirection, merge, relink};
+use vhdx::merge::{MergeDirection, merge, merge_unchecked, relink};
 use vhdx::{Chain, CreateParams, DiskKind, OpenOptions, VhdxFile, check};
 
 const MIB: u64 = 1 << 20;
@@ -417,7 +417,13 @@ impl Model {
         ));
         self.close();
         let mut last = (0, 0);
-        let r = merge(&child, direction, &mut |done, total| last = (done, total));
+        // A middle layer has dependants this test relinks itself, as the checkpoint tree
+        // will; the top layer has none, so the checked merge must accept it.
+        let r = if index < n - 1 {
+            merge_unchecked(&child, direction, &mut |done, total| last = (done, total))
+        } else {
+            merge(&child, direction, &mut |done, total| last = (done, total))
+        };
         let outcome = self.ok(r, "merge");
         let into_parent = outcome.direction == MergeDirection::IntoParent;
         if direction != MergeDirection::Auto && outcome.direction != direction {
@@ -597,4 +603,46 @@ fn deep_chain_of_50() {
     assert_eq!(m.layers.len(), 40);
     m.verify_full("deep chain merged");
     m.close();
+}
+
+/// An into-parent merge would change the parent's DataWriteGuid and remove the child, so
+/// it is refused while a sibling or a grandchild depends on them; `Auto` then merges into
+/// the child, and every file keeps reading what it read before.
+#[test]
+fn into_parent_is_refused_while_other_files_depend_on_the_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let a = dir.path().join("a.avhdx");
+    let b = dir.path().join("b.avhdx");
+    let a2 = dir.path().join("a2.avhdx");
+    vhdx::create(&base, &CreateParams::dynamic(8 << 20)).unwrap();
+    let c = Chain::open(&base, true).unwrap();
+    c.write_at(&[1u8; 4096], 0).unwrap();
+    c.close().unwrap();
+    vhdx::create_differencing(&a, &base, None).unwrap();
+    vhdx::create_differencing(&b, &base, None).unwrap();
+    let c = Chain::open(&a, true).unwrap();
+    c.write_at(&[2u8; 4096], 4096).unwrap();
+    c.close().unwrap();
+    let read = |p: &Path| {
+        let c = Chain::open(p, false).unwrap();
+        let mut buf = vec![0u8; 8192];
+        c.read_at(&mut buf, 0).unwrap();
+        buf
+    };
+    let (before_a, before_b) = (read(&a), read(&b));
+    // A sibling (b) depends on the parent.
+    let err = merge(&a, MergeDirection::IntoParent, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("b.avhdx"), "{err}");
+    assert_eq!((read(&a), read(&b)), (before_a.clone(), before_b.clone()));
+    // A grandchild (a2) depends on the child.
+    vhdx::create_differencing(&a2, &a, None).unwrap();
+    std::fs::remove_file(&b).unwrap();
+    let err = merge(&a, MergeDirection::IntoParent, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("a2.avhdx"), "{err}");
+    // Auto picks the direction that keeps them linked.
+    let out = merge(&a, MergeDirection::Auto, &mut |_, _| {}).unwrap();
+    assert_eq!(out.direction, MergeDirection::IntoChild);
+    assert_eq!(read(&a), before_a);
+    assert_eq!(read(&a2), before_a);
 }
