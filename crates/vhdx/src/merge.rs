@@ -479,9 +479,7 @@ pub fn dependants(path: &Path, except: Option<&Path>) -> Result<Vec<PathBuf>> {
         match VhdxFile::open(&candidate, OpenOptions::default()) {
             Ok(f) => {
                 if let Some(locator) = f.parent_locator()
-                    && crate::chain::parent_candidates(&candidate, &locator)
-                        .iter()
-                        .any(|p| *p == target)
+                    && crate::chain::parent_candidates(&candidate, &locator).contains(&target)
                 {
                     found.push(candidate);
                 }
