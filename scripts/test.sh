@@ -3,9 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# Doc tests first, so that the last lines are the main runner's summary.
+cargo test --workspace --locked --doc -q
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast "$@"
 else
   cargo test --workspace --locked --no-fail-fast "$@"
 fi
-cargo test --workspace --locked --doc -q
