@@ -267,3 +267,53 @@ fn concurrent_writers_on_disjoint_ranges() {
         assert_reads(d.as_ref(), oracle, "after concurrent writes");
     });
 }
+
+#[test]
+fn flushes_while_writers_allocate_lose_nothing() {
+    each_backend(|backend, path, oracle| {
+        let d = open(backend, path, true);
+        let threads = 4u64;
+        let stripe = SIZE / threads;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let flusher = s.spawn(|| {
+                let mut flushes = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    d.flush().unwrap();
+                    flushes += 1;
+                }
+                flushes
+            });
+            let writers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let d = &d;
+                    s.spawn(move || {
+                        let mut rng = StdRng::seed_from_u64(200 + t);
+                        for _ in 0..150 {
+                            let len = rng.random_range(1..100_000u64);
+                            let off = t * stripe + rng.random_range(0..stripe - len);
+                            d.write_at(&vec![t as u8 + 1; len as usize], off).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(flusher.join().unwrap() > 0);
+        });
+        for t in 0..threads {
+            let mut rng = StdRng::seed_from_u64(200 + t);
+            for _ in 0..150 {
+                let len = rng.random_range(1..100_000u64);
+                let off = t * stripe + rng.random_range(0..stripe - len);
+                oracle[off as usize..(off + len) as usize].fill(t as u8 + 1);
+            }
+        }
+        d.flush().unwrap();
+        drop(d);
+        let d = open(backend, path, false);
+        assert_reads(d.as_ref(), oracle, "after writes racing flushes");
+    });
+}

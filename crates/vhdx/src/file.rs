@@ -205,18 +205,24 @@ pub struct VhdxFile {
     bitmaps: RwLock<HashMap<u64, Box<[u8]>>>,
     data_guid_done: AtomicBool,
     replayed_log: bool,
+    /// Serialises commits: the log position and the header. Taken before `state`.
+    journal: Mutex<Journal>,
+    /// Allocation and what awaits commit; held only briefly, never across a sync.
     state: Mutex<State>,
 }
 
-struct State {
+struct Journal {
     header: Header,
     current_slot: usize,
     file_guid_done: bool,
-    data_guid_done: bool,
-    forced_data_write_guid: Option<Uuid>,
     log_active: bool,
     log_next: u64,
     log_sequence: u64,
+}
+
+struct State {
+    data_guid_done: bool,
+    forced_data_write_guid: Option<Uuid>,
     file_end: u64,
     dirty_bat: BTreeSet<u64>,
     dirty_bitmap: BTreeSet<u64>,
@@ -414,15 +420,17 @@ impl VhdxFile {
             bitmaps: RwLock::new(HashMap::new()),
             data_guid_done: AtomicBool::new(options.keep_data_write_guid),
             replayed_log,
-            state: Mutex::new(State {
+            journal: Mutex::new(Journal {
                 header,
                 current_slot,
                 file_guid_done,
-                data_guid_done: options.keep_data_write_guid,
-                forced_data_write_guid: options.data_write_guid,
                 log_active: false,
                 log_next: 0,
                 log_sequence: 1,
+            }),
+            state: Mutex::new(State {
+                data_guid_done: options.keep_data_write_guid,
+                forced_data_write_guid: options.data_write_guid,
                 // New space goes after everything: a last block may run past the end of
                 // the file, and unknown regions may lie beyond it.
                 file_end: file_len.max(structures_end).next_multiple_of(MIB),
@@ -509,11 +517,11 @@ impl VhdxFile {
     }
     /// The current header.
     pub fn header(&self) -> Header {
-        self.lock().header.clone()
+        self.lock_journal().header.clone()
     }
     /// The DataWriteGuid children link to.
     pub fn data_write_guid(&self) -> Uuid {
-        self.lock().header.data_write_guid
+        self.lock_journal().header.data_write_guid
     }
     /// Whether opening replayed a log.
     pub fn replayed_log(&self) -> bool {
@@ -594,6 +602,12 @@ impl VhdxFile {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn lock_journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn poison(&self) {
+        self.lock().poisoned = true;
     }
     fn ioerr(&self, e: std::io::Error) -> Error {
         Error::io(&self.path, e)
@@ -761,12 +775,15 @@ impl VhdxFile {
         if self.data_guid_done.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut st = self.lock();
-        self.check_poisoned(&st)?;
-        if !st.data_guid_done {
-            let guid = st.forced_data_write_guid.unwrap_or_else(Uuid::new_v4);
-            self.update_header(&mut st, |h| h.data_write_guid = guid)?;
-            st.data_guid_done = true;
+        let mut journal = self.lock_journal();
+        let guid = {
+            let st = self.lock();
+            self.check_poisoned(&st)?;
+            (!st.data_guid_done).then(|| st.forced_data_write_guid.unwrap_or_else(Uuid::new_v4))
+        };
+        if let Some(guid) = guid {
+            self.update_header(&mut journal, |h| h.data_write_guid = guid)?;
+            self.lock().data_guid_done = true;
         }
         self.data_guid_done.store(true, Ordering::Release);
         Ok(())
@@ -1007,40 +1024,51 @@ impl VhdxFile {
     }
 
     /// Makes every write so far durable, then commits pending metadata through the log.
+    ///
+    /// Writers are not held up: the dirty BAT and bitmap sectors are copied under the
+    /// state lock, then the data is synced and the copies committed without it. Blocks
+    /// allocated meanwhile stay dirty for the next flush.
     pub fn flush(&self) -> Result<()> {
-        let mut st = self.lock();
-        self.check_poisoned(&st)?;
         if !self.writable {
-            return Ok(());
+            return self.check_poisoned(&self.lock());
         }
-        let result = self.flush_locked(&mut st);
+        let mut journal = self.lock_journal();
+        self.flush_with(&mut journal)
+    }
+
+    /// The flush itself; any failure poisons the handle, because the dirty sets were
+    /// taken and a later flush must not report success.
+    fn flush_with(&self, journal: &mut Journal) -> Result<()> {
+        let result = self.flush_inner(journal);
         if result.is_err() {
-            st.poisoned = true;
+            self.poison();
         }
         result
     }
 
-    /// Syncs data, then commits dirty BAT and bitmap sectors. Any failure poisons the
-    /// handle: the dirty sets were taken, so a later flush must not report success.
-    fn flush_locked(&self, st: &mut State) -> Result<()> {
-        let result = self.flush_locked_inner(st);
-        if result.is_err() {
-            st.poisoned = true;
-        }
-        result
-    }
-
-    fn flush_locked_inner(&self, st: &mut State) -> Result<()> {
+    fn flush_inner(&self, journal: &mut Journal) -> Result<()> {
+        let (sectors, durable_len) = {
+            let mut st = self.lock();
+            self.check_poisoned(&st)?;
+            // Every block in the copies had its data written before this point, so the
+            // sync below covers it; so does the file length read now.
+            let len = self.io.len().map_err(|e| self.ioerr(e))?;
+            (self.snapshot_dirty(&mut st)?, len)
+        };
         self.io.sync().map_err(|e| self.ioerr(e))?;
-        if st.dirty_bat.is_empty() && st.dirty_bitmap.is_empty() {
+        if sectors.is_empty() {
             return Ok(());
         }
-        // A large flush spans several log entries, and a crash between two of them leaves
-        // only the first ones applied. Order the sectors so that every prefix is a valid
-        // file: bitmap sectors first (nothing reads them until a PARTIALLY_PRESENT entry
-        // points there), then BAT sectors from the highest down, because a chunk's
-        // sector-bitmap entry has the highest index of its chunk and must be committed no
-        // later than the payload entries that need it.
+        self.commit(journal, &sectors, durable_len)
+    }
+
+    /// Takes the dirty sets and builds the sectors to commit, ordered so that every
+    /// prefix is a valid file: a large flush spans several log entries, and a crash
+    /// between two of them leaves only the first ones applied. Bitmap sectors come first
+    /// (nothing reads them until a PARTIALLY_PRESENT entry points there), then BAT sectors
+    /// from the highest down, because a chunk's sector-bitmap entry has the highest index
+    /// of its chunk and must be committed no later than the payload entries that need it.
+    fn snapshot_dirty(&self, st: &mut State) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut sectors: Vec<(u64, Vec<u8>)> = Vec::new();
         let bitmap_sectors = std::mem::take(&mut st.dirty_bitmap);
         for s in bitmap_sectors {
@@ -1064,7 +1092,7 @@ impl VhdxFile {
             }
             sectors.push((self.bat_offset + s * SECTOR, buf));
         }
-        self.commit(st, &sectors)
+        Ok(sectors)
     }
 
     /// Builds the current contents of the bitmap sector at file offset `s`.
@@ -1106,7 +1134,13 @@ impl VhdxFile {
 
     /// Writes `sectors` (4 KiB each, at their final file offsets) through the log: entry,
     /// sync, apply, sync, in entries of at most half the ring.
-    fn commit(&self, st: &mut State, sectors: &[(u64, Vec<u8>)]) -> Result<()> {
+    /// `durable_len` is a file length known to be durable (read before the last sync).
+    fn commit(
+        &self,
+        journal: &mut Journal,
+        sectors: &[(u64, Vec<u8>)],
+        durable_len: u64,
+    ) -> Result<()> {
         let ioerr = |e| self.ioerr(e);
         if self.log_length == 0 {
             return Err(Error::Unsupported {
@@ -1115,39 +1149,41 @@ impl VhdxFile {
             });
         }
         let per_entry = log::max_sectors_per_entry(self.log_length).max(1);
+        let j = journal;
         for group in sectors.chunks(per_entry) {
-            let first_entry = !st.log_active;
+            let first_entry = !j.log_active;
             let log_guid = if first_entry {
                 Uuid::new_v4()
             } else {
-                st.header.log_guid
+                j.header.log_guid
             };
             if first_entry {
-                st.log_next = 0;
+                j.log_next = 0;
             }
             let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, d)| (*o, d.as_slice())).collect();
             let file_len = self.io.len().map_err(ioerr)?;
+            let file_end = self.lock().file_end;
             let entry = log::build_entry(
                 &refs,
-                st.log_next,
-                st.log_sequence,
+                j.log_next,
+                j.log_sequence,
                 log_guid,
-                file_len.next_multiple_of(MIB).min(file_len.max(MIB)) / MIB * MIB,
-                st.file_end.max(file_len.next_multiple_of(MIB)),
+                durable_len / MIB * MIB,
+                file_end.max(file_len).next_multiple_of(MIB),
             );
-            self.write_ring(st.log_next, &entry)?;
+            self.write_ring(j.log_next, &entry)?;
             self.io.sync().map_err(ioerr)?;
             if first_entry {
                 // The entry becomes replayable only once the header names its log GUID.
-                self.update_header(st, |h| h.log_guid = log_guid)?;
-                st.log_active = true;
+                self.update_header(j, |h| h.log_guid = log_guid)?;
+                j.log_active = true;
             }
             for (offset, data) in group {
                 self.io.write_at(data, *offset).map_err(ioerr)?;
             }
             self.io.sync().map_err(ioerr)?;
-            st.log_next = (st.log_next + entry.len() as u64) % self.log_length;
-            st.log_sequence += 1;
+            j.log_next = (j.log_next + entry.len() as u64) % self.log_length;
+            j.log_sequence += 1;
         }
         Ok(())
     }
@@ -1167,21 +1203,21 @@ impl VhdxFile {
 
     /// Writes a new header into both slots (the non-current one first), changing the
     /// FileWriteGuid on the session's first update.
-    fn update_header(&self, st: &mut State, change: impl FnOnce(&mut Header)) -> Result<()> {
-        let mut h = st.header.clone();
+    fn update_header(&self, j: &mut Journal, change: impl FnOnce(&mut Header)) -> Result<()> {
+        let mut h = j.header.clone();
         change(&mut h);
-        if !st.file_guid_done {
+        if !j.file_guid_done {
             h.file_write_guid = Uuid::new_v4();
         }
-        match write_header_pair(self.io.as_ref(), &mut h, st.current_slot) {
+        match write_header_pair(self.io.as_ref(), &mut h, j.current_slot) {
             Ok(slot) => {
-                st.current_slot = slot;
-                st.header = h;
-                st.file_guid_done = true;
+                j.current_slot = slot;
+                j.header = h;
+                j.file_guid_done = true;
                 Ok(())
             }
             Err(e) => {
-                st.poisoned = true;
+                self.poison();
                 Err(self.ioerr(e))
             }
         }
@@ -1191,8 +1227,8 @@ impl VhdxFile {
     // Metadata changes (used by merge and convert)
     // ------------------------------------------------------------------------------------
 
-    /// Rewrites the metadata region with `items` through the log.
-    fn commit_metadata(&self, st: &mut State, items: Vec<MetadataItem>) -> Result<()> {
+    /// Rewrites the metadata region with `items` through the log (one entry).
+    fn commit_metadata(&self, j: &mut Journal, items: Vec<MetadataItem>) -> Result<()> {
         let new = encode_metadata_region(&items, self.metadata_length as usize)
             .map_err(|c| self.corrupt(c))?;
         let mut old = vec![0u8; self.metadata_length as usize];
@@ -1212,45 +1248,53 @@ impl VhdxFile {
                 reason: "metadata change too large for one log entry".into(),
             });
         }
-        self.io.sync().map_err(|e| self.ioerr(e))?;
-        let result = self.commit(st, &sectors);
+        let result = self
+            .io
+            .len()
+            .and_then(|len| self.io.sync().map(|()| len))
+            .map_err(|e| self.ioerr(e))
+            .and_then(|len| self.commit(j, &sectors, len));
         if result.is_err() {
-            st.poisoned = true;
+            self.poison();
         }
         result?;
-        st.metadata = parse_metadata_region(&new).map_err(|c| self.corrupt(c))?;
+        self.lock().metadata = parse_metadata_region(&new).map_err(|c| self.corrupt(c))?;
         Ok(())
     }
 
     /// Replaces the parent locator (the file must be differencing). Atomic: one log entry.
     pub fn set_parent_locator(&self, locator: &ParentLocator) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.lock();
-        self.check_poisoned(&st)?;
-        if !st.params.has_parent {
-            return Err(Error::Unsupported {
-                path: self.path.clone(),
-                reason: "not a differencing file".into(),
-            });
-        }
-        let data = locator.encode();
-        let mut items = st.metadata.clone();
-        match items
-            .iter_mut()
-            .find(|m| m.id == PARENT_LOCATOR_GUID && !m.is_user())
-        {
-            Some(item) => item.data = data,
-            None => items.push(MetadataItem {
-                id: PARENT_LOCATOR_GUID,
-                flags: METADATA_FLAG_IS_REQUIRED,
-                offset: 0,
-                data,
-            }),
-        }
+        let mut j = self.lock_journal();
+        let items = {
+            let st = self.lock();
+            self.check_poisoned(&st)?;
+            if !st.params.has_parent {
+                return Err(Error::Unsupported {
+                    path: self.path.clone(),
+                    reason: "not a differencing file".into(),
+                });
+            }
+            let data = locator.encode();
+            let mut items = st.metadata.clone();
+            match items
+                .iter_mut()
+                .find(|m| m.id == PARENT_LOCATOR_GUID && !m.is_user())
+            {
+                Some(item) => item.data = data,
+                None => items.push(MetadataItem {
+                    id: PARENT_LOCATOR_GUID,
+                    flags: METADATA_FLAG_IS_REQUIRED,
+                    offset: 0,
+                    data,
+                }),
+            }
+            items
+        };
         // Pending BAT changes go first so that the locator never points past them.
-        self.flush_locked(&mut st)?;
-        self.commit_metadata(&mut st, items)?;
-        st.parent_locator = Some(locator.clone());
+        self.flush_with(&mut j)?;
+        self.commit_metadata(&mut j, items)?;
+        self.lock().parent_locator = Some(locator.clone());
         Ok(())
     }
 
@@ -1262,43 +1306,52 @@ impl VhdxFile {
     /// through it afterwards would use differencing states in a dynamic file.
     pub fn detach_from_parent(self) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.lock();
-        self.check_poisoned(&st)?;
+        let mut j = self.lock_journal();
         let g = self.geometry;
-        for block in 0..g.payload_blocks() {
-            let s = self.block_entry(block).state();
-            if s == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
-                return Err(Error::Unsupported {
-                    path: self.path.clone(),
-                    reason: format!("block {block} still reads from the parent"),
-                });
+        {
+            let mut st = self.lock();
+            self.check_poisoned(&st)?;
+            for block in 0..g.payload_blocks() {
+                if self.block_entry(block).state() == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
+                    return Err(Error::Unsupported {
+                        path: self.path.clone(),
+                        reason: format!("block {block} still reads from the parent"),
+                    });
+                }
+            }
+            for chunk in 0..g.sector_bitmap_blocks() {
+                let index = g.bitmap_index(chunk);
+                if index < self.bat_len() && self.entry(index).state() != SB_BLOCK_NOT_PRESENT {
+                    self.set_entry(&mut st, index, BatEntry(0));
+                }
             }
         }
-        for chunk in 0..g.sector_bitmap_blocks() {
-            let index = g.bitmap_index(chunk);
-            if index < self.bat_len() && self.entry(index).state() != SB_BLOCK_NOT_PRESENT {
-                self.set_entry(&mut st, index, BatEntry(0));
+        self.flush_with(&mut j)?;
+        let (params, items) = {
+            let st = self.lock();
+            let mut params = st.params;
+            params.has_parent = false;
+            params.leave_block_allocated = false;
+            let mut items: Vec<MetadataItem> = st
+                .metadata
+                .iter()
+                .filter(|m| m.id != PARENT_LOCATOR_GUID || m.is_user())
+                .cloned()
+                .collect();
+            for item in items.iter_mut() {
+                if item.id == FILE_PARAMETERS_GUID && !item.is_user() {
+                    item.data = params.encode();
+                }
             }
+            (params, items)
+        };
+        self.commit_metadata(&mut j, items)?;
+        {
+            let mut st = self.lock();
+            st.params = params;
+            st.parent_locator = None;
         }
-        self.flush_locked(&mut st)?;
-        let mut params = st.params;
-        params.has_parent = false;
-        params.leave_block_allocated = false;
-        let mut items: Vec<MetadataItem> = st
-            .metadata
-            .iter()
-            .filter(|m| m.id != PARENT_LOCATOR_GUID || m.is_user())
-            .cloned()
-            .collect();
-        for item in items.iter_mut() {
-            if item.id == FILE_PARAMETERS_GUID && !item.is_user() {
-                item.data = params.encode();
-            }
-        }
-        self.commit_metadata(&mut st, items)?;
-        st.params = params;
-        st.parent_locator = None;
-        drop(st);
+        drop(j);
         self.close()
     }
 
@@ -1345,6 +1398,7 @@ impl VhdxFile {
     /// in this session). Returns bytes removed.
     pub fn trim_unused_tail(&self) -> Result<u64> {
         self.check_writable()?;
+        let _journal = self.lock_journal();
         let mut st = self.lock();
         self.check_poisoned(&st)?;
         let end = self
@@ -1367,17 +1421,17 @@ impl VhdxFile {
     /// Writes both header copies again (after one was found damaged).
     pub fn rewrite_headers(&self) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.lock();
-        self.check_poisoned(&st)?;
-        self.update_header(&mut st, |_| {})
+        let mut j = self.lock_journal();
+        self.check_poisoned(&self.lock())?;
+        self.update_header(&mut j, |_| {})
     }
 
     /// Rewrites both region table copies from `table`, through the log.
     pub fn rewrite_region_tables(&self, table: &RegionTable) -> Result<()> {
         self.check_writable()?;
         let bytes = table.encode();
-        let mut st = self.lock();
-        self.check_poisoned(&st)?;
+        let mut j = self.lock_journal();
+        self.check_poisoned(&self.lock())?;
         let sectors: Vec<(u64, Vec<u8>)> = REGION_TABLE_OFFSETS
             .iter()
             .flat_map(|&o| {
@@ -1389,11 +1443,12 @@ impl VhdxFile {
             .collect();
         let result = self
             .io
-            .sync()
+            .len()
+            .and_then(|len| self.io.sync().map(|()| len))
             .map_err(|e| self.ioerr(e))
-            .and_then(|()| self.commit(&mut st, &sectors));
+            .and_then(|len| self.commit(&mut j, &sectors, len));
         if result.is_err() {
-            st.poisoned = true;
+            self.poison();
         }
         result
     }
@@ -1404,25 +1459,28 @@ impl VhdxFile {
     }
 
     fn close_inner(&self) -> Result<()> {
-        let mut st = self.lock();
-        if st.closed || !self.writable {
-            st.closed = true;
-            return Ok(());
+        let mut j = self.lock_journal();
+        {
+            let mut st = self.lock();
+            if st.closed || !self.writable {
+                st.closed = true;
+                return Ok(());
+            }
+            if st.poisoned {
+                st.closed = true;
+                return Err(Error::Poisoned {
+                    path: self.path.clone(),
+                });
+            }
         }
-        if st.poisoned {
-            st.closed = true;
-            return Err(Error::Poisoned {
-                path: self.path.clone(),
-            });
-        }
-        let result = self.flush_locked(&mut st).and_then(|()| {
-            if st.log_active {
-                self.update_header(&mut st, |h| h.log_guid = Uuid::nil())?;
-                st.log_active = false;
+        let result = self.flush_with(&mut j).and_then(|()| {
+            if j.log_active {
+                self.update_header(&mut j, |h| h.log_guid = Uuid::nil())?;
+                j.log_active = false;
             }
             Ok(())
         });
-        st.closed = true;
+        self.lock().closed = true;
         result
     }
 }
