@@ -75,7 +75,8 @@ const COPY_CHUNK: u64 = 4 << 20;
 const COPY_THREADS: usize = 2;
 /// The destination is flushed after this many bytes, so that write-back overlaps copying
 /// instead of piling up at the end, and a rerun after a crash finds more already durable.
-const FLUSH_EVERY: u64 = 128 << 20;
+/// A flush does not stall the copy threads; 32 MiB measured best against 64 and 128 MiB.
+const FLUSH_EVERY: u64 = 32 << 20;
 
 /// One piece of data movement: `len` bytes to `dest_offset` (virtual) from `source`
 /// (a virtual or file offset, as the reader understands it).

@@ -10,9 +10,11 @@
 //! * Simulated power loss at any point, including in the middle of a commit, leaves a file
 //!   that opens and holds every flushed write.
 
+mod common;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use vhdx::format::{BatEntry, checksum_with_zeroed_field};
 use vhdx::io::{CrashIo, Fault, FaultyIo, MemFile};
@@ -761,31 +763,10 @@ fn mutate_and_exercise(
     );
 }
 
-fn samples_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/vhdx-samples");
-    assert!(
-        dir.join("README.md").exists(),
-        "the VHDX sample images are missing: expected {} (shared/reference/vhdx-samples beside \
-         the clone; CI always provides it)",
-        dir.display()
-    );
-    dir
-}
-
-fn sample(name: &str) -> Vec<u8> {
-    let src = samples_dir().join(format!("{name}.bz2"));
-    let out = std::process::Command::new("bzcat")
-        .arg(&src)
-        .output()
-        .expect("bzcat is installed");
-    assert!(out.status.success(), "bzcat {}", src.display());
-    out.stdout
-}
-
 /// The unmutated sample goes all the way through, then `count` mutations of it (the large
 /// samples cost a copy per run, hence the small counts).
 fn mutate_sample(name: &str, count: usize, seed: u64) {
-    let bytes = sample(name);
+    let bytes = common::sample(name);
     fuzz_body::open_and_exercise(&bytes).unwrap_or_else(|e| panic!("{name}: {e:?}"));
     mutate_and_exercise(name, bytes, count, &mut StdRng::seed_from_u64(seed), None);
 }

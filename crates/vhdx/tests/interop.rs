@@ -4,6 +4,8 @@
 //! built from the same writes, and the sample images in `shared/reference/vhdx-samples`
 //! must read as their README says.
 
+mod common;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -116,22 +118,8 @@ fn assert_same(what: &str, base: u64, ours: &[u8], expected: &[u8]) {
     }
 }
 
-fn samples_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/vhdx-samples");
-    assert!(
-        dir.join("README.md").exists(),
-        "the VHDX sample images are missing: expected {} (shared/reference/vhdx-samples beside \
-         the clone; CI always provides it)",
-        dir.display()
-    );
-    dir
-}
-
 fn bunzip_sample(name: &str, to: &Path) {
-    let src = samples_dir().join(format!("{name}.bz2"));
-    let out = run("bzcat", &[s(&src)]);
-    assert!(out.status.success(), "bzcat {}", src.display());
-    std::fs::write(to, out.stdout).unwrap();
+    std::fs::write(to, common::sample(name)).unwrap();
 }
 
 fn rw() -> OpenOptions {
