@@ -139,6 +139,10 @@ fn info_json_has_the_contract_fields() {
     );
     assert_eq!(fixed["type"], "fixed");
     assert_eq!(fixed["allocated_bytes"], 16u64 << 20);
+    // A fixed disk owns its space on the file system (not a sparse file).
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(d.join("fixed.vhdx")).unwrap();
+    assert!(meta.blocks() * 512 >= 16 << 20, "fixed disk is sparse");
 }
 
 #[test]
@@ -302,6 +306,29 @@ fn bad_input_gives_one_clear_line_and_changes_nothing() {
     assert!(e.contains("not a differencing file"), "{e}");
     let e = fails(&["disk", "create", "z.vhdx", "--size", "65T"], d);
     assert!(e.contains("invalid"), "{e}");
+    // A fixed disk larger than the free space fails at creation and leaves nothing.
+    let e = fails(
+        &[
+            "disk",
+            "create",
+            "huge.vhdx",
+            "--size",
+            "60T",
+            "--type",
+            "fixed",
+        ],
+        d,
+    );
+    assert!(
+        e.contains("No space left") || e.contains("too large"),
+        "{e}"
+    );
+    assert!(!d.join("huge.vhdx").exists());
+    assert_eq!(
+        std::fs::read_dir(d).unwrap().count(),
+        1,
+        "a temporary file was left behind"
+    );
     // A damaged file: check says so with exit code 2 and names the structure.
     let mut bad = before.clone();
     bad[0] = b'X';

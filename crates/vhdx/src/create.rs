@@ -322,6 +322,7 @@ fn write_new_file(path: &Path, g: &Geometry, items: Vec<MetadataItem>, fixed: bo
         f.write_all_at(&meta[..used], METADATA_OFFSET)?;
         if fixed {
             write_fixed_bat(&f, g, data_start)?;
+            preallocate(&f, data_start, file_len - data_start)?;
         }
         f.set_len(file_len)?;
         f.sync_all()?;
@@ -336,6 +337,20 @@ fn write_new_file(path: &Path, g: &Geometry, items: Vec<MetadataItem>, fixed: bo
         Error::io(path, e)
     })?;
     sync_parent_dir(path).map_err(|e| Error::io(path, e))
+}
+
+/// Reserves the payload of a fixed disk on the file system, so that a full disk is found
+/// now rather than by the guest, and the file is not sparse (Windows refuses sparse VHDX
+/// files). Where the file system cannot preallocate, the file stays sparse.
+fn preallocate(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::empty(), offset, len) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+            tracing::warn!("the file system cannot preallocate; the fixed disk is sparse");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn write_fixed_bat(f: &File, g: &Geometry, data_start: u64) -> std::io::Result<()> {
