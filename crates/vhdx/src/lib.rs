@@ -29,7 +29,12 @@
 //!   writable, and in memory when opened read-only (the file is then not written).
 //! * **Positional, concurrent I/O.** All methods take `&self`; there is no seek cursor.
 //!   Writes into allocated blocks go straight to the file without a lock; allocation and
-//!   bitmap changes take a short lock.
+//!   bitmap changes take a short lock (`state`). Commits take a second lock (`journal`,
+//!   always before `state`) that serialises the log and the header; a flush copies the
+//!   dirty sectors under `state`, then syncs and commits holding only `journal`, so
+//!   writers never wait for the disk because someone flushed.
+//! * **Fixed disks own their space.** Their payload is preallocated on the file system at
+//!   creation (not a sparse file), so a full disk is reported then, not to the guest.
 //! * **Parents are read-only.** A chain opens every parent read-only (with a shared lock);
 //!   only a merge opens a parent for writing. A writable file holds an exclusive lock.
 //! * **Identity.** The DataWriteGuid changes once per session, before the first
@@ -47,10 +52,15 @@
 //! * Payload data is written in place or into space appended at the end of the file;
 //!   allocations only extend the file, so new space reads as zeros and never overlaps
 //!   anything a committed BAT entry points at.
-//! * A flush syncs the data, then commits the changed BAT and sector-bitmap sectors
-//!   through the log: entry written and synced, header names the log (first entry only),
-//!   sectors written to their places and synced. Replaying an applied entry again is
-//!   harmless; a torn entry is ignored and the previous complete one stays the head.
+//! * A flush copies the changed BAT and sector-bitmap sectors, syncs the data (every block
+//!   in the copies had its data written before the copy), then commits the copies through
+//!   the log: entry written and synced, header names the log (first entry only), sectors
+//!   written to their places and synced. Replaying an applied entry again is harmless; a
+//!   torn entry is ignored and the previous complete one stays the head.
+//! * A flush too large for one log entry (over ~126 sectors with the 1 MiB log) spans
+//!   several, each applied before the next. Sectors are ordered so that every prefix is a
+//!   valid file: bitmap sectors first, then BAT sectors from the highest down (a chunk's
+//!   sector-bitmap entry has the highest index of its chunk).
 //! * Metadata-region changes (parent locator, detaching a child from its parent) go
 //!   through the log the same way, one entry per change, so they are atomic.
 //! * Space left by a crash between allocation and commit, or by zeroed blocks, is a leak:
