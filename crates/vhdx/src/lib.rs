@@ -10,7 +10,7 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`format`] | every on-disk structure, parsed and encoded with explicit little-endian code |
+//! | [`format`](mod@format) | every on-disk structure, parsed and encoded with explicit little-endian code |
 //! | [`io`] | [`FileIo`]: positional reads and writes; memory, fault-injecting and crash-simulating files |
 //! | [`log`] | the metadata log: active-sequence search, replay in place or in memory, entry building |
 //! | [`file`] | [`VhdxFile`]: one file: validation at open, read resolution, write paths, commits |
