@@ -12,12 +12,12 @@
 //! |---|---|
 //! | [`format`](mod@format) | every on-disk structure, parsed and encoded with explicit little-endian code |
 //! | [`io`] | [`FileIo`]: positional reads and writes; memory, fault-injecting and crash-simulating files |
-//! | [`log`] | the metadata log: active-sequence search, replay in place or in memory, entry building |
+//! | [`log`](mod@log) | the metadata log: active-sequence search, replay in place or in memory, entry building |
 //! | [`file`](mod@file) | [`VhdxFile`]: one file: validation at open, read resolution, write paths, commits |
 //! | [`chain`] | [`Chain`]: a file and its parents read as one disk, with an O(1) block-to-layer map |
-//! | [`create`] | new fixed, dynamic and differencing files |
-//! | [`merge`] | child into parent, parent into child, restartable |
-//! | [`check`] | structure report and repair |
+//! | [`create`](mod@create) | new fixed, dynamic and differencing files |
+//! | [`merge`](mod@merge) | child into parent, parent into child, restartable |
+//! | [`check`](mod@check) | structure report and repair |
 //!
 //! ## Guarantees and invariants
 //!
