@@ -8,7 +8,7 @@
 //! positional I/O. Write semantics are those of a disk with a volatile write cache: a write
 //! is durable once a later [`Disk::flush`] returns.
 //!
-//! [`convert`] copies any disk into a new raw or VHDX file, skipping ranges that read as
+//! [`convert()`] copies any disk into a new raw or VHDX file, skipping ranges that read as
 //! zeros so they stay unallocated in the destination.
 
 #![forbid(unsafe_code)]
