@@ -844,6 +844,11 @@ impl VhdxFile {
                         .map_err(|e| self.ioerr(e))?;
                     let mut st = self.lock();
                     self.check_poisoned(&st)?;
+                    // A whole-block discard may have remapped the block meanwhile: then
+                    // write again against the current mapping.
+                    if self.entry(index) != e {
+                        continue;
+                    }
                     self.set_bits(&mut st, block, in_block, data.len() as u64);
                     return Ok(());
                 }
@@ -1398,8 +1403,8 @@ impl VhdxFile {
     /// in this session). Returns bytes removed.
     pub fn trim_unused_tail(&self) -> Result<u64> {
         self.check_writable()?;
-        let _journal = self.lock_journal();
-        let mut st = self.lock();
+        let mut journal = self.lock_journal();
+        let st = self.lock();
         self.check_poisoned(&st)?;
         let end = self
             .used_spans()
@@ -1412,6 +1417,15 @@ impl VhdxFile {
         if len <= end {
             return Ok(0);
         }
+        // Log entries record the durable length; truncating below it while the header
+        // still names the log would make the file unopenable after a crash.
+        drop(st);
+        self.flush_with(&mut journal)?;
+        if journal.log_active {
+            self.update_header(&mut journal, |h| h.log_guid = Uuid::nil())?;
+            journal.log_active = false;
+        }
+        let mut st = self.lock();
         self.io.set_len(end).map_err(|e| self.ioerr(e))?;
         self.io.sync().map_err(|e| self.ioerr(e))?;
         st.file_end = end;
