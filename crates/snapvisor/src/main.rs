@@ -1,11 +1,14 @@
 //! `snapvisor`: the command line.
 //!
-//! Every command runs in-process for now (disks); later subcommands talk to VM workers.
+//! Every command runs in-process for now (disks, VMs, checkpoints of stopped VMs); later
+//! subcommands talk to VM workers.
 //! Errors print as one line on stderr (`snapvisor: <what failed>: <why>`) and exit 1.
 
+mod checkpoint_cmd;
 mod demo;
 mod disk_cmd;
 mod units;
+mod vm_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -17,6 +20,8 @@ struct Cli {
     /// Log more (repeat for debug and trace); also honours RUST_LOG.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    #[command(flatten)]
+    store: vm_cmd::StoreArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +31,12 @@ enum Command {
     /// Work with virtual disk files (VHDX and raw).
     #[command(subcommand)]
     Disk(disk_cmd::DiskCommand),
+    /// Create, list, change, export and import VMs in the store.
+    #[command(subcommand)]
+    Vm(vm_cmd::VmCommand),
+    /// Take, list, apply, delete, rename and export checkpoints.
+    #[command(subcommand)]
+    Checkpoint(checkpoint_cmd::CheckpointCommand),
     /// Show the disk engine at work on embedded defaults: base disk, writes, differencing
     /// child, more writes, the chain, a merge, verification.
     Demo(demo::DemoArgs),
@@ -36,6 +47,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Disk(cmd) => disk_cmd::run(cmd),
+        Command::Vm(cmd) => vm_cmd::run(cmd, &cli.store),
+        Command::Checkpoint(cmd) => checkpoint_cmd::run(cmd, &cli.store),
         Command::Demo(args) => demo::run(args),
     };
     match result {

@@ -1,0 +1,523 @@
+//! `snapvisor vm ...`: VMs in the store.
+
+use crate::disk_cmd::print_json;
+use crate::units::{human, parse_size, progress_bar};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use vm::{CheckpointType, DirectBoot, NewVm, Settings, Store, VmState};
+
+/// Where the store is and how long to wait for a busy VM (global options).
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// The store folder [default: ~/.local/share/snapvisor].
+    #[arg(long, global = true, env = "SNAPVISOR_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Wait up to this many seconds for a VM another command is changing (default: refuse
+    /// at once, naming the command that holds it).
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 0.0)]
+    pub wait: f64,
+}
+
+impl StoreArgs {
+    pub fn open(&self) -> Result<Store> {
+        let root = self.store.clone().unwrap_or_else(Store::default_root);
+        if !(0.0..=86_400.0).contains(&self.wait) {
+            bail!("--wait takes 0 to 86400 seconds");
+        }
+        Store::open(&root, std::time::Duration::from_secs_f64(self.wait))
+            .with_context(|| format!("cannot open the store {}", root.display()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum CheckpointTypeArg {
+    Production,
+    ProductionOnly,
+    Standard,
+    Disabled,
+}
+
+impl From<CheckpointTypeArg> for CheckpointType {
+    fn from(t: CheckpointTypeArg) -> CheckpointType {
+        match t {
+            CheckpointTypeArg::Production => CheckpointType::Production,
+            CheckpointTypeArg::ProductionOnly => CheckpointType::ProductionOnly,
+            CheckpointTypeArg::Standard => CheckpointType::Standard,
+            CheckpointTypeArg::Disabled => CheckpointType::Disabled,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Create a VM with new or imported disks.
+    Create(CreateArgs),
+    /// List the VMs of the store.
+    List(JsonArg),
+    /// Show a VM's configuration, disks and checkpoint summary.
+    Show(NameJson),
+    /// Change a VM's settings or hardware.
+    Set(SetArgs),
+    /// Delete a VM with all its files and checkpoints.
+    Delete(NameJson),
+    /// Copy a whole VM (config, disks, checkpoint tree) into a new folder.
+    Export(ExportArgs),
+    /// Register a VM folder: in place, or with --copy as a new VM.
+    Import(ImportArgs),
+    /// Merge every layer that can be merged; report files nothing refers to.
+    Consolidate(NameJson),
+}
+
+#[derive(Args, Debug)]
+pub struct JsonArg {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct NameJson {
+    /// The VM.
+    name: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// The VM's name (also its folder's name).
+    name: String,
+    /// Memory (K, M, G are binary units).
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    memory: u64,
+    /// Virtual processors.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// A new empty dynamic disk of this size (repeat for more disks).
+    #[arg(long = "disk", value_parser = parse_size, value_name = "SIZE")]
+    disks: Vec<u64>,
+    /// Copy this disk (VHDX chain or raw image) into the VM (repeat for more); these come
+    /// after the --disk disks.
+    #[arg(long = "import-disk", value_name = "PATH")]
+    import_disks: Vec<PathBuf>,
+    /// Boot this kernel directly.
+    #[arg(long, requires = "append")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel")]
+    append: Option<String>,
+    /// Checkpoint type.
+    #[arg(long, value_enum, default_value_t = CheckpointTypeArg::Production)]
+    checkpoint_type: CheckpointTypeArg,
+    /// Most checkpoints the VM may have.
+    #[arg(long, default_value_t = vm::config::DEFAULT_MAX_CHECKPOINTS)]
+    max_checkpoints: u32,
+    /// Take a checkpoint at start and delete it after a clean shutdown.
+    #[arg(long)]
+    automatic_checkpoints: bool,
+    /// Print the new VM as `vm show --json` does.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    /// The VM.
+    name: String,
+    /// Rename the VM (and its folder).
+    #[arg(long = "name", value_name = "NEW")]
+    new_name: Option<String>,
+    /// Memory.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Virtual processors.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Boot this kernel directly (with --append, and --initrd if it needs one).
+    #[arg(long, requires = "append")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel")]
+    append: Option<String>,
+    /// Stop booting a kernel directly.
+    #[arg(long, conflicts_with = "kernel")]
+    no_kernel: bool,
+    /// Checkpoint type.
+    #[arg(long, value_enum)]
+    checkpoint_type: Option<CheckpointTypeArg>,
+    /// Most checkpoints the VM may have.
+    #[arg(long)]
+    max_checkpoints: Option<u32>,
+    /// Automatic checkpoints.
+    #[arg(long, value_enum)]
+    automatic_checkpoints: Option<OnOff>,
+    /// Print the VM as `vm show --json` does.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The VM.
+    name: String,
+    /// The new folder (must not exist, or be empty).
+    dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// A VM folder (made by `vm export` or `checkpoint export`).
+    dir: PathBuf,
+    /// Copy it into the store as a new VM with a new UUID and generation ID.
+    #[arg(long)]
+    copy: bool,
+    /// Register it under this name.
+    #[arg(long = "name", value_name = "NEW")]
+    new_name: Option<String>,
+    /// Print the VM as `vm show --json` does.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
+    let store = store.open()?;
+    match cmd {
+        VmCommand::Create(a) => create(&store, a),
+        VmCommand::List(a) => list(&store, a.json),
+        VmCommand::Show(a) => show(&store, &a.name, a.json),
+        VmCommand::Set(a) => set(&store, a),
+        VmCommand::Delete(a) => {
+            store
+                .delete(&a.name)
+                .with_context(|| format!("cannot delete VM {:?}", a.name))?;
+            if a.json {
+                print_json(&json!({"deleted": a.name}))?;
+            } else {
+                println!("deleted VM {:?}", a.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Export(a) => {
+            store
+                .export(&a.name, &a.dir)
+                .with_context(|| format!("cannot export VM {:?}", a.name))?;
+            println!("exported VM {:?} to {}", a.name, a.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Import(a) => {
+            let name = store
+                .import(&a.dir, a.copy, a.new_name.as_deref())
+                .with_context(|| format!("cannot import {}", a.dir.display()))?;
+            if a.json {
+                show(&store, &name, true)
+            } else {
+                let how = if a.copy {
+                    "copied into the store with a new UUID and generation ID"
+                } else {
+                    "registered in place"
+                };
+                println!("imported VM {name:?} ({how})");
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+        VmCommand::Consolidate(a) => consolidate(&store, &a.name, a.json),
+    }
+}
+
+fn create(store: &Store, a: CreateArgs) -> Result<ExitCode> {
+    let boot = match a.kernel {
+        Some(k) => Some(DirectBoot {
+            kernel: absolute(&k)?,
+            initrd: a.initrd.as_deref().map(absolute).transpose()?,
+            append: a.append.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let spec = NewVm {
+        name: a.name.clone(),
+        memory: a.memory,
+        cpus: a.cpus,
+        new_disks: a.disks,
+        import_disks: a.import_disks,
+        boot,
+        checkpoint_type: a.checkpoint_type.into(),
+        max_checkpoints: a.max_checkpoints,
+        automatic_checkpoints: a.automatic_checkpoints,
+    };
+    store
+        .create(&spec)
+        .with_context(|| format!("cannot create VM {:?}", a.name))?;
+    if a.json {
+        show(store, &a.name, true)
+    } else {
+        println!(
+            "created VM {:?} in {}",
+            a.name,
+            store.vm_path(&a.name).display()
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn set(store: &Store, a: SetArgs) -> Result<ExitCode> {
+    let mut name = a.name.clone();
+    if let Some(new) = &a.new_name {
+        store
+            .rename(&name, new)
+            .with_context(|| format!("cannot rename VM {name:?}"))?;
+        name = new.clone();
+    }
+    let boot = if a.no_kernel {
+        Some(None)
+    } else if let Some(k) = &a.kernel {
+        Some(Some(DirectBoot {
+            kernel: absolute(k)?,
+            initrd: a.initrd.as_deref().map(absolute).transpose()?,
+            append: a.append.clone().unwrap_or_default(),
+        }))
+    } else {
+        None
+    };
+    let settings = Settings {
+        memory: a.memory,
+        cpus: a.cpus,
+        boot,
+        checkpoint_type: a.checkpoint_type.map(Into::into),
+        max_checkpoints: a.max_checkpoints,
+        automatic_checkpoints: a.automatic_checkpoints.map(|o| o == OnOff::On),
+    };
+    let mut vm = store
+        .open_vm(&name, "vm set")
+        .with_context(|| format!("cannot change VM {name:?}"))?;
+    vm.set(&settings)
+        .with_context(|| format!("cannot change VM {name:?}"))?;
+    drop(vm);
+    if a.json {
+        show(store, &name, true)
+    } else {
+        println!("changed VM {name:?}");
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
+    let entries = store.list()?;
+    if as_json {
+        let vms: Vec<Value> = entries
+            .iter()
+            .map(|e| match &e.state {
+                Ok(s) => json!({
+                    "name": e.name,
+                    "uuid": s.config.uuid,
+                    "state": "off",
+                    "memory": s.config.hardware.memory,
+                    "cpus": s.config.hardware.cpus,
+                    "disks": s.config.hardware.disks.len(),
+                    "checkpoint_count": s.checkpoints.len(),
+                    "folder": e.dir,
+                    "unfinished_operation": e.unfinished,
+                    "error": null,
+                }),
+                Err(err) => json!({
+                    "name": e.name, "folder": e.dir, "state": "broken",
+                    "error": vhdx::error_chain(err),
+                }),
+            })
+            .collect();
+        print_json(&json!({ "store": store.root(), "vms": vms }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if entries.is_empty() {
+        println!("no VMs in {}", store.root().display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<8} {:>9} {:>5} {:>6} {:>12}",
+        "NAME", "STATE", "MEMORY", "CPUS", "DISKS", "CHECKPOINTS"
+    );
+    for e in &entries {
+        match &e.state {
+            Ok(s) => println!(
+                "{:<24} {:<8} {:>9} {:>5} {:>6} {:>12}{}",
+                e.name,
+                "off",
+                human(s.config.hardware.memory),
+                s.config.hardware.cpus,
+                s.config.hardware.disks.len(),
+                s.checkpoints.len(),
+                e.unfinished
+                    .as_ref()
+                    .map(|op| format!("  (unfinished: {op})"))
+                    .unwrap_or_default()
+            ),
+            Err(err) => println!("{:<24} broken: {}", e.name, vhdx::error_chain(err)),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vm show --json`'s document.
+pub fn show_json(dir: &Path, s: &VmState, unfinished: Option<&str>) -> Value {
+    let c = &s.config;
+    let disks: Vec<Value> = c
+        .hardware
+        .disks
+        .iter()
+        .zip(&s.now.disks)
+        .map(|(d, file)| {
+            let path = dir.join("disks").join(file);
+            let (virtual_size, depth) = match vhdx::Chain::open(&path, false) {
+                Ok(ch) => (json!(ch.virtual_size()), json!(ch.layers().len())),
+                Err(_) => (Value::Null, Value::Null),
+            };
+            json!({
+                "name": d.name, "disk_id": d.disk_id, "file": path,
+                "virtual_size": virtual_size, "chain_depth": depth,
+            })
+        })
+        .collect();
+    let hidden: Vec<Value> = s
+        .hidden_layers()
+        .into_iter()
+        .map(|(f, n)| json!({"file": dir.join("disks").join(&f), "dependants": n}))
+        .collect();
+    json!({
+        "name": c.name,
+        "uuid": c.uuid,
+        "generation_id": c.generation_id,
+        "folder": dir,
+        "state": "off",
+        "memory": c.hardware.memory,
+        "cpus": c.hardware.cpus,
+        "disks": disks,
+        "boot": c.hardware.boot,
+        "checkpoint_type": c.checkpoint_type.as_str(),
+        "max_checkpoints": c.max_checkpoints,
+        "automatic_checkpoints": c.automatic_checkpoints,
+        "checkpoint_count": s.checkpoints.len(),
+        "now_parent": s.now.parent.and_then(|p| s.checkpoint(p)).map(|p| json!({"id": p.id, "name": p.name})),
+        "hidden_layers": hidden,
+        "unfinished_operation": unfinished,
+    })
+}
+
+pub fn show(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
+    let (dir, s, unfinished) = store
+        .read_vm(name)
+        .with_context(|| format!("cannot read VM {name:?}"))?;
+    let doc = show_json(&dir, &s, unfinished.as_deref());
+    if as_json {
+        print_json(&doc)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = &s.config;
+    println!("{}", c.name);
+    println!("  folder         {}", dir.display());
+    println!("  uuid           {}", c.uuid);
+    println!("  generation id  {}", c.generation_id);
+    println!("  state          off");
+    println!("  memory         {}", human(c.hardware.memory));
+    println!("  cpus           {}", c.hardware.cpus);
+    if let Some(b) = &c.hardware.boot {
+        println!("  kernel         {}", b.kernel.display());
+        if let Some(i) = &b.initrd {
+            println!("  initrd         {}", i.display());
+        }
+        println!("  append         {}", b.append);
+    }
+    println!(
+        "  checkpoints    {} of at most {} ({}{})",
+        s.checkpoints.len(),
+        c.max_checkpoints,
+        c.checkpoint_type.as_str(),
+        if c.automatic_checkpoints {
+            ", automatic"
+        } else {
+            ""
+        }
+    );
+    for d in doc["disks"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<14} {} ({}, chain depth {})",
+            d["name"].as_str().unwrap_or_default(),
+            d["file"].as_str().unwrap_or_default(),
+            d["virtual_size"]
+                .as_u64()
+                .map(human)
+                .unwrap_or_else(|| "unreadable".into()),
+            d["chain_depth"]
+        );
+    }
+    for h in s.hidden_layers() {
+        println!("  hidden layer   {} ({} layers depend on it)", h.0, h.1);
+    }
+    if let Some(op) = unfinished {
+        println!("  unfinished     {op}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn consolidate(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
+    let mut vm = store
+        .open_vm(name, "vm consolidate")
+        .with_context(|| format!("cannot consolidate VM {name:?}"))?;
+    let bar = progress_bar("merging");
+    let b = bar.clone();
+    vm.set_progress(Box::new(move |_, done, total| {
+        b.set_length(total);
+        b.set_position(done);
+    }));
+    let report = vm
+        .consolidate()
+        .with_context(|| format!("cannot consolidate VM {name:?}"))?;
+    bar.finish_and_clear();
+    if as_json {
+        print_json(&json!({
+            "merged": report.reconciled.merged.iter().map(|m| json!({"removed": m.removed, "into": m.into})).collect::<Vec<_>>(),
+            "removed": report.reconciled.removed,
+            "hidden_layers": report.hidden.iter().map(|(f, n)| json!({"file": f, "dependants": n})).collect::<Vec<_>>(),
+            "unreferenced_files": report.unreferenced,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for m in &report.reconciled.merged {
+        println!("merged {} into {}", m.removed, m.into);
+    }
+    for r in &report.reconciled.removed {
+        println!("removed unused layer {r}");
+    }
+    for (f, n) in &report.hidden {
+        println!("hidden layer {f} stays: {n} layers depend on it");
+    }
+    if report.unreferenced.is_empty() {
+        println!("no files outside the VM's tree");
+    } else {
+        println!(
+            "files nothing in the VM refers to (left in place; remove them yourself if unneeded):"
+        );
+        for f in &report.unreferenced {
+            println!("  {}", f.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
+}

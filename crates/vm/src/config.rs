@@ -1,0 +1,194 @@
+//! A VM's definition: identity, management settings, and the virtual hardware a
+//! checkpoint captures.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use uuid::Uuid;
+
+/// Default checkpoint limit (Hyper-V's).
+pub const DEFAULT_MAX_CHECKPOINTS: u32 = 50;
+/// Longest VM or checkpoint name, in characters.
+pub const MAX_NAME_CHARS: usize = 100;
+
+/// What kind of checkpoint `checkpoint create` takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointType {
+    /// Quiesce the guest through its agent; fall back to standard when it does not answer.
+    #[default]
+    Production,
+    /// Quiesce the guest or fail.
+    ProductionOnly,
+    /// Keep memory and device state with the checkpoint.
+    Standard,
+    /// Refuse checkpoints.
+    Disabled,
+}
+
+impl CheckpointType {
+    /// The name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointType::Production => "production",
+            CheckpointType::ProductionOnly => "production-only",
+            CheckpointType::Standard => "standard",
+            CheckpointType::Disabled => "disabled",
+        }
+    }
+}
+
+/// One virtual disk of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Stable name (`disk0`, `disk1`, ...), the stem of every layer file of this disk.
+    pub name: String,
+    /// The VHDX virtual disk id (page 83 data) that every layer of this disk carries; a file
+    /// with another id is not this disk.
+    pub disk_id: Uuid,
+}
+
+/// Direct kernel boot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectBoot {
+    /// Kernel image (absolute path).
+    pub kernel: PathBuf,
+    /// Initial ramdisk (absolute path).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub append: String,
+}
+
+/// The virtual hardware: what a checkpoint captures and applying it brings back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardware {
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Virtual processors.
+    pub cpus: u32,
+    /// Disks, in the order the guest sees them.
+    pub disks: Vec<DiskConfig>,
+    /// Direct kernel boot, if any.
+    pub boot: Option<DirectBoot>,
+}
+
+/// A VM's whole definition.
+///
+/// Identity (`name`, `uuid`) and the management settings (checkpoint type, limit,
+/// automatic checkpoints) belong to the VM and survive an apply; `hardware` belongs to each
+/// checkpoint and comes back with it; `generation_id` changes whenever the guest's view of
+/// time could go backwards (apply, import as a copy).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// The VM's name, also the name of its folder in the store.
+    pub name: String,
+    /// Stable identity.
+    pub uuid: Uuid,
+    /// The 128-bit VM generation ID given to the guest.
+    pub generation_id: Uuid,
+    /// The virtual hardware.
+    pub hardware: Hardware,
+    /// What `checkpoint create` takes.
+    pub checkpoint_type: CheckpointType,
+    /// Most checkpoints the VM may have.
+    pub max_checkpoints: u32,
+    /// Take a checkpoint at start when there is none, delete it after a clean shutdown.
+    pub automatic_checkpoints: bool,
+}
+
+/// Checks a VM name: it names the VM's folder, so it must be a plain file name.
+pub fn validate_vm_name(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return bad("a VM name has 1 to 100 characters");
+    }
+    if name.starts_with('.') {
+        return bad("a VM name cannot start with '.'");
+    }
+    if name.contains('/') || name.chars().any(char::is_control) {
+        return bad("a VM name cannot contain '/' or control characters");
+    }
+    if name.trim() != name {
+        return bad("a VM name cannot start or end with spaces");
+    }
+    Ok(())
+}
+
+/// Checks a checkpoint name: 1 to 100 characters, no control characters.
+pub fn validate_checkpoint_name(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.trim().is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return bad("a checkpoint name has 1 to 100 characters, not all spaces");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("a checkpoint name cannot contain control characters");
+    }
+    Ok(())
+}
+
+/// Checks the values a user can set.
+pub fn validate_settings(config: &VmConfig) -> Result<()> {
+    let hw = &config.hardware;
+    if hw.memory < (16 << 20) || !hw.memory.is_multiple_of(1 << 20) {
+        return Err(Error::InvalidArgument(format!(
+            "memory must be a whole number of MiB, at least 16 MiB (got {} bytes)",
+            hw.memory
+        )));
+    }
+    if hw.cpus == 0 || hw.cpus > 255 {
+        return Err(Error::InvalidArgument(format!(
+            "cpus must be 1 to 255 (got {})",
+            hw.cpus
+        )));
+    }
+    if config.max_checkpoints == 0 || config.max_checkpoints > 1000 {
+        return Err(Error::InvalidArgument(format!(
+            "the checkpoint limit must be 1 to 1000 (got {})",
+            config.max_checkpoints
+        )));
+    }
+    if let Some(boot) = &hw.boot {
+        for (what, p) in [
+            ("kernel", Some(&boot.kernel)),
+            ("initrd", boot.initrd.as_ref()),
+        ] {
+            let Some(p) = p else { continue };
+            if !p.is_file() {
+                return Err(Error::InvalidArgument(format!(
+                    "the {what} {} does not exist or is not a file",
+                    p.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_vm_name("web-1 (test)").is_ok());
+        assert!(validate_vm_name("").is_err());
+        assert!(validate_vm_name(".hidden").is_err());
+        assert!(validate_vm_name("a/b").is_err());
+        assert!(validate_vm_name(&"x".repeat(101)).is_err());
+        assert!(validate_vm_name(&"é".repeat(100)).is_ok());
+        assert!(validate_checkpoint_name(&"x".repeat(100)).is_ok());
+        assert!(validate_checkpoint_name(&"x".repeat(101)).is_err());
+        assert!(validate_checkpoint_name("  ").is_err());
+        assert!(validate_checkpoint_name("a\nb").is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! The operation journal: `journal.json` in a VM folder, present only while a multi-step
+//! operation is unfinished.
+//!
+//! An operation is planned in full before anything is touched: the steps it will take and
+//! every state it will commit. The plan is written atomically as the journal, then the
+//! steps run in order, then the journal is removed. Every step is idempotent and can
+//! tell when it has already happened, so recovery after a crash is simply running the
+//! whole journal again: the operation always rolls forward to its planned end.
+//!
+//! The order inside each plan is what keeps data safe: new files are created before a
+//! commit refers to them, and files are removed only after a commit stopped referring to
+//! them. Until its commit, an operation has changed nothing anyone can see; after it, the
+//! remaining steps only clean up.
+
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+use crate::fsutil::{self, crashpoint};
+use crate::state::VmState;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use uuid::Uuid;
+use vhdx::format::KEY_RELATIVE_PATH;
+use vhdx::merge::MergeDirection;
+use vhdx::{OpenOptions, VhdxFile};
+
+/// File name of the journal in a VM folder.
+pub const JOURNAL_FILE: &str = "journal.json";
+/// File name of the committed state in a VM folder.
+pub const STATE_FILE: &str = "vm.json";
+/// Folder of the disk layers.
+pub const DISKS_DIR: &str = "disks";
+/// Folder of the checkpoint folders.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// A checkpoint's config file inside its folder.
+pub const CHECKPOINT_CONFIG_FILE: &str = "config.json";
+
+/// Which way a journaled merge moves data; fixed when planned, because a merge that has
+/// begun must finish in the direction it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// The child's data goes into the parent, which takes the child's place.
+    IntoParent,
+    /// The parent's data goes into the child, which then skips the parent.
+    IntoChild,
+}
+
+/// One idempotent step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Step {
+    /// Write `checkpoints/<id>/config.json`.
+    WriteCheckpointConfig {
+        /// The checkpoint.
+        id: Uuid,
+        /// The VM's config as of the checkpoint.
+        config: Box<VmConfig>,
+    },
+    /// Create `disks/<file>` as a differencing child of `disks/<parent>` unless it exists.
+    CreateChild {
+        /// The new layer.
+        file: String,
+        /// Its parent layer.
+        parent: String,
+    },
+    /// Merge `disks/<child>` with its parent `disks/<parent>`.
+    Merge {
+        /// The parent layer.
+        parent: String,
+        /// The child layer.
+        child: String,
+        /// The direction chosen when planned.
+        direction: Direction,
+        /// After an into-parent merge, the child's own children, pointed at the parent.
+        relink: Vec<String>,
+    },
+    /// Remove `disks/<file>` if it exists.
+    RemoveLayer {
+        /// The layer.
+        file: String,
+    },
+    /// Remove `checkpoints/<id>/` if it exists.
+    RemoveCheckpointDir {
+        /// The checkpoint.
+        id: Uuid,
+    },
+    /// Write `vm.json`, then make every layer but Now's read-only.
+    Commit {
+        /// The state to commit.
+        state: Box<VmState>,
+    },
+}
+
+/// A planned operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    /// What the user asked for, for messages (`checkpoint delete "x"`).
+    pub op: String,
+    /// When it started, seconds since the Unix epoch.
+    pub started: u64,
+    /// The steps, run in order.
+    pub steps: Vec<Step>,
+}
+
+/// Progress of long steps: `(what, done, total)`.
+pub type Progress<'a> = &'a mut dyn FnMut(&str, u64, u64);
+
+impl Journal {
+    /// A journal for `op`.
+    pub fn new(op: impl Into<String>) -> Journal {
+        Journal {
+            op: op.into(),
+            started: fsutil::now_unix(),
+            steps: Vec::new(),
+        }
+    }
+
+    /// Reads `journal.json` of a VM folder, if there is one.
+    pub fn load(vm_dir: &Path) -> Result<Option<Journal>> {
+        let path = vm_dir.join(JOURNAL_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Corrupt {
+            path: path.clone(),
+            reason: format!(
+                "unreadable operation journal ({e}); the last committed state in vm.json is intact: move the journal away, then run `snapvisor vm consolidate` to list files the unfinished operation left"
+            ),
+        })
+    }
+
+    /// Writes the journal, runs every step, removes the journal.
+    pub fn run(&self, vm_dir: &Path, progress: Progress<'_>) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).expect("journal serializes");
+        fsutil::atomic_write(&vm_dir.join(JOURNAL_FILE), &bytes)?;
+        crashpoint("journal written");
+        self.replay(vm_dir, progress)
+    }
+
+    /// Runs every step (again) and removes the journal: the recovery path.
+    pub fn replay(&self, vm_dir: &Path, progress: Progress<'_>) -> Result<()> {
+        for step in &self.steps {
+            run_step(vm_dir, step, progress)?;
+            crashpoint("journal step done");
+        }
+        fsutil::remove_file(&vm_dir.join(JOURNAL_FILE))
+    }
+}
+
+fn run_step(vm_dir: &Path, step: &Step, progress: Progress<'_>) -> Result<()> {
+    let disks = vm_dir.join(DISKS_DIR);
+    match step {
+        Step::WriteCheckpointConfig { id, config } => {
+            let dir = vm_dir.join(CHECKPOINTS_DIR).join(id.to_string());
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            let mut bytes = serde_json::to_vec_pretty(config).expect("config serializes");
+            bytes.push(b'\n');
+            fsutil::atomic_write(&dir.join(CHECKPOINT_CONFIG_FILE), &bytes)?;
+            fsutil::sync_dir_of(&dir)
+        }
+        Step::CreateChild { file, parent } => {
+            let path = disks.join(file);
+            if !path.exists() {
+                vhdx::create_differencing(&path, &disks.join(parent), None)?;
+            }
+            Ok(())
+        }
+        Step::Merge {
+            parent,
+            child,
+            direction,
+            relink,
+        } => run_merge(&disks, parent, child, *direction, relink, progress),
+        Step::RemoveLayer { file } => {
+            let path = disks.join(file);
+            if path.exists() {
+                fsutil::set_read_only(&path, false)?;
+            }
+            fsutil::remove_file(&path)
+        }
+        Step::RemoveCheckpointDir { id } => {
+            fsutil::remove_dir_all(&vm_dir.join(CHECKPOINTS_DIR).join(id.to_string()))
+        }
+        Step::Commit { state } => {
+            state.save(&vm_dir.join(STATE_FILE))?;
+            crashpoint("state committed");
+            for name in state.layers.keys() {
+                let path = disks.join(name);
+                if path.exists() {
+                    fsutil::set_read_only(&path, !state.now.disks.contains(name))?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_merge(
+    disks: &Path,
+    parent: &str,
+    child: &str,
+    direction: Direction,
+    relink: &[String],
+    progress: Progress<'_>,
+) -> Result<()> {
+    let parent_path = disks.join(parent);
+    let child_path = disks.join(child);
+    let what = format!("merging {child} and {parent}");
+    let mut report = |done, total| progress(&what, done, total);
+    match direction {
+        Direction::IntoParent => {
+            // The engine removes the child only once the parent holds all of its data.
+            if child_path.exists() {
+                fsutil::set_read_only(&parent_path, false)?;
+                fsutil::set_read_only(&child_path, false)?;
+                crashpoint("merge into parent: starting");
+                vhdx::merge::merge_unchecked(&child_path, MergeDirection::IntoParent, &mut report)?;
+            }
+            for r in relink {
+                let path = disks.join(r);
+                fsutil::set_read_only(&path, false)?;
+                vhdx::merge::relink(&path, &parent_path)?;
+                crashpoint("merge into parent: relinked a dependant");
+            }
+        }
+        Direction::IntoChild => {
+            // Done once the child no longer names the parent (it then names the grandparent,
+            // or nothing when the parent was a base disk).
+            if parent_path.exists() && locator_parent_name(&child_path)?.as_deref() == Some(parent)
+            {
+                fsutil::set_read_only(&child_path, false)?;
+                crashpoint("merge into child: starting");
+                vhdx::merge::merge_unchecked(&child_path, MergeDirection::IntoChild, &mut report)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The file name a differencing file's locator gives as its parent's relative path.
+pub fn locator_parent_name(path: &Path) -> Result<Option<String>> {
+    let file = VhdxFile::open(path, OpenOptions::default())?;
+    Ok(file
+        .parent_locator()
+        .and_then(|l| l.get(KEY_RELATIVE_PATH).map(str::to_owned))
+        .and_then(|p| p.rsplit(['\\', '/']).next().map(str::to_owned)))
+}

@@ -1,0 +1,564 @@
+//! The store: a folder with one folder per VM (or a symlink to a VM folder registered in
+//! place), and the operations on whole VMs.
+
+use crate::config::{
+    CheckpointType, DEFAULT_MAX_CHECKPOINTS, DirectBoot, DiskConfig, Hardware, VmConfig,
+    validate_settings, validate_vm_name,
+};
+use crate::error::{Error, Result};
+use crate::fsutil::{self, crashpoint};
+use crate::journal::{CHECKPOINTS_DIR, DISKS_DIR, JOURNAL_FILE, Journal, STATE_FILE};
+use crate::lock::Lock;
+use crate::state::{Layer, Now, STATE_FORMAT, VmState};
+use crate::vm::Vm;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// What `vm create` makes.
+#[derive(Clone, Debug)]
+pub struct NewVm {
+    /// The VM's name.
+    pub name: String,
+    /// Memory in bytes.
+    pub memory: u64,
+    /// Virtual processors.
+    pub cpus: u32,
+    /// New empty dynamic disks, by virtual size.
+    pub new_disks: Vec<u64>,
+    /// Existing disks (VHDX chains or raw images) copied into the VM as dynamic VHDX.
+    pub import_disks: Vec<PathBuf>,
+    /// Direct kernel boot.
+    pub boot: Option<DirectBoot>,
+    /// Checkpoint type.
+    pub checkpoint_type: CheckpointType,
+    /// Checkpoint limit.
+    pub max_checkpoints: u32,
+    /// Automatic checkpoints.
+    pub automatic_checkpoints: bool,
+}
+
+impl NewVm {
+    /// A VM with the defaults: 1 GiB, 1 CPU, no disks, production checkpoints, limit 50.
+    pub fn new(name: &str) -> NewVm {
+        NewVm {
+            name: name.to_owned(),
+            memory: 1 << 30,
+            cpus: 1,
+            new_disks: Vec::new(),
+            import_disks: Vec::new(),
+            boot: None,
+            checkpoint_type: CheckpointType::Production,
+            max_checkpoints: DEFAULT_MAX_CHECKPOINTS,
+            automatic_checkpoints: false,
+        }
+    }
+}
+
+/// One VM as `vm list` sees it: its committed state, or why it cannot be read.
+#[derive(Debug)]
+pub struct VmEntry {
+    /// Folder name (the VM's name).
+    pub name: String,
+    /// The VM folder (a symlink's target for a VM registered in place).
+    pub dir: PathBuf,
+    /// The committed state, or the error reading it.
+    pub state: Result<VmState>,
+    /// An operation is unfinished (journal present).
+    pub unfinished: Option<String>,
+}
+
+/// The store folder.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+    wait: Duration,
+}
+
+impl Store {
+    /// The default store: `$XDG_DATA_HOME/snapvisor` or `~/.local/share/snapvisor`.
+    pub fn default_root() -> PathBuf {
+        if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+            return PathBuf::from(d).join("snapvisor");
+        }
+        let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+        PathBuf::from(home).join(".local/share/snapvisor")
+    }
+
+    /// Opens (creating if needed) the store at `root`. Commands wait up to `wait` for a
+    /// VM another command holds.
+    pub fn open(root: &Path, wait: Duration) -> Result<Store> {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let root = std::fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
+        let store = Store { root, wait };
+        store.remove_leftovers();
+        Ok(store)
+    }
+
+    /// The store folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The folder of a VM (a symlink for one registered in place).
+    pub fn vm_path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn existing_vm_path(&self, name: &str) -> Result<PathBuf> {
+        let path = self.vm_path(name);
+        if validate_vm_name(name).is_err() || !path.join(STATE_FILE).exists() {
+            return Err(Error::NoSuchVm {
+                name: name.to_owned(),
+                store: self.root.clone(),
+            });
+        }
+        Ok(path)
+    }
+
+    /// Opens a VM for a command that changes it (`what` names the command for others).
+    pub fn open_vm(&self, name: &str, what: &str) -> Result<Vm> {
+        let path = self.existing_vm_path(name)?;
+        let mut vm = Vm::open(&path, what, self.wait)?;
+        let r = vm.reconcile();
+        if let Some(e) = r.failed {
+            tracing::warn!("hidden layers of {name} stay unmerged for now: {e}");
+        }
+        Ok(vm)
+    }
+
+    /// Reads a VM's committed state for a command that only looks. When an operation is
+    /// unfinished and nobody is running it, it is finished first (its files may not read
+    /// consistently before); when a command is running it, the last committed state is
+    /// returned with the operation's name.
+    pub fn read_vm(&self, name: &str) -> Result<(PathBuf, VmState, Option<String>)> {
+        let path = self.existing_vm_path(name)?;
+        if path.join(JOURNAL_FILE).exists() && Lock::is_free(&path) {
+            drop(Vm::open(&path, "recover", self.wait)?);
+        }
+        let state = VmState::load(&path.join(STATE_FILE))?;
+        let unfinished = Journal::load(&path).ok().flatten().map(|j| j.op);
+        Ok((path, state, unfinished))
+    }
+
+    /// Every VM in the store, in name order.
+    pub fn list(&self) -> Result<Vec<VmEntry>> {
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        for e in rd {
+            let e = e.map_err(|e| Error::io(&self.root, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !e.path().join(STATE_FILE).exists() {
+                continue;
+            }
+            let dir = std::fs::canonicalize(e.path()).unwrap_or_else(|_| e.path());
+            let state = match self.read_vm(&name) {
+                Ok((_, s, _)) => Ok(s),
+                Err(err) => Err(err),
+            };
+            let unfinished = Journal::load(&dir).ok().flatten().map(|j| j.op);
+            out.push(VmEntry {
+                name,
+                dir,
+                state,
+                unfinished,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Creates a VM folder with its disks; the folder appears whole or not at all.
+    pub fn create(&self, spec: &NewVm) -> Result<VmState> {
+        validate_vm_name(&spec.name)?;
+        for p in &spec.import_disks {
+            if !p.exists() {
+                return Err(Error::InvalidArgument(format!(
+                    "the disk to import {} does not exist",
+                    p.display()
+                )));
+            }
+        }
+        let _store_lock = self.lock_names("vm create")?;
+        let dest = self.vm_path(&spec.name);
+        if std::fs::symlink_metadata(&dest).is_ok() {
+            return Err(Error::VmExists(spec.name.clone()));
+        }
+        let config = VmConfig {
+            name: spec.name.clone(),
+            uuid: Uuid::new_v4(),
+            generation_id: Uuid::new_v4(),
+            hardware: Hardware {
+                memory: spec.memory,
+                cpus: spec.cpus,
+                disks: Vec::new(),
+                boot: spec.boot.clone(),
+            },
+            checkpoint_type: spec.checkpoint_type,
+            max_checkpoints: spec.max_checkpoints,
+            automatic_checkpoints: spec.automatic_checkpoints,
+        };
+        validate_settings(&config)?;
+        let tmp = self
+            .root
+            .join(format!(".creating-{}.{}", spec.name, std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let build = || -> Result<VmState> {
+            let disks_dir = tmp.join(DISKS_DIR);
+            std::fs::create_dir_all(&disks_dir).map_err(|e| Error::io(&disks_dir, e))?;
+            std::fs::create_dir_all(tmp.join(CHECKPOINTS_DIR))
+                .map_err(|e| Error::io(tmp.join(CHECKPOINTS_DIR), e))?;
+            let mut config = config.clone();
+            let mut layers = std::collections::BTreeMap::new();
+            let mut now = Vec::new();
+            let count = spec.new_disks.len() + spec.import_disks.len();
+            for i in 0..count {
+                let name = format!("disk{i}");
+                let file = format!("{name}.vhdx");
+                let path = disks_dir.join(&file);
+                if i < spec.new_disks.len() {
+                    vhdx::create(&path, &vhdx::CreateParams::dynamic(spec.new_disks[i]))?;
+                } else {
+                    let src = &spec.import_disks[i - spec.new_disks.len()];
+                    let source = disk::open(src, false)?;
+                    disk::convert(
+                        &*source,
+                        &path,
+                        &disk::ConvertOptions {
+                            format: disk::OutputFormat::Vhdx {
+                                kind: vhdx::DiskKind::Dynamic,
+                                block_size: None,
+                            },
+                            physical_sector_size: 4096,
+                        },
+                        &mut |_, _| {},
+                    )?;
+                }
+                let id =
+                    vhdx::VhdxFile::open(&path, vhdx::OpenOptions::default())?.virtual_disk_id();
+                config.hardware.disks.push(DiskConfig {
+                    name: name.clone(),
+                    disk_id: id,
+                });
+                layers.insert(
+                    file.clone(),
+                    Layer {
+                        disk: name,
+                        parent: None,
+                    },
+                );
+                now.push(file);
+            }
+            let state = VmState {
+                format: STATE_FORMAT,
+                seq: 1,
+                config,
+                now: Now {
+                    parent: None,
+                    disks: now,
+                },
+                checkpoints: Vec::new(),
+                layers,
+            };
+            state.save(&tmp.join(STATE_FILE))?;
+            fsutil::sync_dir(&disks_dir)?;
+            fsutil::sync_dir(&tmp)?;
+            crashpoint("vm create: folder built");
+            std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+            fsutil::sync_dir(&self.root)?;
+            Ok(state)
+        };
+        let result = build();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    /// Deletes a VM: its folder goes away as a whole (renamed aside first, then removed).
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let _store_lock = self.lock_names("vm delete")?;
+        let link = self.existing_vm_path(name)?;
+        let vm = Vm::open(&link, "vm delete", self.wait)?;
+        let target = std::fs::canonicalize(&link).map_err(|e| Error::io(&link, e))?;
+        let is_link = std::fs::symlink_metadata(&link)
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false);
+        let aside = self
+            .root
+            .join(format!(".deleting-{name}.{}", std::process::id()));
+        if is_link {
+            // Registered in place: unregister first, then remove its folder.
+            let folder_aside = target.with_file_name(format!(
+                ".deleting-{}.{}",
+                crate::vm::folder_name(&target),
+                std::process::id()
+            ));
+            std::fs::rename(&target, &folder_aside).map_err(|e| Error::io(&target, e))?;
+            fsutil::sync_dir_of(&target)?;
+            std::fs::remove_file(&link).map_err(|e| Error::io(&link, e))?;
+            fsutil::sync_dir(&self.root)?;
+            drop(vm);
+            fsutil::remove_dir_all(&folder_aside)
+        } else {
+            std::fs::rename(&link, &aside).map_err(|e| Error::io(&link, e))?;
+            fsutil::sync_dir(&self.root)?;
+            crashpoint("vm delete: folder set aside");
+            drop(vm);
+            fsutil::remove_dir_all(&aside)
+        }
+    }
+
+    /// Renames a VM and its folder.
+    pub fn rename(&self, name: &str, new_name: &str) -> Result<()> {
+        validate_vm_name(new_name)?;
+        let _store_lock = self.lock_names("vm set --name")?;
+        let path = self.existing_vm_path(name)?;
+        let dest = self.vm_path(new_name);
+        if std::fs::symlink_metadata(&dest).is_ok() {
+            return Err(Error::VmExists(new_name.to_owned()));
+        }
+        let mut vm = Vm::open(&path, "vm set --name", self.wait)?;
+        vm.rename_vm(&dest)
+    }
+
+    /// Copies a whole VM (config, disks, checkpoint tree) into a new folder `dest`.
+    pub fn export(&self, name: &str, dest: &Path) -> Result<()> {
+        let vm = self.open_vm(name, "vm export")?;
+        let src = vm.dir().to_owned();
+        write_folder_atomically(dest, |tmp| {
+            copy_file(&src.join(STATE_FILE), &tmp.join(STATE_FILE))?;
+            for sub in [DISKS_DIR, CHECKPOINTS_DIR] {
+                copy_tree(&src.join(sub), &tmp.join(sub))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Registers the VM folder `dir`: in place (the store links to it), or with `copy` as
+    /// a new VM (new UUID and generation ID) copied into the store. `name` renames it.
+    pub fn import(&self, dir: &Path, copy: bool, name: Option<&str>) -> Result<String> {
+        let dir = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+        let state_path = dir.join(STATE_FILE);
+        if !state_path.exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a VM folder (it has no {STATE_FILE}); export one with `snapvisor vm export`",
+                dir.display()
+            )));
+        }
+        let state = VmState::load(&state_path)?;
+        let new_name = name.unwrap_or(&state.config.name).to_owned();
+        validate_vm_name(&new_name)?;
+        if dir.parent() == Some(self.root.as_path()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is already a folder of the store",
+                dir.display()
+            )));
+        }
+        let _store_lock = self.lock_names("vm import")?;
+        let dest = self.vm_path(&new_name);
+        if std::fs::symlink_metadata(&dest).is_ok() {
+            return Err(Error::VmExists(new_name));
+        }
+        if !copy {
+            for e in self.list()? {
+                if let Ok(s) = &e.state
+                    && s.config.uuid == state.config.uuid
+                {
+                    return Err(Error::DuplicateUuid {
+                        path: dir.clone(),
+                        uuid: s.config.uuid,
+                        existing: e.name,
+                    });
+                }
+            }
+        }
+        verify_folder(&dir, &state)?;
+        if !copy {
+            std::os::unix::fs::symlink(&dir, &dest).map_err(|e| Error::io(&dest, e))?;
+            fsutil::sync_dir(&self.root)?;
+            if new_name != state.config.name {
+                let mut vm = Vm::open(&dest, "vm import", self.wait)?;
+                let mut next = vm.state().clone();
+                next.seq += 1;
+                next.config.name = new_name.clone();
+                vm.commit(next)?;
+            }
+            return Ok(new_name);
+        }
+        let tmp = self
+            .root
+            .join(format!(".importing-{new_name}.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let build = || -> Result<()> {
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            for sub in [DISKS_DIR, CHECKPOINTS_DIR] {
+                copy_tree(&dir.join(sub), &tmp.join(sub))?;
+            }
+            let mut next = state.clone();
+            next.seq += 1;
+            next.config.name = new_name.clone();
+            next.config.uuid = Uuid::new_v4();
+            next.config.generation_id = Uuid::new_v4();
+            // The copies' locators still carry the original folder's absolute paths.
+            for (file, layer) in &next.layers {
+                if let Some(parent) = &layer.parent {
+                    let child = tmp.join(DISKS_DIR).join(file);
+                    fsutil::set_read_only(&child, false)?;
+                    vhdx::merge::relink(&child, &tmp.join(DISKS_DIR).join(parent))?;
+                    fsutil::set_read_only(&child, !next.now.disks.contains(file))?;
+                }
+            }
+            next.save(&tmp.join(STATE_FILE))?;
+            fsutil::sync_dir(&tmp)?;
+            crashpoint("vm import: copy built");
+            std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+            fsutil::sync_dir(&self.root)
+        };
+        let result = build();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result.map(|()| new_name)
+    }
+
+    fn lock_names(&self, what: &str) -> Result<Lock> {
+        Lock::acquire(&self.root, "store", what, self.wait)
+    }
+
+    /// Removes folders that a killed create, import or delete left (`.creating-*`,
+    /// `.importing-*`, `.deleting-*`), when no other command is using the store.
+    fn remove_leftovers(&self) {
+        let Ok(_lock) = Lock::acquire(&self.root, "store", "cleanup", Duration::ZERO) else {
+            return;
+        };
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".creating-")
+                || name.starts_with(".importing-")
+                || name.starts_with(".deleting-")
+            {
+                tracing::info!("removing {name}, left by an interrupted command");
+                let _ = fsutil::remove_dir_all(&e.path());
+            }
+        }
+    }
+}
+
+/// Checks that a VM folder's layers exist, open, link up, and carry their disk's id.
+fn verify_folder(dir: &Path, state: &VmState) -> Result<()> {
+    let mut ids = std::collections::HashMap::new();
+    for d in &state.config.hardware.disks {
+        ids.insert(d.name.clone(), d.disk_id);
+    }
+    for c in &state.checkpoints {
+        if let Ok(cfg) = crate::vm::read_checkpoint_config(dir, c.id) {
+            for d in cfg.hardware.disks {
+                ids.entry(d.name).or_insert(d.disk_id);
+            }
+        }
+    }
+    for (file, layer) in &state.layers {
+        let path = dir.join(DISKS_DIR).join(file);
+        if !path.exists() {
+            return Err(Error::MissingLayer { path });
+        }
+        let chain = vhdx::Chain::open(&path, false)?;
+        let found = chain.top().virtual_disk_id();
+        if let Some(expected) = ids.get(&layer.disk)
+            && *expected != found
+        {
+            return Err(Error::ForeignDisk {
+                path,
+                disk: layer.disk.clone(),
+                expected: *expected,
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Builds a folder at `dest` (which must not exist, or be empty) under a temporary
+/// sibling name and renames it into place, so `dest` appears whole or not at all.
+pub(crate) fn write_folder_atomically(
+    dest: &Path,
+    build: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    match std::fs::read_dir(dest) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} exists and is not empty; name a new folder",
+                    dest.display()
+                )));
+            }
+            std::fs::remove_dir(dest).map_err(|e| Error::io(dest, e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(dest, e)),
+    }
+    let name = crate::vm::folder_name(dest);
+    if name.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a folder name",
+            dest.display()
+        )));
+    }
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "the folder {} does not exist",
+            parent.display()
+        )));
+    }
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = build(&tmp).and_then(|()| {
+        fsutil::sync_dir(&tmp)?;
+        std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))?;
+        fsutil::sync_dir(&parent)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    // std::fs::copy uses copy_file_range: extents are shared or copied in the kernel.
+    std::fs::copy(src, dst).map_err(|e| Error::io(src, e))?;
+    std::fs::File::open(dst)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dst, e))
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    let rd = match std::fs::read_dir(src) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(src, e)),
+    };
+    for e in rd {
+        let e = e.map_err(|e| Error::io(src, e))?;
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let ty = e.file_type().map_err(|err| Error::io(e.path(), err))?;
+        if ty.is_dir() {
+            copy_tree(&e.path(), &dst.join(&name))?;
+        } else if ty.is_file() {
+            copy_file(&e.path(), &dst.join(&name))?;
+        }
+    }
+    fsutil::sync_dir(dst)
+}

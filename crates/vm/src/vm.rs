@@ -1,0 +1,876 @@
+//! An open VM: its folder locked, its state recovered, and the checkpoint operations.
+
+use crate::config::{
+    CheckpointType, DirectBoot, VmConfig, validate_checkpoint_name, validate_settings,
+};
+use crate::error::{Error, Result};
+use crate::fsutil::{self, crashpoint};
+use crate::journal::{
+    CHECKPOINT_CONFIG_FILE, CHECKPOINTS_DIR, DISKS_DIR, Direction, JOURNAL_FILE, Journal,
+    STATE_FILE, Step,
+};
+use crate::lock::Lock;
+use crate::state::{Checkpoint, CheckpointKind, Consistency, Layer, VmState};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// Reports progress of long steps: `(what, done, total)`.
+pub type ProgressFn = Box<dyn FnMut(&str, u64, u64) + Send>;
+
+/// A VM opened for changes: its lock is held until the handle is dropped.
+pub struct Vm {
+    dir: PathBuf,
+    state: VmState,
+    progress: ProgressFn,
+    _lock: Lock,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("dir", &self.dir).finish()
+    }
+}
+
+/// A layer merge that reconciliation performed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MergeDone {
+    /// The layer that was merged away.
+    pub removed: String,
+    /// The layer that now holds the data.
+    pub into: String,
+    /// Which way the data moved.
+    pub direction: Direction,
+}
+
+/// What reconciliation did after an operation.
+#[derive(Clone, Debug, Default)]
+pub struct Reconciled {
+    /// Merges done.
+    pub merged: Vec<MergeDone>,
+    /// Layers removed because nothing depended on them.
+    pub removed: Vec<String>,
+    /// A merge that failed (and stays to do), with the reason.
+    pub failed: Option<String>,
+}
+
+/// What `vm consolidate` found.
+#[derive(Clone, Debug, Default)]
+pub struct ConsolidateReport {
+    /// What was merged or removed.
+    pub reconciled: Reconciled,
+    /// Files in the VM folder that nothing refers to (never deleted).
+    pub unreferenced: Vec<PathBuf>,
+    /// Hidden layers that stay because two or more layers depend on them.
+    pub hidden: Vec<(String, usize)>,
+}
+
+/// Changes `vm set` makes; `None` leaves a value as it is.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Memory in bytes.
+    pub memory: Option<u64>,
+    /// Virtual processors.
+    pub cpus: Option<u32>,
+    /// Direct kernel boot (`Some(None)` removes it).
+    pub boot: Option<Option<DirectBoot>>,
+    /// Checkpoint type.
+    pub checkpoint_type: Option<CheckpointType>,
+    /// Checkpoint limit.
+    pub max_checkpoints: Option<u32>,
+    /// Automatic checkpoints.
+    pub automatic_checkpoints: Option<bool>,
+}
+
+impl Vm {
+    /// Locks the VM folder `dir`, finishes any unfinished operation, and reconciles layers.
+    pub(crate) fn open(dir: &Path, what: &str, wait: std::time::Duration) -> Result<Vm> {
+        let name = folder_name(dir);
+        if !dir.join(STATE_FILE).exists() {
+            return Err(Error::Corrupt {
+                path: dir.join(STATE_FILE),
+                reason: "missing: this folder is not a VM (or its state file was lost)".into(),
+            });
+        }
+        let lock = Lock::acquire(dir, &name, what, wait)?;
+        let mut progress: ProgressFn = Box::new(|_, _, _| {});
+        recover(dir, &name, &mut progress)?;
+        let state = VmState::load(&dir.join(STATE_FILE))?;
+        let mut vm = Vm {
+            dir: dir.to_owned(),
+            state,
+            progress,
+            _lock: lock,
+        };
+        if vm.state.config.name != name {
+            // A rename stopped between renaming the folder and recording the new name.
+            let mut next = vm.next_state();
+            next.config.name = name;
+            vm.commit(next)?;
+        }
+        vm.check_layers_present()?;
+        Ok(vm)
+    }
+
+    /// Sets the progress reporter for merges.
+    pub fn set_progress(&mut self, progress: ProgressFn) {
+        self.progress = progress;
+    }
+
+    /// The VM folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.state.config.name
+    }
+
+    /// The committed state.
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+
+    /// Path of a layer file.
+    pub fn layer_path(&self, file: &str) -> PathBuf {
+        self.dir.join(DISKS_DIR).join(file)
+    }
+
+    /// Finds a checkpoint by exact name, then by id or unique id prefix (8+ characters).
+    pub fn find_checkpoint(&self, query: &str) -> Result<Uuid> {
+        find_checkpoint(&self.state, query)
+    }
+
+    /// The config saved with a checkpoint.
+    pub fn checkpoint_config(&self, id: Uuid) -> Result<VmConfig> {
+        read_checkpoint_config(&self.dir, id)
+    }
+
+    /// Takes a checkpoint of the (stopped) VM: every disk's current layer becomes the
+    /// checkpoint's, read-only, and a new differencing child becomes current.
+    pub fn create_checkpoint(&mut self, name: Option<&str>) -> Result<Uuid> {
+        let config = &self.state.config;
+        if config.checkpoint_type == CheckpointType::Disabled {
+            return Err(Error::CheckpointsDisabled(config.name.clone()));
+        }
+        self.check_limit(1)?;
+        let name = match name {
+            Some(n) => n.to_owned(),
+            None => default_checkpoint_name(&config.name),
+        };
+        validate_checkpoint_name(&name)?;
+        self.verify_layers(&self.state.now.disks.clone())?;
+        let mut next = self.next_state();
+        let mut journal = Journal::new(format!("checkpoint create {name:?}"));
+        let id = self.take_into(&mut next, &mut journal, name)?;
+        journal.steps.push(Step::Commit {
+            state: Box::new(next),
+        });
+        self.run(journal)?;
+        Ok(id)
+    }
+
+    /// Plans a checkpoint of Now into `next`: Now's layers go to a new checkpoint node and
+    /// new children of them become Now's.
+    fn take_into(&self, next: &mut VmState, journal: &mut Journal, name: String) -> Result<Uuid> {
+        let id = Uuid::new_v4();
+        let kind = match next.config.checkpoint_type {
+            CheckpointType::Standard => CheckpointKind::Standard,
+            _ => CheckpointKind::Production,
+        };
+        journal.steps.push(Step::WriteCheckpointConfig {
+            id,
+            config: Box::new(next.config.clone()),
+        });
+        next.checkpoints.push(Checkpoint {
+            id,
+            name,
+            parent: next.now.parent,
+            created: fsutil::now_unix(),
+            kind,
+            consistency: Consistency::VmOff,
+            has_memory: false,
+            disks: next.now.disks.clone(),
+        });
+        let mut new_disks = Vec::new();
+        for (i, parent) in next.now.disks.iter().enumerate() {
+            let disk = next.config.hardware.disks[i].name.clone();
+            let file = self.new_layer_name(&disk, next);
+            journal.steps.push(Step::CreateChild {
+                file: file.clone(),
+                parent: parent.clone(),
+            });
+            next.layers.insert(
+                file.clone(),
+                Layer {
+                    disk,
+                    parent: Some(parent.clone()),
+                },
+            );
+            new_disks.push(file);
+        }
+        next.now.disks = new_disks;
+        next.now.parent = Some(id);
+        Ok(id)
+    }
+
+    /// Applies a checkpoint: Now's layers are discarded (or kept as a new checkpoint with
+    /// `save_current`), new children of the checkpoint's layers become Now's, its hardware
+    /// config comes back, and the generation ID changes. Returns the saved checkpoint's id.
+    pub fn apply(&mut self, query: &str, save_current: bool) -> Result<Option<Uuid>> {
+        let target_id = self.find_checkpoint(query)?;
+        let target = self.state.checkpoint(target_id).expect("found").clone();
+        let target_config = self.checkpoint_config(target_id)?;
+        if target_config.hardware.disks.len() != target.disks.len() {
+            return Err(Error::Corrupt {
+                path: self.checkpoint_config_path(target_id),
+                reason: format!(
+                    "the config names {} disks but the checkpoint holds {} layers",
+                    target_config.hardware.disks.len(),
+                    target.disks.len()
+                ),
+            });
+        }
+        self.verify_layers(&target.disks)?;
+        let mut next = self.next_state();
+        let mut journal = Journal::new(format!("checkpoint apply {:?}", target.name));
+        let saved = if save_current {
+            if next.config.checkpoint_type == CheckpointType::Disabled {
+                return Err(Error::CheckpointsDisabled(next.config.name.clone()));
+            }
+            self.check_limit(1)?;
+            let name = default_checkpoint_name(&next.config.name);
+            let id = Uuid::new_v4();
+            journal.steps.push(Step::WriteCheckpointConfig {
+                id,
+                config: Box::new(next.config.clone()),
+            });
+            next.checkpoints.push(Checkpoint {
+                id,
+                name,
+                parent: next.now.parent,
+                created: fsutil::now_unix(),
+                kind: match next.config.checkpoint_type {
+                    CheckpointType::Standard => CheckpointKind::Standard,
+                    _ => CheckpointKind::Production,
+                },
+                consistency: Consistency::VmOff,
+                has_memory: false,
+                disks: next.now.disks.clone(),
+            });
+            Some(id)
+        } else {
+            None
+        };
+        let mut new_disks = Vec::new();
+        for (i, parent) in target.disks.iter().enumerate() {
+            let disk = target_config.hardware.disks[i].name.clone();
+            let file = self.new_layer_name(&disk, &next);
+            journal.steps.push(Step::CreateChild {
+                file: file.clone(),
+                parent: parent.clone(),
+            });
+            next.layers.insert(
+                file.clone(),
+                Layer {
+                    disk,
+                    parent: Some(parent.clone()),
+                },
+            );
+            new_disks.push(file);
+        }
+        next.now = crate::state::Now {
+            parent: Some(target_id),
+            disks: new_disks,
+        };
+        next.config.hardware = target_config.hardware;
+        next.config.generation_id = Uuid::new_v4();
+        journal.steps.push(Step::Commit {
+            state: Box::new(next),
+        });
+        self.run(journal)?;
+        Ok(saved)
+    }
+
+    /// Deletes a checkpoint (or, with `subtree`, it and everything below it). The tree
+    /// changes at once; the layers left without a user are merged or removed afterwards.
+    pub fn delete_checkpoint(&mut self, query: &str, subtree: bool) -> Result<Reconciled> {
+        let id = self.find_checkpoint(query)?;
+        let node = self.state.checkpoint(id).expect("found").clone();
+        let removed: BTreeSet<Uuid> = if subtree {
+            self.state.subtree(id).into_iter().collect()
+        } else {
+            [id].into()
+        };
+        let mut next = self.next_state();
+        next.checkpoints.retain(|c| !removed.contains(&c.id));
+        for c in &mut next.checkpoints {
+            if c.parent.is_some_and(|p| removed.contains(&p)) {
+                c.parent = node.parent;
+            }
+        }
+        if next.now.parent.is_some_and(|p| removed.contains(&p)) {
+            next.now.parent = node.parent;
+        }
+        let what = if subtree {
+            "checkpoint delete --subtree"
+        } else {
+            "checkpoint delete"
+        };
+        let mut journal = Journal::new(format!("{what} {:?}", node.name));
+        journal.steps.push(Step::Commit {
+            state: Box::new(next),
+        });
+        for r in &removed {
+            journal.steps.push(Step::RemoveCheckpointDir { id: *r });
+        }
+        self.run(journal)?;
+        Ok(self.reconcile())
+    }
+
+    /// Renames a checkpoint.
+    pub fn rename_checkpoint(&mut self, query: &str, new_name: &str) -> Result<Uuid> {
+        validate_checkpoint_name(new_name)?;
+        let id = self.find_checkpoint(query)?;
+        let mut next = self.next_state();
+        for c in &mut next.checkpoints {
+            if c.id == id {
+                c.name = new_name.to_owned();
+            }
+        }
+        self.commit(next)?;
+        Ok(id)
+    }
+
+    /// Changes settings and hardware that `vm set` covers.
+    pub fn set(&mut self, settings: &Settings) -> Result<()> {
+        let mut next = self.next_state();
+        let c = &mut next.config;
+        if let Some(m) = settings.memory {
+            c.hardware.memory = m;
+        }
+        if let Some(n) = settings.cpus {
+            c.hardware.cpus = n;
+        }
+        if let Some(b) = &settings.boot {
+            c.hardware.boot = b.clone();
+        }
+        if let Some(t) = settings.checkpoint_type {
+            c.checkpoint_type = t;
+        }
+        if let Some(n) = settings.max_checkpoints {
+            c.max_checkpoints = n;
+        }
+        if let Some(a) = settings.automatic_checkpoints {
+            c.automatic_checkpoints = a;
+        }
+        validate_settings(c)?;
+        self.commit(next)
+    }
+
+    /// Merges every layer that can be merged and lists files nothing refers to.
+    pub fn consolidate(&mut self) -> Result<ConsolidateReport> {
+        let reconciled = self.reconcile();
+        if let Some(e) = &reconciled.failed {
+            return Err(Error::InvalidArgument(format!(
+                "merging hidden layers failed: {e}; nothing is lost, fix the cause and run consolidate again"
+            )));
+        }
+        let unreferenced = self.unreferenced_files()?;
+        Ok(ConsolidateReport {
+            reconciled,
+            unreferenced,
+            hidden: self
+                .state
+                .hidden_layers()
+                .into_iter()
+                .filter(|(_, d)| *d >= 2)
+                .collect(),
+        })
+    }
+
+    /// Writes a standalone VM folder at `dest` as of a checkpoint: its config and each
+    /// disk flattened into one dynamic VHDX.
+    pub fn export_checkpoint(&mut self, query: &str, dest: &Path) -> Result<Uuid> {
+        let id = self.find_checkpoint(query)?;
+        let cp = self.state.checkpoint(id).expect("found").clone();
+        let mut config = self.checkpoint_config(id)?;
+        config.name = self.state.config.name.clone();
+        config.uuid = self.state.config.uuid;
+        config.generation_id = self.state.config.generation_id;
+        self.verify_layers(&cp.disks)?;
+        let layers: Vec<PathBuf> = cp.disks.iter().map(|f| self.layer_path(f)).collect();
+        let disks = config.hardware.disks.clone();
+        let progress = &mut self.progress;
+        crate::store::write_folder_atomically(dest, |tmp| {
+            let disks_dir = tmp.join(DISKS_DIR);
+            std::fs::create_dir_all(&disks_dir).map_err(|e| Error::io(&disks_dir, e))?;
+            let mut state_layers = std::collections::BTreeMap::new();
+            let mut now_disks = Vec::new();
+            for (disk, layer) in disks.iter().zip(&layers) {
+                let file = format!("{}.vhdx", disk.name);
+                let src = disk::VhdxDisk::open(layer, false)?;
+                let what = format!("flattening {}", disk.name);
+                disk::convert(
+                    &src,
+                    &disks_dir.join(&file),
+                    &disk::ConvertOptions {
+                        format: disk::OutputFormat::Vhdx {
+                            kind: vhdx::DiskKind::Dynamic,
+                            block_size: None,
+                        },
+                        physical_sector_size: 4096,
+                    },
+                    &mut |d, t| progress(&what, d, t),
+                )?;
+                src.close()?;
+                state_layers.insert(
+                    file.clone(),
+                    Layer {
+                        disk: disk.name.clone(),
+                        parent: None,
+                    },
+                );
+                now_disks.push(file);
+            }
+            let state = VmState {
+                format: crate::state::STATE_FORMAT,
+                seq: 1,
+                config: config.clone(),
+                now: crate::state::Now {
+                    parent: None,
+                    disks: now_disks,
+                },
+                checkpoints: Vec::new(),
+                layers: state_layers,
+            };
+            state.save(&tmp.join(STATE_FILE))
+        })?;
+        Ok(id)
+    }
+
+    /// Merges or removes layers nobody uses, until every hidden layer left has two or
+    /// more dependants. A failed merge is abandoned (a partly done merge leaves the chain
+    /// reading the same data, and the next reconciliation starts it again); the reason is
+    /// returned.
+    pub fn reconcile(&mut self) -> Reconciled {
+        let mut out = Reconciled::default();
+        loop {
+            let hidden = self.state.hidden_layers();
+            let pick = hidden
+                .iter()
+                .find(|(_, d)| *d == 0)
+                .or_else(|| hidden.iter().find(|(_, d)| *d == 1));
+            let Some((layer, deps)) = pick.cloned() else {
+                break;
+            };
+            let result = if deps == 0 {
+                self.remove_layer(&layer).map(|()| out.removed.push(layer))
+            } else {
+                self.merge_layer(&layer).map(|m| out.merged.push(m))
+            };
+            if let Err(e) = result {
+                tracing::warn!("reconciling layers of {}: {e}", self.name());
+                out.failed = Some(vhdx::error_chain(&e));
+                break;
+            }
+        }
+        out
+    }
+
+    fn remove_layer(&mut self, layer: &str) -> Result<()> {
+        let mut next = self.next_state();
+        next.layers.remove(layer);
+        let mut journal = Journal::new(format!("remove unused layer {layer}"));
+        journal.steps.push(Step::Commit {
+            state: Box::new(next),
+        });
+        journal.steps.push(Step::RemoveLayer {
+            file: layer.to_owned(),
+        });
+        self.run(journal)
+    }
+
+    fn merge_layer(&mut self, layer: &str) -> Result<MergeDone> {
+        let child = self.state.dependants(layer).remove(0);
+        let estimate = vhdx::merge::estimate(&self.layer_path(&child))?;
+        let direction = if estimate.into_child < estimate.into_parent {
+            Direction::IntoChild
+        } else {
+            Direction::IntoParent
+        };
+        let mut next = self.next_state();
+        let mut journal = Journal::new(format!("merge layer {layer} with {child}"));
+        let done = match direction {
+            Direction::IntoParent => {
+                // The parent file takes the child's place everywhere.
+                let relink = next.dependants(&child);
+                next.layers.remove(&child);
+                for r in &relink {
+                    next.layers.get_mut(r).expect("dependant").parent = Some(layer.to_owned());
+                }
+                let rename = |f: &mut String| {
+                    if *f == child {
+                        *f = layer.to_owned();
+                    }
+                };
+                next.now.disks.iter_mut().for_each(rename);
+                for c in &mut next.checkpoints {
+                    c.disks.iter_mut().for_each(rename);
+                }
+                journal.steps.push(Step::Merge {
+                    parent: layer.to_owned(),
+                    child: child.clone(),
+                    direction,
+                    relink,
+                });
+                journal.steps.push(Step::Commit {
+                    state: Box::new(next),
+                });
+                MergeDone {
+                    removed: child,
+                    into: layer.to_owned(),
+                    direction,
+                }
+            }
+            Direction::IntoChild => {
+                let grandparent = next.layers[layer].parent.clone();
+                next.layers.get_mut(&child).expect("child").parent = grandparent;
+                next.layers.remove(layer);
+                journal.steps.push(Step::Merge {
+                    parent: layer.to_owned(),
+                    child: child.clone(),
+                    direction,
+                    relink: Vec::new(),
+                });
+                journal.steps.push(Step::Commit {
+                    state: Box::new(next),
+                });
+                journal.steps.push(Step::RemoveLayer {
+                    file: layer.to_owned(),
+                });
+                MergeDone {
+                    removed: layer.to_owned(),
+                    into: child,
+                    direction,
+                }
+            }
+        };
+        self.run(journal)?;
+        Ok(done)
+    }
+
+    /// Files and folders in the VM folder that the state does not refer to.
+    pub fn unreferenced_files(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let known_top = [
+            STATE_FILE,
+            DISKS_DIR,
+            CHECKPOINTS_DIR,
+            crate::lock::LOCK_FILE,
+        ];
+        for e in read_dir(&self.dir)? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !known_top.contains(&name.as_str()) {
+                out.push(e.path());
+            }
+        }
+        let disks = self.dir.join(DISKS_DIR);
+        for e in read_dir(&disks)? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !self.state.layers.contains_key(&name) {
+                out.push(e.path());
+            }
+        }
+        let ids: BTreeSet<String> = self
+            .state
+            .checkpoints
+            .iter()
+            .map(|c| c.id.to_string())
+            .collect();
+        let cps = self.dir.join(CHECKPOINTS_DIR);
+        for e in read_dir(&cps)? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !ids.contains(&name) {
+                out.push(e.path());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Renames the VM (its folder too); `store_dir` is the store.
+    pub(crate) fn rename_vm(&mut self, new_dir: &Path) -> Result<()> {
+        std::fs::rename(&self.dir, new_dir).map_err(|e| Error::io(&self.dir, e))?;
+        fsutil::sync_dir_of(new_dir)?;
+        crashpoint("vm folder renamed");
+        self.dir = new_dir.to_owned();
+        let mut next = self.next_state();
+        next.config.name = folder_name(new_dir);
+        self.commit(next)
+    }
+
+    /// Writes a new state in one atomic step.
+    pub(crate) fn commit(&mut self, next: VmState) -> Result<()> {
+        // One atomic write needs no journal.
+        next.save(&self.dir.join(STATE_FILE))?;
+        self.state = next;
+        Ok(())
+    }
+
+    fn run(&mut self, journal: Journal) -> Result<()> {
+        let last = journal.steps.iter().rev().find_map(|s| match s {
+            Step::Commit { state } => Some((**state).clone()),
+            _ => None,
+        });
+        execute(&self.dir, &journal, &mut self.progress, true).map_err(|e| {
+            if Journal::load(&self.dir).ok().flatten().is_some() {
+                Error::Unfinished {
+                    vm: self.state.config.name.clone(),
+                    op: journal.op.clone(),
+                    source: Box::new(e),
+                }
+            } else {
+                e
+            }
+        })?;
+        if let Some(s) = last {
+            self.state = s;
+        }
+        Ok(())
+    }
+
+    fn next_state(&self) -> VmState {
+        let mut s = self.state.clone();
+        s.seq += 1;
+        s
+    }
+
+    fn check_limit(&self, adding: usize) -> Result<()> {
+        let limit = self.state.config.max_checkpoints;
+        if self.state.checkpoints.len() + adding > limit as usize {
+            return Err(Error::LimitReached {
+                vm: self.state.config.name.clone(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn new_layer_name(&self, disk: &str, next: &VmState) -> String {
+        loop {
+            let id = Uuid::new_v4().simple().to_string();
+            let name = format!("{disk}_{}.avhdx", &id[..12]);
+            if !next.layers.contains_key(&name) && !self.layer_path(&name).exists() {
+                return name;
+            }
+        }
+    }
+
+    fn checkpoint_config_path(&self, id: Uuid) -> PathBuf {
+        self.dir
+            .join(CHECKPOINTS_DIR)
+            .join(id.to_string())
+            .join(CHECKPOINT_CONFIG_FILE)
+    }
+
+    fn check_layers_present(&self) -> Result<()> {
+        for name in self.state.layers.keys() {
+            let path = self.layer_path(name);
+            if !path.exists() {
+                return Err(Error::MissingLayer { path });
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens each layer's chain read-only: the files exist, link up, and are this VM's disks.
+    fn verify_layers(&self, files: &[String]) -> Result<()> {
+        for file in files {
+            let layer = &self.state.layers[file];
+            let find = |disks: &[crate::config::DiskConfig]| {
+                disks.iter().find(|d| d.name == layer.disk).cloned()
+            };
+            let Some(disk) = find(&self.state.config.hardware.disks)
+                .or_else(|| find(&self.all_checkpoint_disks()))
+            else {
+                continue;
+            };
+            let path = self.layer_path(file);
+            if !path.exists() {
+                return Err(Error::MissingLayer { path });
+            }
+            let f = vhdx::VhdxFile::open(&path, vhdx::OpenOptions::default())?;
+            if f.virtual_disk_id() != disk.disk_id {
+                return Err(Error::ForeignDisk {
+                    path,
+                    disk: disk.name,
+                    expected: disk.disk_id,
+                    found: f.virtual_disk_id(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn all_checkpoint_disks(&self) -> Vec<crate::config::DiskConfig> {
+        let mut out = Vec::new();
+        for c in &self.state.checkpoints {
+            if let Ok(cfg) = self.checkpoint_config(c.id) {
+                out.extend(cfg.hardware.disks);
+            }
+        }
+        out
+    }
+}
+
+/// Finishes or undoes an unfinished operation in `dir` (its lock must be held).
+pub(crate) fn recover(dir: &Path, name: &str, progress: &mut ProgressFn) -> Result<()> {
+    remove_temp_files(dir)?;
+    let Some(journal) = Journal::load(dir)? else {
+        return Ok(());
+    };
+    tracing::info!(
+        "finishing the unfinished operation on {name}: {}",
+        journal.op
+    );
+    execute(dir, &journal, progress, false).map_err(|e| Error::Unfinished {
+        vm: name.to_owned(),
+        op: journal.op.clone(),
+        source: Box::new(e),
+    })
+}
+
+/// Runs a journal (writing it first when `fresh`). If a step fails before the journal's
+/// first commit, the steps done are undone and the journal removed: the operation failed
+/// and changed nothing. A failure after the commit leaves the journal for the next
+/// command to finish.
+fn execute(dir: &Path, journal: &Journal, progress: &mut ProgressFn, fresh: bool) -> Result<()> {
+    let result = if fresh {
+        journal.run(dir, &mut **progress)
+    } else {
+        journal.replay(dir, &mut **progress)
+    };
+    let Err(e) = result else { return Ok(()) };
+    let first_commit = journal.steps.iter().find_map(|s| match s {
+        Step::Commit { state } => Some(state.seq),
+        _ => None,
+    });
+    let committed_seq = VmState::load(&dir.join(STATE_FILE))
+        .map(|s| s.seq)
+        .unwrap_or(u64::MAX);
+    let committed = first_commit.is_none_or(|seq| committed_seq >= seq);
+    if committed {
+        return Err(e);
+    }
+    for step in &journal.steps {
+        let undo = match step {
+            Step::CreateChild { file, .. } => fsutil::remove_file(&dir.join(DISKS_DIR).join(file)),
+            Step::WriteCheckpointConfig { id, .. } => {
+                fsutil::remove_dir_all(&dir.join(CHECKPOINTS_DIR).join(id.to_string()))
+            }
+            _ => Ok(()),
+        };
+        if let Err(u) = undo {
+            tracing::warn!("undoing {}: {u}", journal.op);
+            return Err(e);
+        }
+    }
+    fsutil::remove_file(&dir.join(JOURNAL_FILE))?;
+    Err(e)
+}
+
+/// Removes half-written temporary files (`.NAME.tmp-PID`) a killed command left.
+fn remove_temp_files(dir: &Path) -> Result<()> {
+    let mut dirs = vec![dir.to_owned(), dir.join(DISKS_DIR)];
+    for e in read_dir(&dir.join(CHECKPOINTS_DIR))? {
+        dirs.push(e.path());
+    }
+    for d in dirs {
+        for e in read_dir(&d)? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                fsutil::remove_file(&e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::io(dir, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+/// Finds a checkpoint by exact name, then by id or unique id prefix (8+ characters).
+pub fn find_checkpoint(state: &VmState, query: &str) -> Result<Uuid> {
+    let by_name: Vec<&Checkpoint> = state
+        .checkpoints
+        .iter()
+        .filter(|c| c.name == query)
+        .collect();
+    match by_name.len() {
+        1 => return Ok(by_name[0].id),
+        n if n > 1 => {
+            return Err(Error::AmbiguousCheckpoint {
+                vm: state.config.name.clone(),
+                query: query.to_owned(),
+                ids: by_name.iter().map(|c| c.id.to_string()).collect(),
+            });
+        }
+        _ => {}
+    }
+    let q = query.to_ascii_lowercase();
+    if q.len() >= 8 {
+        let by_id: Vec<&Checkpoint> = state
+            .checkpoints
+            .iter()
+            .filter(|c| {
+                c.id.to_string().starts_with(&q) || c.id.simple().to_string().starts_with(&q)
+            })
+            .collect();
+        if by_id.len() == 1 {
+            return Ok(by_id[0].id);
+        }
+    }
+    Err(Error::NoSuchCheckpoint {
+        vm: state.config.name.clone(),
+        query: query.to_owned(),
+    })
+}
+
+/// Reads `checkpoints/<id>/config.json`.
+pub fn read_checkpoint_config(vm_dir: &Path, id: Uuid) -> Result<VmConfig> {
+    let path = vm_dir
+        .join(CHECKPOINTS_DIR)
+        .join(id.to_string())
+        .join(CHECKPOINT_CONFIG_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+        path: path.clone(),
+        reason: format!("not a valid checkpoint config ({e})"),
+    })
+}
+
+/// The default checkpoint name, `VM (YYYY-MM-DD hh:mm:ss)` (UTC).
+pub fn default_checkpoint_name(vm: &str) -> String {
+    let mut name = format!("{vm} ({})", fsutil::format_time(fsutil::now_unix()));
+    if name.chars().count() > crate::config::MAX_NAME_CHARS {
+        let tail = format!(" ({})", fsutil::format_time(fsutil::now_unix()));
+        let keep = crate::config::MAX_NAME_CHARS - tail.chars().count();
+        name = vm.chars().take(keep).collect::<String>() + &tail;
+    }
+    name
+}
+
+pub(crate) fn folder_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
