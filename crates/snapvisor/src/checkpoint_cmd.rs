@@ -314,7 +314,7 @@ fn list(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
     render(&dir, &s, None, "", &mut out);
     let hidden = s.hidden_layers();
     if !hidden.is_empty() {
-        out.push_str("hidden layers (kept while two or more layers depend on them):\n");
+        out.push_str("hidden layers (no checkpoint uses them; kept while two or more layers depend on them):\n");
         for (f, n) in hidden {
             out.push_str(&format!(
                 "  {f}  {}  {n} dependants\n",

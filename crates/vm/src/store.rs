@@ -121,9 +121,10 @@ impl Store {
         let path = self.existing_vm_path(name)?;
         let mut vm = Vm::open(&path, what, self.wait)?;
         let r = vm.reconcile();
-        if let Some(e) = r.failed {
+        if let Some(e) = &r.failed {
             tracing::warn!("hidden layers of {name} stay unmerged for now: {e}");
         }
+        vm.reconciled_at_open = r;
         Ok(vm)
     }
 

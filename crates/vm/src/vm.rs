@@ -23,6 +23,8 @@ pub struct Vm {
     dir: PathBuf,
     state: VmState,
     progress: ProgressFn,
+    /// What the reconciliation at open did (reported by `consolidate`).
+    pub(crate) reconciled_at_open: Reconciled,
     _lock: Lock,
 }
 
@@ -100,6 +102,7 @@ impl Vm {
             dir: dir.to_owned(),
             state,
             progress,
+            reconciled_at_open: Reconciled::default(),
             _lock: lock,
         };
         if vm.state.config.name != name {
@@ -371,7 +374,11 @@ impl Vm {
 
     /// Merges every layer that can be merged and lists files nothing refers to.
     pub fn consolidate(&mut self) -> Result<ConsolidateReport> {
-        let reconciled = self.reconcile();
+        let mut reconciled = std::mem::take(&mut self.reconciled_at_open);
+        let more = self.reconcile();
+        reconciled.merged.extend(more.merged);
+        reconciled.removed.extend(more.removed);
+        reconciled.failed = more.failed;
         if let Some(e) = &reconciled.failed {
             return Err(Error::InvalidArgument(format!(
                 "merging hidden layers failed: {e}; nothing is lost, fix the cause and run consolidate again"
@@ -402,6 +409,7 @@ impl Vm {
         self.verify_layers(&cp.disks)?;
         let layers: Vec<PathBuf> = cp.disks.iter().map(|f| self.layer_path(f)).collect();
         let disks = config.hardware.disks.clone();
+        let config = &mut config;
         let progress = &mut self.progress;
         crate::store::write_folder_atomically(dest, |tmp| {
             let disks_dir = tmp.join(DISKS_DIR);
@@ -425,6 +433,18 @@ impl Vm {
                     &mut |d, t| progress(&what, d, t),
                 )?;
                 src.close()?;
+                // The flattened file is a new virtual disk with an id of its own.
+                let id =
+                    vhdx::VhdxFile::open(&disks_dir.join(&file), vhdx::OpenOptions::default())?
+                        .virtual_disk_id();
+                if let Some(d) = config
+                    .hardware
+                    .disks
+                    .iter_mut()
+                    .find(|d| d.name == disk.name)
+                {
+                    d.disk_id = id;
+                }
                 state_layers.insert(
                     file.clone(),
                     Layer {
