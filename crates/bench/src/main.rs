@@ -6,7 +6,10 @@
 //! all sides pay for durability equally.
 //!
 //! Usage: `snapvisor-bench [--dir DIR] [--runs N] [--only NAME]...` where NAME is one of
-//! `create-child`, `seq-write`, `convert`, `random-read`, `merge`.
+//! `create-child`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`.
+//!
+//! The checkpoint figures run the `snapvisor` binary as a user does (process start
+//! included) on a store under `--dir`.
 
 use anyhow::{Context, Result, bail, ensure};
 use disk::{Disk, VhdxDisk};
@@ -71,6 +74,9 @@ fn main() -> Result<()> {
     }
     if want("merge") {
         rows.extend(bench_merge(&opts)?);
+    }
+    if want("checkpoints") {
+        rows.extend(bench_checkpoints(&opts)?);
     }
     println!();
     println!("| benchmark | snapvisor | peer | ratio | target | met |");
@@ -593,4 +599,199 @@ fn bench_merge(o: &Opts) -> Result<Vec<Row>> {
         target: "<= 1.00x qemu-img".into(),
         met: ratio <= 1.0,
     }])
+}
+
+fn snapvisor_in(store: &Path, args: &str) -> Result<String> {
+    sh(&format!(
+        "SNAPVISOR_STORE='{}' {} {args}",
+        store.display(),
+        snapvisor_bin()?.display()
+    ))
+}
+
+fn show_file(store: &Path, vm: &str, disk: usize) -> Result<PathBuf> {
+    let out = snapvisor_in(store, &format!("vm show {vm} --json"))?;
+    let key = "\"file\": \"";
+    let mut at = 0;
+    for _ in 0..=disk {
+        at += out[at..].find(key).context("no disk file in vm show")? + key.len();
+    }
+    let end = out[at..].find('"').context("bad JSON")? + at;
+    Ok(PathBuf::from(&out[at..end]))
+}
+
+fn write_gib(path: &Path, offset: u64, seed: u64) -> Result<()> {
+    let c = Chain::open(path, true)?;
+    let data = random_buf(4 * MIB as usize, seed);
+    for i in 0..256u64 {
+        c.write_at(&data, offset + i * 4 * MIB)?;
+    }
+    c.close()?;
+    Ok(())
+}
+
+/// Checkpoint operations on stopped VMs, through the CLI.
+fn bench_checkpoints(o: &Opts) -> Result<Vec<Row>> {
+    eprintln!("checkpoints: take, apply, list, delete");
+    let dir = o.dir.join("checkpoints");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let store = dir.join("store");
+    let mut rows = Vec::new();
+
+    // Take and apply with 4 disks of 64 GiB; the peer creates the same four children
+    // with qemu-img (what an offline external qcow2 snapshot does).
+    snapvisor_in(
+        &store,
+        "vm create four --disk 64G --disk 64G --disk 64G --disk 64G",
+    )?;
+    let mut takes = Vec::new();
+    for i in 0..o.runs.max(5) {
+        sh("sync")?;
+        takes.push(timed(|| {
+            snapvisor_in(&store, &format!("checkpoint create four --name take{i}")).map(|_| ())
+        })?);
+    }
+    let mut applies = Vec::new();
+    for i in 0..o.runs.max(5) {
+        sh("sync")?;
+        applies.push(timed(|| {
+            snapvisor_in(&store, &format!("checkpoint apply four take{}", i % 3)).map(|_| ())
+        })?);
+    }
+    let qdir = dir.join("qcow");
+    fs::create_dir_all(&qdir)?;
+    for d in 0..4 {
+        sh(&format!(
+            "qemu-img create -q -f qcow2 {}/base{d}.qcow2 64G",
+            qdir.display()
+        ))?;
+    }
+    let mut peer = Vec::new();
+    for i in 0..o.runs.max(5) {
+        sh("sync")?;
+        let cmd: Vec<String> = (0..4)
+            .map(|d| {
+                format!("qemu-img create -q -f qcow2 -b base{d}.qcow2 -F qcow2 c{i}-{d}.qcow2")
+            })
+            .collect();
+        peer.push(timed(|| {
+            sh(&format!(
+                "cd {} && {} && sync c{i}-*.qcow2",
+                qdir.display(),
+                cmd.join(" && ")
+            ))
+            .map(|_| ())
+        })?);
+    }
+    let (t, a, p) = (median(takes), median(applies), median(peer));
+    rows.push(Row {
+        name: "take a checkpoint, stopped VM, 4 disks of 64 GiB".into(),
+        ours: ms(t),
+        peer: format!("{} (4 x qemu-img create -b, qcow2)", ms(p)),
+        ratio: format!("{:.2}x", t.as_secs_f64() / p.as_secs_f64()),
+        target: "< 100 ms".into(),
+        met: t < Duration::from_millis(100),
+    });
+    rows.push(Row {
+        name: "apply a checkpoint, stopped VM, 4 disks of 64 GiB".into(),
+        ours: ms(a),
+        peer: format!("{} (4 x qemu-img create -b, qcow2)", ms(p)),
+        ratio: format!("{:.2}x", a.as_secs_f64() / p.as_secs_f64()),
+        target: "< 100 ms".into(),
+        met: a < Duration::from_millis(100),
+    });
+
+    // Listing a tree of 50 checkpoints.
+    let have = o.runs.max(5);
+    for i in have..50 {
+        if i % 7 == 0 {
+            snapvisor_in(&store, &format!("checkpoint apply four take{}", i / 2))?;
+        }
+        snapvisor_in(&store, &format!("checkpoint create four --name take{i}"))?;
+    }
+    let mut lists = Vec::new();
+    let mut jsons = Vec::new();
+    for _ in 0..o.runs.max(5) {
+        lists.push(timed(|| {
+            snapvisor_in(&store, "checkpoint list four").map(|_| ())
+        })?);
+        jsons.push(timed(|| {
+            snapvisor_in(&store, "checkpoint list four --json").map(|_| ())
+        })?);
+    }
+    let count = snapvisor_in(&store, "checkpoint list four --json")?
+        .matches("\"consistency\"")
+        .count();
+    ensure!(count == 50, "expected 50 checkpoints, listed {count}");
+    let (l, j) = (median(lists), median(jsons));
+    rows.push(Row {
+        name: "list a tree of 50 checkpoints (4 disks)".into(),
+        ours: format!("{} (text), {} (--json)", ms(l), ms(j)),
+        peer: "-".into(),
+        ratio: "-".into(),
+        target: "< 50 ms".into(),
+        met: l.max(j) < Duration::from_millis(50),
+    });
+
+    // Deleting a checkpoint whose layer holds 1 GiB of changes, against the engine's own
+    // merge of the same two layers (`snapvisor disk merge`).
+    let mut deletes = Vec::new();
+    let mut merges = Vec::new();
+    for run in 0..o.runs {
+        let _ = snapvisor_in(&store, "vm delete one");
+        snapvisor_in(&store, "vm create one --disk 8G")?;
+        write_gib(&show_file(&store, "one", 0)?, 0, 20 + run as u64)?;
+        snapvisor_in(&store, "checkpoint create one --name A")?;
+        write_gib(&show_file(&store, "one", 0)?, 2 * GIB, 30 + run as u64)?;
+        snapvisor_in(&store, "checkpoint create one --name B")?;
+        // The same two layers, alone in a folder, for the engine.
+        let eng = dir.join("engine");
+        let _ = fs::remove_dir_all(&eng);
+        fs::create_dir_all(&eng)?;
+        let base = eng.join("base.vhdx");
+        let child = eng.join("child.avhdx");
+        vhdx::create(&base, &CreateParams::dynamic(8 * GIB))?;
+        write_gib(&base, 0, 20 + run as u64)?;
+        vhdx::create_differencing(&child, &base, None)?;
+        write_gib(&child, 2 * GIB, 30 + run as u64)?;
+        let mut del =
+            || -> Result<()> { snapvisor_in(&store, "checkpoint delete one A").map(|_| ()) };
+        let mut eng_merge = || -> Result<()> {
+            sh(&format!(
+                "{} disk merge {} --direction auto",
+                snapvisor_bin()?.display(),
+                child.display()
+            ))
+            .map(|_| ())
+        };
+        // Alternate which goes first: write-back left by the setup slows the first one.
+        sh("sync")?;
+        if run % 2 == 0 {
+            deletes.push(timed(&mut del)?);
+            sh("sync")?;
+            merges.push(timed(&mut eng_merge)?);
+        } else {
+            merges.push(timed(&mut eng_merge)?);
+            sh("sync")?;
+            deletes.push(timed(&mut del)?);
+        }
+        let out = snapvisor_in(&store, "checkpoint list one --json")?;
+        ensure!(
+            !out.contains("\"name\": \"A\""),
+            "checkpoint A still listed after delete"
+        );
+    }
+    let (d, m) = (median(deletes), median(merges));
+    let ratio = d.as_secs_f64() / m.as_secs_f64();
+    rows.push(Row {
+        name: "delete a checkpoint whose layer holds 1 GiB (merge)".into(),
+        ours: format!("{} ({})", secs(d), mbps(GIB, d)),
+        peer: format!("{} (snapvisor disk merge of the same layers)", secs(m)),
+        ratio: format!("{ratio:.2}x engine merge time"),
+        target: "engine merge speed (<= 1.10x)".into(),
+        met: ratio <= 1.10,
+    });
+    let _ = fs::remove_dir_all(&dir);
+    Ok(rows)
 }

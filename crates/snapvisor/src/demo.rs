@@ -150,8 +150,104 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         );
         s.done(String::from_utf8_lossy(&out.stdout).trim());
     }
+    checkpoint_demo(&dir, &outcome.result, &expected)?;
     println!("demo finished: every step verified");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The checkpoint tree of a stopped VM: a VM built on the merged disk, checkpoints on two
+/// branches, apply, and deletes that merge layers away, verified at each step.
+fn checkpoint_demo(dir: &Path, disk: &Path, expected: &[(u64, Vec<u8>)]) -> Result<()> {
+    let store_dir = dir.join("store");
+    let _ = std::fs::remove_dir_all(&store_dir);
+    let store = vm::Store::open(&store_dir, std::time::Duration::ZERO)?;
+
+    let s = Step::start("create VM \"demo\" in a store, importing the merged disk");
+    let mut spec = vm::NewVm::new("demo");
+    spec.import_disks.push(disk.to_owned());
+    store.create(&spec)?;
+    let now_file = |store: &vm::Store| -> Result<PathBuf> {
+        let (d, st, _) = store.read_vm("demo")?;
+        Ok(d.join("disks").join(&st.now.disks[0]))
+    };
+    verify(&now_file(&store)?, expected)?;
+    s.done(&store.vm_path("demo").display().to_string());
+
+    let s = Step::start("checkpoint \"before\", write, checkpoint \"after\", write again");
+    let mut v = store.open_vm("demo", "demo")?;
+    v.create_checkpoint(Some("before"))?;
+    drop(v);
+    let mut after = expected.to_vec();
+    let write = |after: &mut Vec<(u64, Vec<u8>)>, tag: u8| -> Result<()> {
+        let chain = Chain::open(&now_file(&store)?, true)?;
+        let data = pattern(tag, 1 << 20, 8 << 20);
+        chain.write_at(&data, 8 << 20)?;
+        chain.close()?;
+        apply(after, 8 << 20, &data);
+        Ok(())
+    };
+    write(&mut after, 0xC0)?;
+    let mut v = store.open_vm("demo", "demo")?;
+    v.create_checkpoint(Some("after"))?;
+    drop(v);
+    let mut latest = after.clone();
+    write(&mut latest, 0xD0)?;
+    s.done("Now holds the latest writes");
+
+    let s = Step::start("apply \"before\": the disk reads as it did then");
+    let mut v = store.open_vm("demo", "demo")?;
+    let gen_before = v.state().config.generation_id;
+    v.apply("before", false)?;
+    ensure!(
+        v.state().config.generation_id != gen_before,
+        "generation ID unchanged"
+    );
+    drop(v);
+    verify(&now_file(&store)?, expected)?;
+    s.done("data as of \"before\"; new generation ID");
+
+    let s = Step::start("apply \"after\", keeping the current state as a checkpoint");
+    let mut v = store.open_vm("demo", "demo")?;
+    v.apply("after", true)?;
+    drop(v);
+    verify(&now_file(&store)?, &after)?;
+    print_tree(&store)?;
+    s.done("data as of \"after\"");
+
+    let s = Step::start("delete \"before\" and \"after\": their layers merge away");
+    let mut v = store.open_vm("demo", "demo")?;
+    v.delete_checkpoint("after", false)?;
+    v.delete_checkpoint("before", false)?;
+    drop(v);
+    verify(&now_file(&store)?, &after)?;
+    print_tree(&store)?;
+    let (d, st, _) = store.read_vm("demo")?;
+    for f in st.layers.keys() {
+        ensure!(
+            vhdx::check::check(&d.join("disks").join(f), false)?.is_clean(),
+            "check found errors in {f}"
+        );
+    }
+    s.done(&format!(
+        "{} layer files left; data and check clean",
+        st.layers.len()
+    ));
+    Ok(())
+}
+
+fn print_tree(store: &vm::Store) -> Result<()> {
+    let (_, st, _) = store.read_vm("demo")?;
+    fn walk(st: &vm::VmState, parent: Option<uuid::Uuid>, depth: usize) {
+        for c in st.children(parent) {
+            println!("    {}{}", "  ".repeat(depth), c.name);
+            walk(st, Some(c.id), depth + 1);
+        }
+        if st.now.parent == parent {
+            println!("    {}> Now", "  ".repeat(depth));
+        }
+    }
+    walk(&st, None, 0);
+    Ok(())
 }
 
 fn which(cmd: &str) -> bool {

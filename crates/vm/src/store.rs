@@ -120,6 +120,7 @@ impl Store {
     pub fn open_vm(&self, name: &str, what: &str) -> Result<Vm> {
         let path = self.existing_vm_path(name)?;
         let mut vm = Vm::open(&path, what, self.wait)?;
+        vm.check_layers_present()?;
         let r = vm.reconcile();
         if let Some(e) = &r.failed {
             tracing::warn!("hidden layers of {name} stay unmerged for now: {e}");

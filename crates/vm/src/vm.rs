@@ -111,7 +111,6 @@ impl Vm {
             next.config.name = name;
             vm.commit(next)?;
         }
-        vm.check_layers_present()?;
         Ok(vm)
     }
 
@@ -695,7 +694,8 @@ impl Vm {
             .join(CHECKPOINT_CONFIG_FILE)
     }
 
-    fn check_layers_present(&self) -> Result<()> {
+    /// Fails with [`Error::MissingLayer`] naming the first layer file that is gone.
+    pub(crate) fn check_layers_present(&self) -> Result<()> {
         for name in self.state.layers.keys() {
             let path = self.layer_path(name);
             if !path.exists() {
