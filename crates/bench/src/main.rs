@@ -757,7 +757,7 @@ fn bench_checkpoints(o: &Opts) -> Result<Vec<Row>> {
         write_gib(&child, 2 * GIB, 30 + run as u64)?;
         let mut del =
             || -> Result<()> { snapvisor_in(&store, "checkpoint delete one A").map(|_| ()) };
-        let mut eng_merge = || -> Result<()> {
+        let eng_merge = || -> Result<()> {
             sh(&format!(
                 "{} disk merge {} --direction auto",
                 snapvisor_bin()?.display(),
@@ -768,13 +768,13 @@ fn bench_checkpoints(o: &Opts) -> Result<Vec<Row>> {
         // Alternate which goes first: write-back left by the setup slows the first one.
         sh("sync")?;
         if run % 2 == 0 {
-            deletes.push(timed(&mut del)?);
+            deletes.push(timed(del)?);
             sh("sync")?;
-            merges.push(timed(&mut eng_merge)?);
+            merges.push(timed(eng_merge)?);
         } else {
-            merges.push(timed(&mut eng_merge)?);
+            merges.push(timed(eng_merge)?);
             sh("sync")?;
-            deletes.push(timed(&mut del)?);
+            deletes.push(timed(del)?);
         }
         let out = snapvisor_in(&store, "checkpoint list one --json")?;
         ensure!(
