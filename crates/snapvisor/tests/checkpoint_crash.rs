@@ -163,7 +163,7 @@ fn crash_test(op: &str, args: &[&str]) {
     let mut points = 0;
     let mut trial = 0;
     let wanted = trials();
-    let mut judge = |how: &str, outcomes: &mut [usize; 2], rng: &mut SmallRng| {
+    let judge = |how: &str, outcomes: &mut [usize; 2], rng: &mut SmallRng| {
         // Recovery may itself be interrupted.
         if rng.random_bool(0.5) {
             let mut c = cli.command(&["vm", "list"]);
