@@ -755,8 +755,7 @@ fn bench_checkpoints(o: &Opts) -> Result<Vec<Row>> {
         write_gib(&base, 0, 20 + run as u64)?;
         vhdx::create_differencing(&child, &base, None)?;
         write_gib(&child, 2 * GIB, 30 + run as u64)?;
-        let mut del =
-            || -> Result<()> { snapvisor_in(&store, "checkpoint delete one A").map(|_| ()) };
+        let del = || -> Result<()> { snapvisor_in(&store, "checkpoint delete one A").map(|_| ()) };
         let eng_merge = || -> Result<()> {
             sh(&format!(
                 "{} disk merge {} --direction auto",
