@@ -6,7 +6,7 @@
 //! all sides pay for durability equally.
 //!
 //! Usage: `snapvisor-bench [--dir DIR] [--runs N] [--only NAME]...` where NAME is one of
-//! `create-child`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`.
+//! `create-child`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`, `nbd`.
 //!
 //! The checkpoint figures run the `snapvisor` binary as a user does (process start
 //! included) on a store under `--dir`.
@@ -77,6 +77,9 @@ fn main() -> Result<()> {
     }
     if want("checkpoints") {
         rows.extend(bench_checkpoints(&opts)?);
+    }
+    if want("nbd") {
+        rows.extend(bench_nbd(&opts)?);
     }
     println!();
     println!("| benchmark | snapvisor | peer | ratio | target | met |");
@@ -791,6 +794,153 @@ fn bench_checkpoints(o: &Opts) -> Result<Vec<Row>> {
         target: "engine merge speed (<= 1.10x)".into(),
         met: ratio <= 1.10,
     });
+    let _ = fs::remove_dir_all(&dir);
+    Ok(rows)
+}
+
+/// A server process, stopped (SIGTERM) when dropped.
+struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = sh(&format!("kill -TERM {}", self.0.id()));
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_socket(path: &Path) -> Result<()> {
+    for _ in 0..500 {
+        if path.exists() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("{} did not appear", path.display())
+}
+
+/// Seconds `qemu-img bench` reports.
+fn qemu_bench(uri: &str, args: &str) -> Result<Duration> {
+    let out = sh(&format!("qemu-img bench -f raw {args} '{uri}'"))?;
+    let secs: f64 = out
+        .split("Run completed in ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .context("no time in qemu-img bench output")?
+        .parse()?;
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The NBD server against `qemu-nbd -f vhdx` serving an identical dynamic VHDX file,
+/// measured with `qemu-img bench` at queue depth 16.
+fn bench_nbd(o: &Opts) -> Result<Vec<Row>> {
+    eprintln!("nbd: snapvisor disk serve vs qemu-nbd -f vhdx");
+    let dir = o.dir.join("nbd");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let ours_file = dir.join("ours.vhdx");
+    let peer_file = dir.join("peer.vhdx");
+    vhdx::create(&ours_file, &CreateParams::dynamic(4 * GIB))?;
+    {
+        let c = Chain::open(&ours_file, true)?;
+        let data = random_buf(4 * MIB as usize, 40);
+        for i in 0..512u64 {
+            c.write_at(&data, i * 4 * MIB)?;
+        }
+        c.close()?;
+    }
+    fs::copy(&ours_file, &peer_file)?;
+    let ours_sock = dir.join("ours.sock");
+    let peer_sock = dir.join("peer.sock");
+    let _ours = Served(
+        Command::new(snapvisor_bin()?)
+            .args(["disk", "serve"])
+            .arg(&ours_file)
+            .arg("--socket")
+            .arg(&ours_sock)
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let _peer = Served(
+        Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "vhdx",
+                "--cache=writeback",
+                "--shared=4",
+                "--persistent",
+                "-x",
+                "disk",
+                "--socket",
+            ])
+            .arg(&peer_sock)
+            .arg(&peer_file)
+            .spawn()?,
+    );
+    wait_for_socket(&ours_sock)?;
+    wait_for_socket(&peer_sock)?;
+    let ours_uri = format!("nbd+unix:///disk?socket={}", ours_sock.display());
+    let peer_uri = format!("nbd+unix:///disk?socket={}", peer_sock.display());
+    let cases: [(&str, &str, u64); 4] = [
+        (
+            "sequential 1 MiB reads (2 GiB)",
+            "-d 16 -s 1M -c 2048",
+            2 * GIB,
+        ),
+        (
+            "4 KiB reads, 1 MiB stride (2 GiB span)",
+            "-d 16 -s 4k -S 1M -c 2048 -o 0",
+            2048 * 4096,
+        ),
+        (
+            "sequential 1 MiB writes (1 GiB, into allocated and new blocks)",
+            "-w -d 16 -s 1M -c 1024 -o 1536M",
+            GIB,
+        ),
+        (
+            "4 KiB writes, 1 MiB stride (into allocated blocks)",
+            "-w -d 16 -s 4k -S 1M -c 1536 -o 4096",
+            1536 * 4096,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, args, bytes) in cases {
+        // Warm both once (page cache, and the blocks a first write allocates).
+        qemu_bench(&ours_uri, args)?;
+        qemu_bench(&peer_uri, args)?;
+        let mut ours = Vec::new();
+        let mut peer = Vec::new();
+        for run in 0..o.runs {
+            sh("sync")?;
+            if run % 2 == 0 {
+                ours.push(qemu_bench(&ours_uri, args)?);
+                sh("sync")?;
+                peer.push(qemu_bench(&peer_uri, args)?);
+            } else {
+                peer.push(qemu_bench(&peer_uri, args)?);
+                sh("sync")?;
+                ours.push(qemu_bench(&ours_uri, args)?);
+            }
+        }
+        let (m, p) = (median(ours), median(peer));
+        let speed = p.as_secs_f64() / m.as_secs_f64();
+        let rate = |d: Duration| {
+            if bytes >= GIB {
+                mbps(bytes, d)
+            } else {
+                format!("{:.0} IOPS", (bytes / 4096) as f64 / d.as_secs_f64())
+            }
+        };
+        rows.push(Row {
+            name: format!("NBD: {name}, depth 16"),
+            ours: rate(m),
+            peer: format!("{} (qemu-nbd -f vhdx)", rate(p)),
+            ratio: format!("{speed:.2}x qemu-nbd"),
+            target: ">= 1.00x qemu-nbd".into(),
+            met: speed >= 1.0,
+        });
+    }
+    drop(_ours);
+    drop(_peer);
     let _ = fs::remove_dir_all(&dir);
     Ok(rows)
 }

@@ -29,6 +29,23 @@ pub enum DiskCommand {
     Write(WriteArgs),
     /// Discard a range: it reads as zeros afterwards.
     Discard(RangeArgs),
+    /// Serve a disk over NBD on a unix socket until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The disk (a VHDX chain or a raw file).
+    path: PathBuf,
+    /// The unix socket to listen on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Refuse writes.
+    #[arg(long)]
+    read_only: bool,
+    /// The export's name (clients may also ask for the default, empty name).
+    #[arg(long, default_value = "disk")]
+    name: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -167,6 +184,7 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
         DiskCommand::Read(a) => read(a),
         DiskCommand::Write(a) => write(a),
         DiskCommand::Discard(a) => discard(a),
+        DiskCommand::Serve(a) => serve(a),
     }
 }
 
@@ -595,4 +613,35 @@ pub fn print_json<T: Serialize>(v: &T) -> Result<()> {
     serde_json::to_writer_pretty(&mut out, v).context("cannot write to stdout")?;
     writeln!(out).context("cannot write to stdout")?;
     Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<ExitCode> {
+    let d: std::sync::Arc<dyn Disk> = open_for(&a.path, !a.read_only)?.into();
+    let export = std::sync::Arc::new(nbd::Export::new(&a.name, d, a.read_only));
+    let server = nbd::Server::bind(&a.socket, export)
+        .with_context(|| format!("cannot serve {}", a.path.display()))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
+    let stopper = server.stopper();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            stopper.stop();
+        }
+    });
+    println!(
+        "serving {} as nbd+unix:///{}?socket={}{}",
+        a.path.display(),
+        a.name,
+        a.socket.display(),
+        if a.read_only { " (read-only)" } else { "" }
+    );
+    std::io::stdout().flush().ok();
+    server
+        .run()
+        .with_context(|| format!("serving {} failed", a.path.display()))?;
+    drop(server);
+    Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,7 @@
 //! demo the README's first command runs.
 
 use serde_json::Value;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -362,4 +362,72 @@ fn demo_runs_and_verifies_every_step() {
         dir.path(),
     );
     assert!(out.contains("demo finished: every step verified"), "{out}");
+}
+
+/// `disk serve` answers real clients and, on SIGTERM, closes the file cleanly (qemu-img
+/// opens it afterwards with no log to replay).
+#[test]
+fn serve_until_sigterm_leaves_a_clean_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["disk", "create", "d.vhdx", "--size", "32M"], d);
+    let mut server = Command::new(env!("CARGO_BIN_EXE_snapvisor"))
+        .args([
+            "disk", "serve", "d.vhdx", "--socket", "s.sock", "--name", "d0",
+        ])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = d.join("s.sock");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///d0?socket={}", sock.display());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 9 1M 1M", &uri])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second server on the same socket is refused.
+    let second = snapvisor(&["disk", "serve", "d.vhdx", "--socket", "s.sock"], d);
+    assert!(!second.status.success());
+    let st = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = server.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+    let mut banner = String::new();
+    server
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut banner)
+        .unwrap();
+    assert!(banner.contains("nbd+unix:///d0?socket=s.sock"), "{banner}");
+    assert!(!sock.exists(), "the socket file is removed");
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "vhdx", "d.vhdx"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let data = snapvisor(
+        &["disk", "read", "d.vhdx", "--offset", "1M", "--length", "1M"],
+        d,
+    );
+    assert!(data.stdout.iter().all(|&b| b == 9) && data.stdout.len() == 1 << 20);
 }

@@ -1,0 +1,503 @@
+//! The NBD server against real clients (`qemu-io`, `qemu-img`, and `nbdinfo`/`nbdcopy`
+//! when libnbd-bin is installed) and against a hand-written client that sends what real
+//! clients never do: out-of-range requests, unknown commands, bad magic, many requests
+//! in flight.
+
+use disk::{Disk, VhdxDisk};
+use nbd::proto::*;
+use nbd::{Export, Server, Stopper};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+const MIB: u64 = 1 << 20;
+
+struct Running {
+    socket: PathBuf,
+    stopper: Stopper,
+    thread: Option<JoinHandle<()>>,
+    export: Arc<Export>,
+}
+
+impl Running {
+    fn uri(&self) -> String {
+        format!("nbd+unix:///disk0?socket={}", self.socket.display())
+    }
+    fn stop(mut self) {
+        self.stopper.stop();
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+fn serve(disk: Arc<dyn Disk>, dir: &Path, read_only: bool) -> Running {
+    let socket = dir.join("nbd.sock");
+    let export = Arc::new(Export::new("disk0", disk, read_only));
+    let server = Server::bind(&socket, export.clone()).unwrap();
+    let stopper = server.stopper();
+    let thread = std::thread::spawn(move || server.run().unwrap());
+    Running {
+        socket,
+        stopper,
+        thread: Some(thread),
+        export,
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new(cmd).arg("--version").output().is_ok()
+}
+
+/// A chain (base with data, child on top) as the served disk.
+fn chain(dir: &Path) -> PathBuf {
+    let base = dir.join("base.vhdx");
+    let child = dir.join("child.avhdx");
+    let params = vhdx::CreateParams {
+        block_size: Some(MIB as u32),
+        ..vhdx::CreateParams::dynamic(64 * MIB)
+    };
+    vhdx::create(&base, &params).unwrap();
+    let d = VhdxDisk::open(&base, true).unwrap();
+    d.write_at(&vec![0x5a; (3 * MIB) as usize], 5 * MIB)
+        .unwrap();
+    d.write_at(&vec![0x5b; (2 * MIB) as usize], 40 * MIB)
+        .unwrap();
+    d.close().unwrap();
+    vhdx::create_differencing(&child, &base, None).unwrap();
+    child
+}
+
+const QEMU_IO_SCRIPT: &[&str] = &[
+    "write -P 0x11 0 1M",
+    "write -P 0x22 6M 100k",
+    "write -P 0x33 33M 5M",
+    "write -z 40M 1M",
+    "discard 5M 512k",
+    "aio_write -P 0x44 50M 64k",
+    "aio_write -P 0x45 51M 64k",
+    "aio_flush",
+    "write -P 0x55 63M 1M",
+    "flush",
+];
+
+fn qemu_io(target: &[&str]) {
+    let mut args: Vec<&str> = Vec::new();
+    for c in QEMU_IO_SCRIPT {
+        args.push("-c");
+        args.push(c);
+    }
+    args.extend_from_slice(target);
+    run("qemu-io", &args);
+}
+
+#[test]
+fn qemu_io_and_qemu_img_see_the_chain_and_change_it_like_a_raw_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain(dir.path());
+    // The oracle: the same chain flattened to raw, then the same qemu-io script on it.
+    let oracle = dir.path().join("oracle.raw");
+    {
+        let d = VhdxDisk::open(&top, false).unwrap();
+        disk::convert(
+            &d,
+            &oracle,
+            &disk::ConvertOptions {
+                format: disk::OutputFormat::Raw,
+                physical_sector_size: 4096,
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+    }
+    qemu_io(&["-f", "raw", oracle.to_str().unwrap()]);
+
+    let served: Arc<dyn Disk> = Arc::new(VhdxDisk::open(&top, true).unwrap());
+    let s = serve(served, dir.path(), false);
+    let info = run("qemu-img", &["info", &s.uri()]);
+    assert!(info.contains("virtual size: 64 MiB"), "{info}");
+    qemu_io(&["-f", "raw", &s.uri()]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &s.uri(),
+            oracle.to_str().unwrap(),
+        ],
+    );
+    let copy = dir.path().join("copy.raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &s.uri(),
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&oracle).unwrap());
+    // Block status: what qemu-img map reports as zero is zero in the oracle, and the
+    // never-written tail of the base is reported as a hole.
+    let map = run("qemu-img", &["map", "-f", "raw", "--output=json", &s.uri()]);
+    assert!(map.contains("\"data\": false"), "{map}");
+    let raw = std::fs::read(&oracle).unwrap();
+    for line in map.lines() {
+        if line.contains("\"zero\": true") {
+            let num = |k: &str| -> usize {
+                let at = line.find(k).unwrap() + k.len();
+                line[at..]
+                    .split([',', '}'])
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap()
+            };
+            let (start, len) = (num("\"start\":"), num("\"length\":"));
+            assert!(raw[start..start + len].iter().all(|&b| b == 0), "{line}");
+        }
+    }
+    if have("nbdinfo") {
+        let m = run("nbdinfo", &["--map", &s.uri()]);
+        assert!(m.contains("hole,zero") && m.contains("data"), "{m}");
+        let c = dir.path().join("nbdcopy.raw");
+        run("nbdcopy", &[&s.uri(), c.to_str().unwrap()]);
+        assert!(std::fs::read(&c).unwrap() == raw);
+    }
+    s.stop();
+    // After a clean stop, the chain read directly equals the oracle.
+    let d = VhdxDisk::open(&top, false).unwrap();
+    let mut buf = vec![0u8; raw.len()];
+    d.read_at(&mut buf, 0).unwrap();
+    assert!(buf == raw, "the chain differs from the oracle");
+    let report = vhdx::check::check(&top, false).unwrap();
+    assert!(
+        report.errors.is_empty() && !report.needs_log_replay,
+        "{:?}",
+        report.errors
+    );
+}
+
+#[test]
+fn a_read_only_export_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain(dir.path());
+    let s = serve(
+        Arc::new(VhdxDisk::open(&top, false).unwrap()),
+        dir.path(),
+        true,
+    );
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k", &s.uri()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Permission denied"), "{text}");
+    // A client that writes anyway gets EPERM.
+    let mut c = RawClient::connect(&s.socket, false);
+    c.send(CMD_WRITE, 0, 9, 0, 512, &[1u8; 512]);
+    assert_eq!(c.simple(0).0, EPERM);
+    c.send(CMD_TRIM, 0, 10, 0, 512, &[]);
+    assert_eq!(c.simple(0).0, EPERM);
+    drop(c);
+    run(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x5a 5M 3M", &s.uri()],
+    );
+    s.stop();
+}
+
+/// A minimal client for the tests below.
+struct RawClient {
+    s: UnixStream,
+}
+
+impl RawClient {
+    fn connect(socket: &Path, structured: bool) -> RawClient {
+        let mut s = UnixStream::connect(socket).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[0..8], b"NBDMAGIC");
+        assert_eq!(
+            u64::from_be_bytes(hello[8..16].try_into().unwrap()),
+            IHAVEOPT
+        );
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut c = RawClient { s };
+        if structured {
+            c.option(OPT_STRUCTURED_REPLY, &[]);
+            assert_eq!(c.option_reply().0, REP_ACK);
+            let mut d = 0u32.to_be_bytes().to_vec();
+            d.extend_from_slice(&1u32.to_be_bytes());
+            d.extend_from_slice(&(15u32).to_be_bytes());
+            d.extend_from_slice(b"base:allocation");
+            c.option(OPT_SET_META_CONTEXT, &d);
+            assert_eq!(c.option_reply().0, REP_META_CONTEXT);
+            assert_eq!(c.option_reply().0, REP_ACK);
+        }
+        let mut go = 5u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk0");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        c.option(OPT_GO, &go);
+        loop {
+            let (kind, _) = c.option_reply();
+            if kind == REP_ACK {
+                break;
+            }
+            assert_eq!(kind, REP_INFO);
+        }
+        c
+    }
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+    }
+    fn option_reply(&mut self) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u64::from_be_bytes(h[0..8].try_into().unwrap()),
+            OPT_REPLY_MAGIC
+        );
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        self.s.read_exact(&mut d).unwrap();
+        (kind, d)
+    }
+    fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) {
+        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+    }
+    /// Reads one simple reply: (error, cookie), plus `data_len` bytes on success.
+    fn simple(&mut self, data_len: usize) -> (u32, u64, Vec<u8>) {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let mut d = vec![0u8; if err == 0 { data_len } else { 0 }];
+        self.s.read_exact(&mut d).unwrap();
+        (err, cookie, d)
+    }
+    /// Reads one structured chunk: (flags, type, cookie, payload).
+    fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            STRUCTURED_REPLY_MAGIC
+        );
+        let flags = u16::from_be_bytes(h[4..6].try_into().unwrap());
+        let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        self.s.read_exact(&mut d).unwrap();
+        (flags, kind, cookie, d)
+    }
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_connection_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain(dir.path());
+    let s = serve(
+        Arc::new(VhdxDisk::open(&top, true).unwrap()),
+        dir.path(),
+        false,
+    );
+    let mut c = RawClient::connect(&s.socket, false);
+    c.send(CMD_READ, 0, 1, 64 * MIB - 512, 1024, &[]);
+    assert_eq!(c.simple(1024).0, EINVAL, "read past the end");
+    c.send(CMD_WRITE, 0, 2, 64 * MIB, 512, &[0u8; 512]);
+    assert_eq!(c.simple(0).0, ENOSPC, "write past the end");
+    c.send(42, 0, 3, 0, 512, &[]);
+    assert_eq!(c.simple(0).0, EINVAL, "unknown command");
+    c.send(CMD_READ, 1 << 12, 4, 0, 512, &[]);
+    assert_eq!(c.simple(512).0, EINVAL, "unknown flag");
+    c.send(CMD_BLOCK_STATUS, 0, 5, 0, 512, &[]);
+    assert_eq!(c.simple(0).0, EINVAL, "block status without a context");
+    // Still serving.
+    c.send(CMD_READ, 0, 6, 5 * MIB, 4096, &[]);
+    let (err, cookie, data) = c.simple(4096);
+    assert_eq!((err, cookie), (0, 6));
+    assert!(data.iter().all(|&b| b == 0x5a));
+    // A bad magic ends the connection; the server keeps accepting others.
+    c.s.write_all(&[0u8; 28]).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.s.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    let mut c2 = RawClient::connect(&s.socket, true);
+    c2.send(CMD_READ, 0, 7, 64 * MIB, 1, &[]);
+    let (flags, kind, cookie, payload) = c2.chunk();
+    assert_eq!(
+        (flags & REPLY_FLAG_DONE, kind, cookie),
+        (1, REPLY_TYPE_ERROR, 7)
+    );
+    assert_eq!(
+        u32::from_be_bytes(payload[0..4].try_into().unwrap()),
+        EINVAL
+    );
+    c2.send(CMD_BLOCK_STATUS, 0, 8, 0, (64 * MIB) as u32, &[]);
+    let (_, kind, _, payload) = c2.chunk();
+    assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS);
+    let descriptors: Vec<(u32, u32)> = payload[4..]
+        .chunks(8)
+        .map(|d| {
+            (
+                u32::from_be_bytes(d[0..4].try_into().unwrap()),
+                u32::from_be_bytes(d[4..8].try_into().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        descriptors.iter().map(|d| u64::from(d.0)).sum::<u64>(),
+        64 * MIB
+    );
+    assert!(descriptors.iter().any(|d| d.1 == STATE_HOLE | STATE_ZERO));
+    s.stop();
+}
+
+#[test]
+fn many_requests_in_flight_are_all_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain(dir.path());
+    let s = serve(
+        Arc::new(VhdxDisk::open(&top, true).unwrap()),
+        dir.path(),
+        false,
+    );
+    let mut c = RawClient::connect(&s.socket, false);
+    // 200 writes of distinct patterns, sent before any reply is read.
+    for i in 0..200u64 {
+        c.send(
+            CMD_WRITE,
+            0,
+            1000 + i,
+            i * 65536,
+            4096,
+            &[(i % 251) as u8 + 1; 4096],
+        );
+    }
+    c.send(CMD_FLUSH, 0, 5000, 0, 0, &[]);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..201 {
+        let (err, cookie, _) = c.simple(0);
+        assert_eq!(err, 0);
+        seen.insert(cookie);
+    }
+    assert_eq!(seen.len(), 201);
+    for i in (0..200u64).step_by(37) {
+        c.send(CMD_READ, 0, i, i * 65536, 4096, &[]);
+        let (_, _, d) = c.simple(4096);
+        assert!(d.iter().all(|&b| b == (i % 251) as u8 + 1));
+    }
+    if have("qemu-img") {
+        run(
+            "qemu-img",
+            &[
+                "bench",
+                "-f",
+                "raw",
+                "-c",
+                "2000",
+                "-d",
+                "16",
+                "-s",
+                "4k",
+                "-w",
+                &s.uri(),
+            ],
+        );
+    }
+    s.stop();
+}
+
+#[test]
+fn the_disk_can_be_swapped_under_a_connected_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.vhdx");
+    let b = dir.path().join("b.vhdx");
+    for (p, byte) in [(&a, 0xaa), (&b, 0xbb)] {
+        vhdx::create(p, &vhdx::CreateParams::dynamic(8 * MIB)).unwrap();
+        let d = VhdxDisk::open(p, true).unwrap();
+        d.write_at(&[byte; 4096], 0).unwrap();
+        d.close().unwrap();
+    }
+    let s = serve(
+        Arc::new(VhdxDisk::open(&a, true).unwrap()),
+        dir.path(),
+        false,
+    );
+    let mut c = RawClient::connect(&s.socket, false);
+    c.send(CMD_READ, 0, 1, 0, 4096, &[]);
+    assert!(c.simple(4096).2.iter().all(|&x| x == 0xaa));
+    let old = s
+        .export
+        .swap(Arc::new(VhdxDisk::open(&b, true).unwrap()))
+        .unwrap();
+    drop(old);
+    c.send(CMD_READ, 0, 2, 0, 4096, &[]);
+    assert!(
+        c.simple(4096).2.iter().all(|&x| x == 0xbb),
+        "reads come from the new disk"
+    );
+    let small = dir.path().join("small.vhdx");
+    vhdx::create(&small, &vhdx::CreateParams::dynamic(MIB)).unwrap();
+    assert!(
+        s.export
+            .swap(Arc::new(VhdxDisk::open(&small, true).unwrap()))
+            .is_err()
+    );
+    s.stop();
+}
+
+#[test]
+fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain(dir.path());
+    let d: Arc<dyn Disk> = Arc::new(VhdxDisk::open(&top, false).unwrap());
+    let s = serve(d.clone(), dir.path(), true);
+    let e = Server::bind(&s.socket, Arc::new(Export::new("x", d.clone(), true))).unwrap_err();
+    assert!(e.to_string().contains("in use by another server"), "{e}");
+    s.stop();
+    // A socket file nobody listens on.
+    let _l = std::os::unix::net::UnixListener::bind(dir.path().join("nbd.sock")).unwrap();
+    drop(_l);
+    let s = serve(d, dir.path(), true);
+    run("qemu-img", &["info", &s.uri()]);
+    s.stop();
+}
