@@ -7,6 +7,8 @@ need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v bzcat >/dev/null 2>&1 || need+=(bzip2)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
+# nbdinfo and nbdcopy check the NBD server as independent clients.
+command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
