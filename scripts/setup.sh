@@ -9,6 +9,9 @@ command -v bzcat >/dev/null 2>&1 || need+=(bzip2)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 # nbdinfo and nbdcopy check the NBD server as independent clients.
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+# The test guest's disks are ext4 images, checked from the host.
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v cpio >/dev/null 2>&1 || need+=(cpio)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
