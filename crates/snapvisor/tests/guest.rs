@@ -1,13 +1,14 @@
 //! The test guest boots under TCG with its disk served by `snapvisor disk serve` from a
-//! VHDX file over NBD: the counter workload writes to the disk, the guest agent answers
-//! (ping, freeze, thaw), the ACPI power button shuts it down cleanly, and afterwards the
-//! VHDX file, converted to raw, holds the counter the guest wrote.
+//! VHDX file over NBD, driven through the `qemu` crate's clients: the counter workload
+//! writes to the disk; QMP reports the run state and the generation ID; the guest agent
+//! answers ping, freezes (the counter stops) and thaws; stop/cont pause and resume the
+//! guest; the ACPI power button shuts it down cleanly; and afterwards the VHDX file,
+//! converted to raw, passes e2fsck and holds the last tick the guest wrote.
 //!
 //! Needs the guest (`scripts/build-guest.sh`) and QEMU (`scripts/get-qemu.sh`);
 //! `scripts/test.sh` provides both through `SNAPVISOR_GUEST` and `SNAPVISOR_QEMU`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,27 +54,6 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// One request on the guest-agent socket, after resynchronising.
-fn agent(sock: &Path, command: &str) -> String {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":4711}}\n")
-        .unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    loop {
-        let mut line = Vec::new();
-        r.read_until(b'\n', &mut line).unwrap();
-        if String::from_utf8_lossy(&line).contains("4711") {
-            break;
-        }
-    }
-    s.write_all(format!("{{\"execute\":\"{command}\"}}\n").as_bytes())
-        .unwrap();
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    line
-}
-
 struct Kill(Child);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -83,7 +63,7 @@ impl Drop for Kill {
 }
 
 #[test]
-fn the_guest_boots_on_a_served_vhdx_and_its_counter_reaches_the_disk() {
+fn the_guest_runs_on_a_served_vhdx_under_qmp_and_its_agent() {
     let guest = guest_dir();
     assert!(
         guest.join("vmlinuz").exists() && guest.join("initrd.gz").exists(),
@@ -152,6 +132,8 @@ fn the_guest_boots_on_a_served_vhdx_and_its_counter_reaches_the_disk() {
                 "socket,id=qga0,path=ga.sock,server=on,wait=off",
                 "-device",
                 "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                "-device",
+                "vmgenid,id=vgid0,guid=5a9e1f00-1234-4cde-8f00-0123456789ab",
             ])
             .current_dir(d)
             .stderr(Stdio::piped())
@@ -166,13 +148,41 @@ fn the_guest_boots_on_a_served_vhdx_and_its_counter_reaches_the_disk() {
     wait_until("ten ticks", Duration::from_secs(60), || {
         console().contains("tick 10 ")
     });
-    assert!(agent(&d.join("ga.sock"), "guest-ping").contains("\"return\""));
-    assert!(agent(&d.join("ga.sock"), "guest-fsfreeze-freeze").contains("\"return\": 1"));
-    assert!(agent(&d.join("ga.sock"), "guest-fsfreeze-thaw").contains("\"return\": 1"));
-    // The power button: the guest syncs, unmounts and powers off; QEMU exits.
-    let mut q = UnixStream::connect(d.join("qmp.sock")).unwrap();
-    q.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"system_powerdown\"}\n")
+    let secs = Duration::from_secs;
+    let qmp = qemu::Qmp::connect(&d.join("qmp.sock"), secs(10)).unwrap();
+    assert_eq!(qmp.status(secs(5)).unwrap(), "running");
+    let gen_id = qmp
+        .execute("query-vm-generation-id", serde_json::Value::Null, secs(5))
         .unwrap();
+    assert_eq!(gen_id["guid"], "5a9e1f00-1234-4cde-8f00-0123456789ab");
+    let mut ga = qemu::GuestAgent::connect(&d.join("ga.sock"), secs(20)).unwrap();
+    ga.ping(secs(10)).unwrap();
+    assert_eq!(ga.freeze(secs(20)).unwrap(), 1);
+    assert_eq!(ga.freeze_status(secs(10)).unwrap(), "frozen");
+    // Frozen: the counter stops advancing.
+    let ticks = || console().matches("tick ").count();
+    std::thread::sleep(Duration::from_millis(600));
+    let frozen_at = ticks();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(ticks() <= frozen_at + 1, "the counter ran on while frozen");
+    assert_eq!(ga.thaw(secs(20)).unwrap(), 1);
+    wait_until("ticks after the thaw", secs(30), || ticks() > frozen_at + 2);
+    // Pause and resume: no ticks while paused.
+    qmp.execute("stop", serde_json::Value::Null, secs(10))
+        .unwrap();
+    qmp.wait_event("STOP", secs(10)).unwrap();
+    assert_eq!(qmp.status(secs(5)).unwrap(), "paused");
+    let paused_at = ticks();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ticks(), paused_at, "the guest ran while paused");
+    qmp.execute("cont", serde_json::Value::Null, secs(10))
+        .unwrap();
+    qmp.wait_event("RESUME", secs(10)).unwrap();
+    wait_until("ticks after resume", secs(30), || ticks() > paused_at + 2);
+    // The power button: the guest syncs, unmounts and powers off; QEMU exits.
+    qmp.execute("system_powerdown", serde_json::Value::Null, secs(10))
+        .unwrap();
+    qmp.wait_event("POWERDOWN", secs(10)).unwrap();
     let t = Instant::now();
     let status = loop {
         if let Some(s) = vm.0.try_wait().unwrap() {

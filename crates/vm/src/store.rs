@@ -136,7 +136,13 @@ impl Store {
     pub fn read_vm(&self, name: &str) -> Result<(PathBuf, VmState, Option<String>)> {
         let path = self.existing_vm_path(name)?;
         if path.join(JOURNAL_FILE).exists() && Lock::is_free(&path) {
-            drop(Vm::open(&path, "recover", self.wait)?);
+            // Another command may take the lock first: then it finishes the journal.
+            match Vm::open(&path, "recover", Duration::ZERO) {
+                Ok(vm) => drop(vm),
+                Err(Error::Busy { .. }) => {}
+                // The committed state is still shown, with the operation named unfinished.
+                Err(e) => tracing::warn!("cannot finish the unfinished operation on {name}: {e}"),
+            }
         }
         let state = VmState::load(&path.join(STATE_FILE))?;
         let unfinished = Journal::load(&path).ok().flatten().map(|j| j.op);
