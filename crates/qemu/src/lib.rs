@@ -1,3 +1,4 @@
+//! QEMU's command line for a VM whose disks are served over NBD ([`MachineSpec`]), and
 //! QEMU's control protocols, spoken over unix sockets.
 //!
 //! - [`Qmp`]: the QEMU Machine Protocol. Commands carry an `id` and replies are matched
@@ -13,9 +14,11 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+pub mod cmdline;
 mod qmp;
 
 pub use agent::GuestAgent;
+pub use cmdline::{Accel, MachineSpec, NbdDisk};
 pub use qmp::{Event, Qmp};
 
 use std::path::PathBuf;

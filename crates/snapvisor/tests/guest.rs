@@ -108,33 +108,31 @@ fn the_guest_runs_on_a_served_vhdx_under_qmp_and_its_agent() {
         d.join("nbd.sock").exists()
     });
     let started = Instant::now();
+    let spec = qemu::MachineSpec {
+        name: "guest-test".into(),
+        uuid: "6f1d1a2e-0000-4000-8000-000000000001".into(),
+        generation_id: "5a9e1f00-1234-4cde-8f00-0123456789ab".into(),
+        machine: "pc".into(),
+        accel: qemu::Accel::Tcg,
+        memory_mib: 256,
+        cpus: 1,
+        kernel: Some((
+            guest.join("vmlinuz"),
+            Some(guest.join("initrd.gz")),
+            "console=ttyS0 panic=-1 quiet workload=counter".into(),
+        )),
+        disks: vec![qemu::NbdDisk {
+            socket: d.join("nbd.sock"),
+            export: "disk0".into(),
+        }],
+        qmp_socket: d.join("qmp.sock"),
+        agent_socket: Some(d.join("ga.sock")),
+        serial_log: d.join("console.log"),
+        paused: false,
+    };
     let mut vm = Kill(
         Command::new(qemu())
-            .args(["-accel", "tcg", "-machine", "pc", "-m", "256", "-smp", "1"])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-            .arg("-kernel")
-            .arg(guest.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(guest.join("initrd.gz"))
-            .args(["-append", "console=ttyS0 panic=-1 quiet workload=counter"])
-            .args(["-serial", "file:console.log"])
-            .args(["-qmp", "unix:qmp.sock,server=on,wait=off"])
-            .args([
-                "-blockdev",
-                "driver=nbd,server.type=unix,server.path=nbd.sock,export=disk0,node-name=nbd0,discard=unmap",
-                "-blockdev",
-                "driver=raw,file=nbd0,node-name=disk0,discard=unmap",
-                "-device",
-                "virtio-blk-pci,drive=disk0,id=vblk0",
-                "-device",
-                "virtio-serial-pci",
-                "-chardev",
-                "socket,id=qga0,path=ga.sock,server=on,wait=off",
-                "-device",
-                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-                "-device",
-                "vmgenid,id=vgid0,guid=5a9e1f00-1234-4cde-8f00-0123456789ab",
-            ])
+            .args(spec.args())
             .current_dir(d)
             .stderr(Stdio::piped())
             .spawn()
