@@ -83,8 +83,10 @@ cp -L x/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$ir/lib64/ld-linux-x86-64.so.
 
 cat > "$ir/sbin/shutdown" <<'EOF'
 #!/bin/busybox sh
-# qemu-ga runs `shutdown -h -P|-H|-r +0 "..."`; busybox has no such applet.
-sync; umount /mnt 2>/dev/null
+# qemu-ga runs `shutdown -h -P|-H|-r +0 "..."`; busybox has no such applet. The workload
+# stops first, so that the unmount finds the file system idle and leaves it clean.
+[ -f /run/workload.pid ] && kill "$(cat /run/workload.pid)" 2>/dev/null && sleep 0.3
+sync; umount /mnt 2>/dev/null || { sleep 0.5; umount /mnt; }
 case "$2" in -r) reboot -f ;; -H) halt -f ;; *) poweroff -f ;; esac
 EOF
 chmod +x "$ir/sbin/shutdown"
@@ -100,7 +102,7 @@ done
 # ACPI power button (QMP system_powerdown): clean power-off.
 for e in /sys/class/input/event*; do
   if grep -q "Power Button" $e/device/name 2>/dev/null; then
-    ( head -c 1 /dev/input/${e##*/} >/dev/null; echo "POWERDOWN"; sync; umount /mnt; poweroff -f ) &
+    ( head -c 1 /dev/input/${e##*/} >/dev/null; echo "POWERDOWN"; /sbin/shutdown -h -P ) &
     break
   fi
 done
@@ -114,15 +116,18 @@ BOOTID=$(cut -c1-8 /proc/sys/kernel/random/uuid)
 if [ -b /dev/vda ]; then mount -t ext4 /dev/vda /mnt || echo "MOUNT FAILED"; fi
 echo "READY boot=$BOOTID up=$(cut -d' ' -f1 /proc/uptime)"
 if grep -q "workload=counter" /proc/cmdline; then
-  i=$(tail -n 1 /mnt/counter.log 2>/dev/null | sed -n 's/^tick \([0-9]*\) .*/\1/p')
-  i=${i:-0}
-  while true; do
-    i=$((i+1))
-    echo "tick $i boot=$BOOTID up=$(cut -d' ' -f1 /proc/uptime)" >> /mnt/counter.log
-    sync
-    echo "tick $i boot=$BOOTID"
-    sleep 0.25
-  done
+  (
+    i=$(tail -n 1 /mnt/counter.log 2>/dev/null | sed -n 's/^tick \([0-9]*\) .*/\1/p')
+    i=${i:-0}
+    while true; do
+      i=$((i+1))
+      echo "tick $i boot=$BOOTID up=$(cut -d' ' -f1 /proc/uptime)" >> /mnt/counter.log
+      sync
+      echo "tick $i boot=$BOOTID"
+      sleep 0.25
+    done
+  ) &
+  echo $! > /run/workload.pid
 fi
 while true; do sleep 3600; done
 EOF

@@ -7,8 +7,10 @@
 mod checkpoint_cmd;
 mod demo;
 mod disk_cmd;
+mod lifecycle;
 mod units;
 mod vm_cmd;
+mod worker;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -69,6 +69,65 @@ pub enum VmCommand {
     Import(ImportArgs),
     /// Merge every layer that can be merged; report files nothing refers to.
     Consolidate(NameJson),
+    /// Start the VM: a detached worker runs QEMU and serves its disks.
+    Start(StartArgs),
+    /// Stop the VM: ACPI power button, then forced off after --timeout.
+    Stop(StopArgs),
+    /// Pause the VM's processors.
+    Pause(NameJson),
+    /// Resume a paused VM.
+    Resume(NameJson),
+    /// Show whether the VM runs and whether its guest agent answers.
+    Status(NameJson),
+    /// The worker process itself (started by `vm start`).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum AccelArg {
+    Kvm,
+    Tcg,
+}
+
+impl From<AccelArg> for qemu::Accel {
+    fn from(a: AccelArg) -> qemu::Accel {
+        match a {
+            AccelArg::Kvm => qemu::Accel::Kvm,
+            AccelArg::Tcg => qemu::Accel::Tcg,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// The VM.
+    name: String,
+    /// Accelerator [default: kvm when /dev/kvm is usable, else tcg].
+    #[arg(long, value_enum)]
+    accel: Option<AccelArg>,
+    /// Seconds to wait for the guest to be running.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// The VM.
+    name: String,
+    /// Turn it off at once (no power button).
+    #[arg(long)]
+    force: bool,
+    /// Seconds the guest gets to shut down before it is turned off.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    name: String,
+    #[arg(long, value_enum)]
+    accel: AccelArg,
 }
 
 #[derive(Args, Debug)]
@@ -237,6 +296,23 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
             }
         }
         VmCommand::Consolidate(a) => consolidate(&store, &a.name, a.json),
+        VmCommand::Start(a) => {
+            crate::lifecycle::start(&store, &a.name, a.accel.map(Into::into), a.timeout)
+        }
+        VmCommand::Stop(a) => crate::lifecycle::stop(&store, &a.name, a.force, a.timeout),
+        VmCommand::Pause(a) => crate::lifecycle::simple(&store, &a.name, "pause"),
+        VmCommand::Resume(a) => crate::lifecycle::simple(&store, &a.name, "resume"),
+        VmCommand::Status(a) => crate::lifecycle::status(&store, &a.name, a.json),
+        VmCommand::Worker(a) => {
+            crate::worker::run(
+                &store,
+                &a.name,
+                crate::worker::StartOptions {
+                    accel: a.accel.into(),
+                },
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -325,7 +401,7 @@ fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
                 Ok(s) => json!({
                     "name": e.name,
                     "uuid": s.config.uuid,
-                    "state": "off",
+                    "state": crate::worker::run_state(&e.dir).0,
                     "memory": s.config.hardware.memory,
                     "cpus": s.config.hardware.cpus,
                     "disks": s.config.hardware.disks.len(),
@@ -348,15 +424,15 @@ fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:<8} {:>9} {:>5} {:>6} {:>12}",
+        "{:<24} {:<20} {:>9} {:>5} {:>6} {:>12}",
         "NAME", "STATE", "MEMORY", "CPUS", "DISKS", "CHECKPOINTS"
     );
     for e in &entries {
         match &e.state {
             Ok(s) => println!(
-                "{:<24} {:<8} {:>9} {:>5} {:>6} {:>12}{}",
+                "{:<24} {:<20} {:>9} {:>5} {:>6} {:>12}{}",
                 e.name,
-                "off",
+                crate::worker::run_state(&e.dir).0,
                 human(s.config.hardware.memory),
                 s.config.hardware.cpus,
                 s.config.hardware.disks.len(),
@@ -402,7 +478,7 @@ pub fn show_json(dir: &Path, s: &VmState, unfinished: Option<&str>) -> Value {
         "uuid": c.uuid,
         "generation_id": c.generation_id,
         "folder": dir,
-        "state": "off",
+        "state": crate::worker::run_state(dir).0,
         "memory": c.hardware.memory,
         "cpus": c.hardware.cpus,
         "disks": disks,
@@ -431,7 +507,7 @@ pub fn show(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
     println!("  folder         {}", dir.display());
     println!("  uuid           {}", c.uuid);
     println!("  generation id  {}", c.generation_id);
-    println!("  state          off");
+    println!("  state          {}", crate::worker::run_state(&dir).0);
     println!("  memory         {}", human(c.hardware.memory));
     println!("  cpus           {}", c.hardware.cpus);
     if let Some(b) = &c.hardware.boot {

@@ -1,0 +1,400 @@
+//! The VM worker: one detached process per running VM.
+//!
+//! It holds the VM's lock for as long as the VM runs (so offline checkpoint commands are
+//! refused while it does), serves each disk's chain over NBD on a socket in `run/`, runs
+//! QEMU (which gets SIGKILL if the worker dies: it never outlives its worker), talks to
+//! it over QMP, and answers the CLI on `run/control.sock` (one JSON request per
+//! connection). `run/worker.json` records the state for `vm status` and `vm list`.
+//!
+//! Liveness comes from a lock, not a pid: the worker holds `run/worker.lock` exclusively,
+//! so a `running` record whose lock is free means the worker died, and the VM is reported
+//! stopped unexpectedly. Its files stay consistent: a VHDX chain whose writer died is
+//! replayed from its log at the next open.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Folder of sockets and the state record, inside the VM folder.
+pub const RUN_DIR: &str = "run";
+/// Folder of the serial console and the worker's and QEMU's logs.
+pub const LOG_DIR: &str = "logs";
+
+/// The worker's record of the VM's state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerState {
+    /// `starting`, `running`, `paused`, `off`, `stopped-unexpectedly`, `failed`.
+    pub state: String,
+    /// The worker's pid.
+    pub pid: u32,
+    /// QEMU's pid, while it runs.
+    pub qemu_pid: Option<u32>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// When the VM was started, seconds since the Unix epoch.
+    pub started: u64,
+}
+
+fn state_path(vm_dir: &Path) -> PathBuf {
+    vm_dir.join(RUN_DIR).join("worker.json")
+}
+
+fn write_state(vm_dir: &Path, s: &WorkerState) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(s)?;
+    vm::fsutil::atomic_write(&state_path(vm_dir), &bytes)?;
+    Ok(())
+}
+
+/// The VM's run state as the CLI reports it: `off`, `starting`, `running`, `paused`,
+/// `stopped-unexpectedly` or `failed`, with the record when there is one.
+pub fn run_state(vm_dir: &Path) -> (String, Option<WorkerState>) {
+    let record: Option<WorkerState> = std::fs::read(state_path(vm_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let alive = !vm::lock::Lock::is_free(&vm_dir.join(RUN_DIR));
+    match record {
+        None => ("off".into(), None),
+        Some(r) => {
+            let s = match r.state.as_str() {
+                "starting" | "running" | "paused" if !alive => "stopped-unexpectedly".into(),
+                other => other.to_owned(),
+            };
+            (s, Some(r))
+        }
+    }
+}
+
+/// Sends one request to a running worker and returns its reply.
+pub fn request(vm_dir: &Path, req: &Value, timeout: Duration) -> Result<Value> {
+    let sock = vm_dir.join(RUN_DIR).join("control.sock");
+    let mut s = UnixStream::connect(&sock)
+        .with_context(|| format!("the VM's worker does not answer on {}", sock.display()))?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(s)
+        .read_line(&mut reply)
+        .context("no reply from the VM's worker")?;
+    let v: Value = serde_json::from_str(&reply).context("a bad reply from the VM's worker")?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        bail!("{e}");
+    }
+    Ok(v)
+}
+
+/// What `vm start` asks of the worker.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    /// Accelerator.
+    pub accel: qemu::Accel,
+}
+
+/// Runs the worker (the hidden `vm worker` command) until QEMU exits.
+pub fn run(store: &vm::Store, name: &str, opts: StartOptions) -> Result<()> {
+    let vm_handle = store.open_vm(name, "vm worker (the VM is running)")?;
+    let dir = vm_handle.dir().to_owned();
+    let run_dir = dir.join(RUN_DIR);
+    std::fs::create_dir_all(&run_dir)?;
+    std::fs::create_dir_all(dir.join(LOG_DIR))?;
+    let _alive = vm::lock::Lock::acquire(&run_dir, name, "vm worker", Duration::ZERO)?;
+    let started = vm::fsutil::now_unix();
+    let mut record = WorkerState {
+        state: "starting".into(),
+        pid: std::process::id(),
+        qemu_pid: None,
+        error: None,
+        started,
+    };
+    write_state(&dir, &record)?;
+    let result = serve_vm(&vm_handle, &dir, &opts, &mut record);
+    match &result {
+        Ok(()) => record.state = "off".into(),
+        Err(e) => {
+            record.state = "failed".into();
+            record.error = Some(format!("{e:#}"));
+        }
+    }
+    record.qemu_pid = None;
+    write_state(&dir, &record)?;
+    result
+}
+
+fn serve_vm(
+    vm_handle: &vm::Vm,
+    dir: &Path,
+    opts: &StartOptions,
+    record: &mut WorkerState,
+) -> Result<()> {
+    let state = vm_handle.state();
+    let run_dir = dir.join(RUN_DIR);
+    let mut servers = Vec::new();
+    let mut disks = Vec::new();
+    for (i, file) in state.now.disks.iter().enumerate() {
+        let path = vm_handle.layer_path(file);
+        let d: Arc<dyn disk::Disk> = Arc::new(
+            disk::VhdxDisk::open(&path, true)
+                .with_context(|| format!("cannot open disk {}", path.display()))?,
+        );
+        let export = Arc::new(nbd::Export::new(&format!("disk{i}"), d, false));
+        let sock = run_dir.join(format!("disk{i}.sock"));
+        let server = nbd::Server::bind(&sock, export)?;
+        let stopper = server.stopper();
+        let thread = std::thread::spawn(move || server.run());
+        servers.push((stopper, thread));
+        disks.push(qemu::NbdDisk {
+            socket: sock,
+            export: format!("disk{i}"),
+        });
+    }
+    let hw = &state.config.hardware;
+    let spec = qemu::MachineSpec {
+        name: state.config.name.clone(),
+        uuid: state.config.uuid.to_string(),
+        generation_id: state.config.generation_id.to_string(),
+        machine: "pc".into(),
+        accel: opts.accel,
+        memory_mib: hw.memory >> 20,
+        cpus: hw.cpus,
+        kernel: hw
+            .boot
+            .as_ref()
+            .map(|b| (b.kernel.clone(), b.initrd.clone(), b.append.clone())),
+        disks,
+        qmp_socket: run_dir.join("qmp.sock"),
+        agent_socket: Some(run_dir.join("qga.sock")),
+        serial_log: dir.join(LOG_DIR).join("serial.log"),
+        paused: false,
+    };
+    let _ = std::fs::remove_file(&spec.qmp_socket);
+    let qemu_log = dir.join(LOG_DIR).join("qemu.log");
+    let mut child = spawn_qemu(&spec, &qemu_log)?;
+    record.qemu_pid = Some(child.id());
+    let qmp = match connect_qmp(&spec.qmp_socket, &mut child) {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let reason = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+            bail!("QEMU did not start: {e:#}: {}", reason.trim());
+        }
+    };
+    record.state = "running".into();
+    write_state(dir, record)?;
+    let child = Arc::new(Mutex::new(child));
+    let shared = Arc::new(Shared {
+        qmp,
+        child: child.clone(),
+        agent: run_dir.join("qga.sock"),
+        dir: dir.to_owned(),
+        record: Mutex::new(record.clone()),
+    });
+    let control = run_dir.join("control.sock");
+    let _ = std::fs::remove_file(&control);
+    let listener = UnixListener::bind(&control)?;
+    listener.set_nonblocking(true)?;
+    // Until QEMU exits: answer the CLI.
+    let mut answering = Vec::new();
+    let status = loop {
+        if let Some(st) = child.lock().unwrap_or_else(|p| p.into_inner()).try_wait()? {
+            break st;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let shared = shared.clone();
+                answering.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
+                answering.push(std::thread::spawn(move || {
+                    if let Err(e) = answer(&shared, stream) {
+                        tracing::warn!("control request: {e:#}");
+                    }
+                }));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let _ = std::fs::remove_file(&control);
+    // Requests in progress (a stop waiting for this exit) get their replies.
+    for t in answering {
+        let _ = t.join();
+    }
+    for (stopper, thread) in servers {
+        stopper.stop();
+        match thread.join() {
+            Ok(r) => r.context("closing a disk")?,
+            Err(_) => bail!("a disk server panicked"),
+        }
+    }
+    *record = shared
+        .record
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if !status.success() {
+        let reason = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+        bail!("QEMU exited with {status}: {}", reason.trim());
+    }
+    Ok(())
+}
+
+struct Shared {
+    qmp: qemu::Qmp,
+    child: Arc<Mutex<Child>>,
+    agent: PathBuf,
+    dir: PathBuf,
+    record: Mutex<WorkerState>,
+}
+
+impl Shared {
+    fn set_state(&self, state: &str) -> Result<()> {
+        let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        r.state = state.to_owned();
+        write_state(&self.dir, &r)
+    }
+    fn exited_within(&self, timeout: Duration) -> Result<bool> {
+        let t = Instant::now();
+        loop {
+            if self
+                .child
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_wait()?
+                .is_some()
+            {
+                return Ok(true);
+            }
+            if t.elapsed() >= timeout {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn answer(shared: &Shared, stream: UnixStream) -> Result<()> {
+    let mut line = String::new();
+    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+    let req: Value = serde_json::from_str(&line)?;
+    let secs = Duration::from_secs;
+    let reply = match req["cmd"].as_str().unwrap_or("") {
+        "status" => {
+            let run = shared
+                .qmp
+                .status(secs(5))
+                .unwrap_or_else(|_| "unknown".into());
+            let agent = qemu::GuestAgent::connect(&shared.agent, Duration::from_millis(1500))
+                .and_then(|mut a| a.ping(secs(1)))
+                .is_ok();
+            json!({"qemu_status": run, "agent": agent})
+        }
+        "pause" => match shared.qmp.execute("stop", Value::Null, secs(10)) {
+            Ok(_) => {
+                shared.set_state("paused")?;
+                json!({"ok": true})
+            }
+            Err(e) => json!({"error": format!("cannot pause: {e}")}),
+        },
+        "resume" => match shared.qmp.execute("cont", Value::Null, secs(10)) {
+            Ok(_) => {
+                shared.set_state("running")?;
+                json!({"ok": true})
+            }
+            Err(e) => json!({"error": format!("cannot resume: {e}")}),
+        },
+        "stop" => {
+            let force = req["force"].as_bool().unwrap_or(false);
+            let timeout = secs(req["timeout"].as_u64().unwrap_or(60));
+            let mut how = "forced";
+            if !force {
+                // A paused guest cannot react to its power button.
+                let _ = shared.qmp.execute("cont", Value::Null, secs(5));
+                shared
+                    .qmp
+                    .execute("system_powerdown", Value::Null, secs(5))?;
+                if shared.exited_within(timeout)? {
+                    how = "shut down";
+                }
+            }
+            if how == "forced" {
+                if shared.qmp.execute("quit", Value::Null, secs(5)).is_err()
+                    || !shared.exited_within(secs(10))?
+                {
+                    let _ = shared
+                        .child
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .kill();
+                }
+                shared.exited_within(secs(10))?;
+            }
+            json!({"ok": true, "how": how})
+        }
+        other => json!({"error": format!("unknown request {other:?}")}),
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    (&stream).write_all(&out)?;
+    Ok(())
+}
+
+fn spawn_qemu(spec: &qemu::MachineSpec, log: &Path) -> Result<Child> {
+    let program = qemu_program();
+    let log_file = File::create(log)?;
+    let mut cmd = Command::new(&program);
+    cmd.args(spec.args())
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    // SAFETY: between fork and exec the child only makes the prctl and getppid system
+    // calls, which are async-signal-safe and touch no memory of the parent.
+    #[allow(unsafe_code)]
+    unsafe {
+        let parent = rustix::process::getpid();
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // The worker may have died before the death signal was armed.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::Error::other("the worker exited"));
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot run {}", program.display()))
+}
+
+/// `SNAPVISOR_QEMU`, else `qemu-system-x86_64` on the PATH.
+pub fn qemu_program() -> PathBuf {
+    std::env::var_os("SNAPVISOR_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
+}
+
+fn connect_qmp(sock: &Path, child: &mut Child) -> Result<qemu::Qmp> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            bail!("QEMU exited with {st}");
+        }
+        if sock.exists()
+            && let Ok(q) = qemu::Qmp::connect(sock, Duration::from_secs(10))
+        {
+            return Ok(q);
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("QEMU did not open its QMP socket within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
