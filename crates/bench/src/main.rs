@@ -6,7 +6,7 @@
 //! all sides pay for durability equally.
 //!
 //! Usage: `snapvisor-bench [--dir DIR] [--runs N] [--only NAME]...` where NAME is one of
-//! `create-child`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`, `nbd`.
+//! `create-child`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`, `nbd`, `vm`.
 //!
 //! The checkpoint figures run the `snapvisor` binary as a user does (process start
 //! included) on a store under `--dir`.
@@ -80,6 +80,9 @@ fn main() -> Result<()> {
     }
     if want("nbd") {
         rows.extend(bench_nbd(&opts)?);
+    }
+    if want("vm") {
+        rows.extend(bench_vm(&opts)?);
     }
     println!();
     println!("| benchmark | snapvisor | peer | ratio | target | met |");
@@ -943,4 +946,80 @@ fn bench_nbd(o: &Opts) -> Result<Vec<Row>> {
     drop(_peer);
     let _ = fs::remove_dir_all(&dir);
     Ok(rows)
+}
+
+/// A running VM's lifecycle with the test guest (256 MiB, TCG): start to guest-agent-ready,
+/// save, and start from the saved state. Needs `scripts/build-guest.sh` and a QEMU
+/// (`SNAPVISOR_QEMU`, as `scripts/bench.sh` sets it).
+fn bench_vm(o: &Opts) -> Result<Vec<Row>> {
+    eprintln!("vm: start, save, restore of the test guest (256 MiB, TCG)");
+    let guest = std::env::current_dir()?.join("target/guest");
+    ensure!(
+        guest.join("vmlinuz").exists(),
+        "no test guest: run ./scripts/build-guest.sh"
+    );
+    let dir = o.dir.join("vm");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let store = dir.join("store");
+    let fsimg = dir.join("fs.raw");
+    sh(&format!("truncate -s 256M {0} && mkfs.ext4 -q -F {0}", fsimg.display()))?;
+    snapvisor_in(
+        &store,
+        &format!(
+            "vm create b --memory 256M --import-disk {} --kernel {} --initrd {} --append 'console=ttyS0 panic=-1 quiet workload=counter'",
+            fsimg.display(),
+            guest.join("vmlinuz").display(),
+            guest.join("initrd.gz").display()
+        ),
+    )?;
+    let agent_ready = |store: &Path| -> Result<bool> {
+        Ok(snapvisor_in(store, "vm status b --json")?.contains("\"agent\": true"))
+    };
+    let mut starts = Vec::new();
+    let mut saves = Vec::new();
+    let mut restores = Vec::new();
+    for _ in 0..o.runs {
+        let t = Instant::now();
+        snapvisor_in(&store, "vm start b --accel tcg")?;
+        while !agent_ready(&store)? {
+            ensure!(t.elapsed() < Duration::from_secs(120), "the agent never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        starts.push(t.elapsed());
+        std::thread::sleep(Duration::from_secs(2));
+        sh("sync")?;
+        saves.push(timed(|| snapvisor_in(&store, "vm save b").map(|_| ()))?);
+        sh("sync")?;
+        restores.push(timed(|| snapvisor_in(&store, "vm start b --accel tcg").map(|_| ()))?);
+        snapvisor_in(&store, "vm stop b --force")?;
+    }
+    let (st, sv, rs) = (median(starts), median(saves), median(restores));
+    let _ = fs::remove_dir_all(&dir);
+    Ok(vec![
+        Row {
+            name: "vm start to guest-agent-ready (256 MiB, TCG)".into(),
+            ours: secs(st),
+            peer: "-".into(),
+            ratio: "-".into(),
+            target: "-".into(),
+            met: true,
+        },
+        Row {
+            name: "vm save, 256 MiB guest (until QEMU exited, state synced)".into(),
+            ours: secs(sv),
+            peer: "-".into(),
+            ratio: "-".into(),
+            target: "<= 1 s".into(),
+            met: sv <= Duration::from_secs(1),
+        },
+        Row {
+            name: "vm start from the saved state (until the guest runs again)".into(),
+            ours: secs(rs),
+            peer: "-".into(),
+            ratio: "-".into(),
+            target: "<= 1 s".into(),
+            met: rs <= Duration::from_secs(1),
+        },
+    ])
 }

@@ -50,6 +50,8 @@ pub struct MachineSpec {
     pub serial_log: PathBuf,
     /// Start paused (`-S`).
     pub paused: bool,
+    /// Wait for a saved state (`-incoming defer`, then `migrate-incoming`).
+    pub incoming: bool,
 }
 
 impl MachineSpec {
@@ -92,6 +94,10 @@ impl MachineSpec {
         }
         if self.paused {
             push(&mut a, "-S");
+        }
+        if self.incoming {
+            push(&mut a, "-incoming");
+            push(&mut a, "defer");
         }
         push(&mut a, "-serial");
         a.push(opt("file:", &self.serial_log));
@@ -177,6 +183,7 @@ mod tests {
             agent_socket: Some("/run/qga.sock".into()),
             serial_log: "/log/serial.log".into(),
             paused: false,
+            incoming: false,
         };
         let args: Vec<String> = spec
             .args()

@@ -198,6 +198,13 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
 }
 
 fn open(store: &Store, name: &str, what: &str) -> Result<Vm> {
+    if let Ok(dir) = store.read_vm(name).map(|(d, _, _)| d)
+        && crate::worker::run_state(&dir).0 == "saved"
+    {
+        anyhow::bail!(
+            "VM {name:?} is saved, and its saved memory belongs to its current disks; start it (`snapvisor vm start {name}`) or discard the saved state (`snapvisor vm stop {name}`) first"
+        );
+    }
     store
         .open_vm(name, what)
         .with_context(|| format!("cannot open VM {name:?}"))

@@ -125,6 +125,12 @@ fn require_running(dir: &std::path::Path, name: &str) -> Result<()> {
 
 pub fn stop(store: &Store, name: &str, force: bool, timeout: u64) -> Result<ExitCode> {
     let dir = vm_dir(store, name)?;
+    if worker::run_state(&dir).0 == "saved" {
+        // Hyper-V's "delete saved state": the VM is off, as after a power loss.
+        vm::fsutil::remove_file(&dir.join(worker::SAVED_STATE))?;
+        println!("discarded the saved state of VM {name:?}; it is off");
+        return Ok(ExitCode::SUCCESS);
+    }
     require_running(&dir, name)?;
     let reply = worker::request(
         &dir,
@@ -147,6 +153,25 @@ pub fn stop(store: &Store, name: &str, force: bool, timeout: u64) -> Result<Exit
     }
     let how = reply["how"].as_str().unwrap_or("stopped");
     println!("stopped VM {name:?} ({how})");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn save(store: &Store, name: &str) -> Result<ExitCode> {
+    let dir = vm_dir(store, name)?;
+    require_running(&dir, name)?;
+    let reply = worker::request(&dir, &json!({"cmd": "save"}), Duration::from_secs(330))
+        .with_context(|| format!("cannot save VM {name:?}"))?;
+    let t = Instant::now();
+    while !vm::lock::Lock::is_free(&dir.join(RUN_DIR)) {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the worker of VM {name:?} did not exit after saving");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "saved VM {name:?} in {} ms; `snapvisor vm start {name}` resumes it",
+        reply["ms"]
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -75,6 +75,9 @@ pub enum VmCommand {
     Stop(StopArgs),
     /// Pause the VM's processors.
     Pause(NameJson),
+    /// Save the VM: memory and device state go to the VM folder and QEMU exits; the next
+    /// `vm start` resumes from them.
+    Save(NameJson),
     /// Resume a paused VM.
     Resume(NameJson),
     /// Show whether the VM runs and whether its guest agent answers.
@@ -301,6 +304,7 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
         }
         VmCommand::Stop(a) => crate::lifecycle::stop(&store, &a.name, a.force, a.timeout),
         VmCommand::Pause(a) => crate::lifecycle::simple(&store, &a.name, "pause"),
+        VmCommand::Save(a) => crate::lifecycle::save(&store, &a.name),
         VmCommand::Resume(a) => crate::lifecycle::simple(&store, &a.name, "resume"),
         VmCommand::Status(a) => crate::lifecycle::status(&store, &a.name, a.json),
         VmCommand::Worker(a) => {

@@ -129,6 +129,7 @@ fn the_guest_runs_on_a_served_vhdx_under_qmp_and_its_agent() {
         agent_socket: Some(d.join("ga.sock")),
         serial_log: d.join("console.log"),
         paused: false,
+        incoming: false,
     };
     let mut vm = Kill(
         Command::new(qemu())

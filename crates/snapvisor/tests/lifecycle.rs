@@ -242,3 +242,54 @@ fn qemu_failing_to_start_is_reported_with_its_reason() {
     // A failed start leaves the VM usable.
     cli.ok(&["checkpoint", "create", "g"]);
 }
+
+fn boot_ids(store: &Path) -> Vec<String> {
+    std::fs::read_to_string(store.join("g/logs/serial.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("tick "))
+        .filter_map(|l| l.split("boot=").nth(1))
+        .map(|b| b.split_whitespace().next().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[test]
+fn save_then_start_resumes_the_guest_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = setup(dir.path());
+    let store = dir.path().join("store");
+    cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
+    wait("ticks", 90, || ticks(&store).len() >= 6);
+    let boot = boot_ids(&store)[0].clone();
+    let out = cli.ok(&["vm", "save", "g"]);
+    assert!(out.contains("saved VM"), "{out}");
+    let last = *ticks(&store).iter().max().unwrap();
+    assert_eq!(status(&cli)["state"], "saved");
+    assert!(store.join("g/saved/state.vsv").exists());
+    let e = cli.fails(&["checkpoint", "create", "g"]);
+    assert!(e.contains("is saved"), "{e}");
+    // Resume: the same boot, the counter going on from where it was.
+    cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
+    assert!(!store.join("g/saved/state.vsv").exists());
+    wait("ticks after the restore", 60, || !ticks(&store).is_empty());
+    let after = ticks(&store);
+    assert!(
+        after[0] > last && after[0] <= last + 2,
+        "the counter restarted: {last} before, {after:?} after"
+    );
+    assert!(
+        boot_ids(&store).iter().all(|b| *b == boot),
+        "the guest rebooted"
+    );
+    cli.ok(&["vm", "stop", "g"]);
+    let final_tick = *ticks(&store).iter().max().unwrap();
+    assert!(counter_on_disk(&cli, dir.path()).contains(&format!("tick {final_tick} boot={boot}")));
+    // Saving again and discarding the state leaves the VM off.
+    cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
+    wait("ticks", 90, || ticks(&store).len() >= 2);
+    cli.ok(&["vm", "save", "g"]);
+    let out = cli.ok(&["vm", "stop", "g"]);
+    assert!(out.contains("discarded the saved state"), "{out}");
+    assert_eq!(status(&cli)["state"], "off");
+    cli.ok(&["checkpoint", "create", "g"]);
+}
