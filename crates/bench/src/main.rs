@@ -963,7 +963,10 @@ fn bench_vm(o: &Opts) -> Result<Vec<Row>> {
     fs::create_dir_all(&dir)?;
     let store = dir.join("store");
     let fsimg = dir.join("fs.raw");
-    sh(&format!("truncate -s 256M {0} && mkfs.ext4 -q -F {0}", fsimg.display()))?;
+    sh(&format!(
+        "truncate -s 256M {0} && mkfs.ext4 -q -F {0}",
+        fsimg.display()
+    ))?;
     snapvisor_in(
         &store,
         &format!(
@@ -983,7 +986,10 @@ fn bench_vm(o: &Opts) -> Result<Vec<Row>> {
         let t = Instant::now();
         snapvisor_in(&store, "vm start b --accel tcg")?;
         while !agent_ready(&store)? {
-            ensure!(t.elapsed() < Duration::from_secs(120), "the agent never answered");
+            ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "the agent never answered"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         starts.push(t.elapsed());
@@ -991,7 +997,9 @@ fn bench_vm(o: &Opts) -> Result<Vec<Row>> {
         sh("sync")?;
         saves.push(timed(|| snapvisor_in(&store, "vm save b").map(|_| ()))?);
         sh("sync")?;
-        restores.push(timed(|| snapvisor_in(&store, "vm start b --accel tcg").map(|_| ()))?);
+        restores.push(timed(|| {
+            snapvisor_in(&store, "vm start b --accel tcg").map(|_| ())
+        })?);
         snapvisor_in(&store, "vm stop b --force")?;
     }
     let (st, sv, rs) = (median(starts), median(saves), median(restores));
