@@ -890,9 +890,9 @@ fn bench_nbd(o: &Opts) -> Result<Vec<Row>> {
             2 * GIB,
         ),
         (
-            "4 KiB reads, 1 MiB stride (2 GiB span)",
-            "-d 16 -s 4k -S 1M -c 2048 -o 0",
-            2048 * 4096,
+            "4 KiB reads, 128 KiB stride (2 GiB span)",
+            "-d 16 -s 4k -S 128k -c 16384 -o 0",
+            16384 * 4096,
         ),
         (
             "sequential 1 MiB writes (1 GiB, into allocated and new blocks)",
@@ -900,9 +900,9 @@ fn bench_nbd(o: &Opts) -> Result<Vec<Row>> {
             GIB,
         ),
         (
-            "4 KiB writes, 1 MiB stride (into allocated blocks)",
-            "-w -d 16 -s 4k -S 1M -c 1536 -o 4096",
-            1536 * 4096,
+            "4 KiB writes, 128 KiB stride (into allocated blocks)",
+            "-w -d 16 -s 4k -S 128k -c 12288 -o 4096",
+            12288 * 4096,
         ),
     ];
     let mut rows = Vec::new();

@@ -207,6 +207,9 @@ fn force_stop_and_a_killed_worker() {
             .success()
     );
     wait("QEMU to die with its worker", 10, || !alive(qemu_pid));
+    // QEMU's death signal fires when the worker's thread exits, which can be a moment
+    // before the worker's last thread has gone and released its lock.
+    wait("the worker to be gone", 10, || !alive(worker));
     assert_eq!(status(&cli)["state"], "stopped-unexpectedly");
     let text = cli.ok(&["vm", "list"]);
     assert!(text.contains("stopped-unexpectedly"), "{text}");
