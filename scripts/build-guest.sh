@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test guest from Debian packages: the cloud kernel, and an initramfs with
 # static busybox, the virtio modules, Debian's qemu-guest-agent with its libraries, a
-# power-button handler and a /sbin/shutdown shim, and an /init that mounts /dev/vda and,
+# power-button handler, a /sbin/shutdown shim, /bin/vmgenid (prints the VM generation ID
+# from the guest's memory), and an /init that mounts /dev/vda and,
 # when the kernel command line says `workload=counter`, appends a counter to the disk
 # several times a second (`tick N boot=ID` lines in /mnt/counter.log, each synced).
 #
@@ -91,6 +92,23 @@ case "$2" in -r) reboot -f ;; -H) halt -f ;; *) poweroff -f ;; esac
 EOF
 chmod +x "$ir/sbin/shutdown"
 
+# /bin/vmgenid prints the VM generation ID as the guest sees it in its memory: QEMU's
+# vmgenid device names the address of its buffer VGIA in an SSDT (a DWord after the name),
+# and the 16-byte GUID sits 40 bytes past it, in the mixed-endian GUID layout.
+cat > "$ir/bin/vmgenid" <<'EOF'
+#!/bin/sh
+a=$(od -An -tx1 -v /sys/firmware/acpi/tables/SSDT | tr -d '\n' \
+  | sed -n 's/.* 56 47 49 41 0c \(..\) \(..\) \(..\) \(..\) .*/0x\4\3\2\1/p' | head -1)
+[ -n "$a" ] || { echo "no vmgenid device" >&2; exit 1; }
+b=""
+for off in 40 44 48 52; do
+  w=$(devmem $((a + off)) 32)
+  b="$b $(printf '%08x' "$w" | sed 's/\(..\)\(..\)\(..\)\(..\)/\4 \3 \2 \1/')"
+done
+set -- $b
+echo "$4$3$2$1-$6$5-$8$7-$9${10}-${11}${12}${13}${14}${15}${16}"
+EOF
+chmod +x "$ir/bin/vmgenid"
 cat > "$ir/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin

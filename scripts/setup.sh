@@ -12,6 +12,8 @@ command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 # The test guest's disks are ext4 images, checked from the host.
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
+# UEFI VMs boot OVMF (its own package: it does not pull in Debian's QEMU).
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -152,6 +152,40 @@ impl GuestAgent {
         Ok(v.as_u64().unwrap_or(0))
     }
 
+    /// Runs a program in the guest (`guest-exec`) and waits for it: its exit code and what
+    /// it printed on stdout.
+    pub fn exec(&mut self, path: &str, args: &[&str], timeout: Duration) -> Result<(i64, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        let started = self.execute(
+            "guest-exec",
+            json!({"path": path, "arg": args, "capture-output": true}),
+            timeout,
+        )?;
+        let pid = started["pid"].as_i64().ok_or_else(|| Error::Protocol {
+            what: WHAT,
+            message: format!("guest-exec returned no pid: {started}"),
+        })?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let st = self.execute("guest-exec-status", json!({"pid": pid}), left)?;
+            if st["exited"].as_bool() == Some(true) {
+                let out = st["out-data"]
+                    .as_str()
+                    .map(base64_decode)
+                    .unwrap_or_default();
+                return Ok((st["exitcode"].as_i64().unwrap_or(-1), out));
+            }
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    what: WHAT,
+                    command: format!("guest-exec {path}"),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `guest-fsfreeze-status`: `thawed` or `frozen`.
     pub fn freeze_status(&mut self, timeout: Duration) -> Result<String> {
         let v = self.execute("guest-fsfreeze-status", Value::Null, timeout)?;
@@ -178,4 +212,38 @@ fn nanos() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::from(d.subsec_nanos()))
         .unwrap_or(0)
+}
+
+/// Decodes standard base64 (what qemu-ga uses for captured output); invalid characters
+/// are skipped.
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for v in text.bytes().filter_map(value) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn decodes_base64() {
+        assert_eq!(super::base64_decode("aGVsbG8gd29ybGQK"), b"hello world\n");
+        assert_eq!(super::base64_decode("YQ=="), b"a");
+        assert_eq!(super::base64_decode("YWI="), b"ab");
+    }
 }

@@ -40,6 +40,9 @@ pub struct MachineSpec {
     pub cpus: u32,
     /// Direct kernel boot: kernel, initrd, command line.
     pub kernel: Option<(PathBuf, Option<PathBuf>, String)>,
+    /// UEFI: OVMF's code (read-only) and the VM's own variable store (written by the
+    /// guest); `None` boots SeaBIOS.
+    pub uefi: Option<(PathBuf, PathBuf)>,
     /// Disks in the order the guest sees them (virtio-blk).
     pub disks: Vec<NbdDisk>,
     /// The QMP socket QEMU listens on.
@@ -105,6 +108,16 @@ impl MachineSpec {
         let mut q = opt("unix:", &self.qmp_socket);
         q.push(",server=on,wait=off");
         a.push(q);
+        if let Some((code, vars)) = &self.uefi {
+            a.push("-drive".into());
+            let mut d = OsString::from("if=pflash,format=raw,unit=0,readonly=on,file=");
+            d.push(escape_commas(code));
+            a.push(d);
+            a.push("-drive".into());
+            let mut d = OsString::from("if=pflash,format=raw,unit=1,file=");
+            d.push(escape_commas(vars));
+            a.push(d);
+        }
         if let Some((kernel, initrd, append)) = &self.kernel {
             a.push("-kernel".into());
             a.push(kernel.into());
@@ -175,6 +188,7 @@ mod tests {
             memory_mib: 256,
             cpus: 2,
             kernel: Some(("/k".into(), None, "console=ttyS0".into())),
+            uefi: Some(("/fw/code.fd".into(), "/vm/firmware/vars,1.fd".into())),
             disks: vec![NbdDisk {
                 socket: "/run/a,b.sock".into(),
                 export: "disk0".into(),
@@ -198,6 +212,8 @@ mod tests {
         );
         assert!(joined.contains("vmgenid,id=vgid0,guid=5a9e1f00-1234-4cde-8f00-0123456789ab"));
         assert!(joined.contains("name=org.qemu.guest_agent.0"));
+        assert!(joined.contains("if=pflash,format=raw,unit=0,readonly=on,file=/fw/code.fd"));
+        assert!(joined.contains("if=pflash,format=raw,unit=1,file=/vm/firmware/vars,,1.fd"));
         assert!(!args.contains(&"-initrd".to_string()));
         assert!(!args.contains(&"-S".to_string()));
     }

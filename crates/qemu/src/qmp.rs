@@ -17,6 +17,8 @@ pub struct Event {
     pub name: String,
     /// Its data (`null` when none).
     pub data: Value,
+    /// When QEMU emitted it, microseconds since the Unix epoch (0 when it gave none).
+    pub micros: u64,
 }
 
 #[derive(Default)]
@@ -194,9 +196,12 @@ fn read_loop(mut reader: BufReader<UnixStream>, inbox: Arc<(Mutex<Inbox>, Condva
         };
         let mut guard = lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(name) = v.get("event").and_then(Value::as_str) {
+            let ts = &v["timestamp"];
             guard.events.push_back(Event {
                 name: name.to_owned(),
                 data: v.get("data").cloned().unwrap_or(Value::Null),
+                micros: ts["seconds"].as_u64().unwrap_or(0) * 1_000_000
+                    + ts["microseconds"].as_u64().unwrap_or(0),
             });
         } else if let Some(id) = v.get("id").and_then(Value::as_u64) {
             guard.replies.insert(id, v);

@@ -57,6 +57,14 @@ pub struct ApplyArgs {
     /// Checkpoint the current state first instead of discarding it.
     #[arg(long)]
     save_current: bool,
+    /// Start the VM afterwards (a checkpoint without memory comes back off; one with
+    /// memory comes back saved, or running if the VM was running).
+    #[arg(long)]
+    start: bool,
+    /// Accelerator for the start [default: the one the VM last ran with, else as `vm
+    /// start`].
+    #[arg(long, value_enum)]
+    accel: Option<crate::vm_cmd::AccelArg>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -96,9 +104,59 @@ pub struct ExportArgs {
     dir: PathBuf,
 }
 
+/// The VM's folder when its worker runs it (running or paused): then the worker does
+/// the checkpoint operations.
+fn running(store: &Store, name: &str) -> Option<PathBuf> {
+    let (dir, _, _) = store.read_vm(name).ok()?;
+    matches!(
+        crate::worker::run_state(&dir).0.as_str(),
+        "running" | "paused"
+    )
+    .then_some(dir)
+}
+
+/// Sends a checkpoint operation to the worker of a running VM.
+fn live_request(dir: &Path, vm: &str, mut req: Value) -> Result<Value> {
+    req["cmd"] = json!("checkpoint");
+    crate::worker::request(dir, &req, std::time::Duration::from_secs(3600))
+        .with_context(|| format!("the running VM {vm:?} refused"))
+}
+
 pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
     let store = store.open()?;
     match cmd {
+        CheckpointCommand::Create(a) if running(&store, &a.vm).is_some() => {
+            let dir = running(&store, &a.vm).expect("checked");
+            let reply = live_request(&dir, &a.vm, json!({"op": "create", "name": a.name}))
+                .with_context(|| format!("cannot checkpoint VM {:?}", a.vm))?;
+            let (dir, s, _) = store.read_vm(&a.vm)?;
+            let id: Uuid = serde_json::from_value(reply["id"].clone())?;
+            let c = s
+                .checkpoint(id)
+                .context("the worker's checkpoint is not in the tree")?;
+            if a.json {
+                let mut doc = checkpoint_json(&dir, &s, c);
+                doc["capture"] = reply.clone();
+                print_json(&doc)?;
+            } else {
+                println!(
+                    "created checkpoint {:?} ({}) of the running VM: {}, {}; the guest was paused {:.1} ms{}",
+                    c.name,
+                    c.id,
+                    c.kind.as_str(),
+                    c.consistency.as_str(),
+                    reply["paused_ms"].as_f64().unwrap_or(0.0),
+                    reply["frozen_ms"]
+                        .as_f64()
+                        .map(|f| format!(", its file systems frozen {f:.1} ms"))
+                        .unwrap_or_default()
+                );
+                if let Some(why) = reply["fallback"].as_str() {
+                    println!("  fell back to a standard checkpoint: {why}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         CheckpointCommand::Create(a) => {
             let mut vm = open(&store, &a.vm, "checkpoint create")?;
             let id = vm
@@ -114,30 +172,70 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CheckpointCommand::List(a) => list(&store, &a.vm, a.json),
-        CheckpointCommand::Apply(a) => {
-            let mut vm = open(&store, &a.vm, "checkpoint apply")?;
-            let target = vm.find_checkpoint(&a.checkpoint)?;
-            let saved = vm
-                .apply(&a.checkpoint, a.save_current)
-                .with_context(|| format!("cannot apply {:?} to VM {:?}", a.checkpoint, a.vm))?;
-            let r = with_merge_progress(&mut vm, Vm::reconcile);
-            let s = vm.state();
-            let name = &s.checkpoint(target).expect("applied").name;
+        CheckpointCommand::Apply(a) => apply(&store, a),
+        CheckpointCommand::Delete(a) if running(&store, &a.vm).is_some() => {
+            let dir = running(&store, &a.vm).expect("checked");
+            let reply = live_request(
+                &dir,
+                &a.vm,
+                json!({"op": "delete", "checkpoint": a.checkpoint, "subtree": a.subtree}),
+            )
+            .with_context(|| format!("cannot delete {:?} of VM {:?}", a.checkpoint, a.vm))?;
+            let r: Reconciled = serde_json::from_value(reply["reconciled"].clone())?;
             if a.json {
                 print_json(&json!({
-                    "applied": target,
-                    "saved_current": saved,
-                    "generation_id": s.config.generation_id,
-                    "merged": merged_json(&r),
+                    "deleted": reply["deleted"], "checkpoints_removed": reply["checkpoints_removed"],
+                    "merged": merged_json(&r), "layers_removed": r.removed,
+                    "merge_when_stopped": reply["merge_when_stopped"],
                 }))?;
             } else {
-                if let Some(id) = saved {
-                    let c = s.checkpoint(id).expect("saved");
-                    println!("saved the current state as checkpoint {:?} ({id})", c.name);
+                println!(
+                    "deleted checkpoint {} ({})",
+                    reply["name"],
+                    reply["deleted"].as_str().unwrap_or_default()
+                );
+                for m in &r.merged {
+                    println!("  merged layer {} into {}", m.removed, m.into);
                 }
-                println!("applied checkpoint {name:?} ({target})");
+                for l in reply["merge_when_stopped"].as_array().into_iter().flatten() {
+                    println!(
+                        "  layer {} of the running disks merges when the VM stops",
+                        l.as_str().unwrap_or_default()
+                    );
+                }
             }
             report_failed_merge(&a.vm, &r)
+        }
+        CheckpointCommand::Rename(a) if running(&store, &a.vm).is_some() => {
+            let dir = running(&store, &a.vm).expect("checked");
+            let reply = live_request(
+                &dir,
+                &a.vm,
+                json!({"op": "rename", "checkpoint": a.checkpoint, "new_name": a.new_name}),
+            )
+            .with_context(|| format!("cannot rename {:?} of VM {:?}", a.checkpoint, a.vm))?;
+            println!(
+                "renamed checkpoint {} to {:?}",
+                reply["renamed"].as_str().unwrap_or_default(),
+                a.new_name
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        CheckpointCommand::Export(a) if running(&store, &a.vm).is_some() => {
+            let dir = running(&store, &a.vm).expect("checked");
+            let dest = std::path::absolute(&a.dir)?;
+            let reply = live_request(
+                &dir,
+                &a.vm,
+                json!({"op": "export", "checkpoint": a.checkpoint, "dir": dest}),
+            )
+            .with_context(|| format!("cannot export {:?} of VM {:?}", a.checkpoint, a.vm))?;
+            println!(
+                "exported checkpoint {} to {}",
+                reply["exported"].as_str().unwrap_or_default(),
+                a.dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         CheckpointCommand::Delete(a) => {
             let mut vm = open(&store, &a.vm, "checkpoint delete")?;
@@ -375,4 +473,79 @@ fn branch(parent: Option<Uuid>, last: bool, prefix: &str) -> (String, String) {
     } else {
         (format!("{prefix}├─ "), format!("{prefix}│  "))
     }
+}
+
+/// `checkpoint apply`. On a running VM the current state is discarded as Hyper-V does
+/// (the VM is turned off; with `--save-current` it is checkpointed live first), then the
+/// checkpoint is applied as for a stopped VM. A checkpoint with memory leaves the VM
+/// saved as of the checkpoint; a VM that was running is started again, so it comes back
+/// running from the checkpoint's instant. `--start` starts it in every case.
+fn apply(store: &Store, a: ApplyArgs) -> Result<ExitCode> {
+    let mut was_running = None;
+    let mut saved_live = None;
+    let last_accel = |dir: &Path| {
+        crate::worker::run_state(dir)
+            .1
+            .and_then(|r| r.accel)
+            .map(|a| {
+                if a == "kvm" {
+                    qemu::Accel::Kvm
+                } else {
+                    qemu::Accel::Tcg
+                }
+            })
+    };
+    if let Some(dir) = running(store, &a.vm) {
+        // A typo must not turn the VM off.
+        let (_, s, _) = store.read_vm(&a.vm)?;
+        vm::vm::find_checkpoint(&s, &a.checkpoint)?;
+        if a.save_current {
+            let reply = live_request(&dir, &a.vm, json!({"op": "create"}))
+                .with_context(|| format!("cannot save the current state of VM {:?}", a.vm))?;
+            saved_live = Some(serde_json::from_value::<Uuid>(reply["id"].clone())?);
+        }
+        let accel = last_accel(&dir);
+        crate::lifecycle::stop_worker(&dir, &a.vm, true, 10)
+            .with_context(|| format!("cannot turn VM {:?} off to apply", a.vm))?;
+        was_running = Some(accel);
+    }
+    let mut vm = open(store, &a.vm, "checkpoint apply")?;
+    let target = vm.find_checkpoint(&a.checkpoint)?;
+    let saved = vm
+        .apply(&a.checkpoint, a.save_current && saved_live.is_none())
+        .with_context(|| format!("cannot apply {:?} to VM {:?}", a.checkpoint, a.vm))?
+        .or(saved_live);
+    let r = with_merge_progress(&mut vm, Vm::reconcile);
+    let s = vm.state().clone();
+    let dir = vm.dir().to_owned();
+    drop(vm);
+    let name = &s.checkpoint(target).expect("applied").name;
+    let has_saved_state = dir.join(crate::worker::SAVED_STATE).exists();
+    let start = a.start || (was_running.is_some() && has_saved_state);
+    if start {
+        let accel = a
+            .accel
+            .map(Into::into)
+            .or(was_running.flatten())
+            .or_else(|| last_accel(&dir));
+        crate::lifecycle::start_quiet(store, &a.vm, accel, 120)
+            .with_context(|| format!("applied {name:?}, but VM {:?} did not start", a.vm))?;
+    }
+    let state = crate::worker::run_state(&dir).0;
+    if a.json {
+        print_json(&json!({
+            "applied": target,
+            "saved_current": saved,
+            "generation_id": s.config.generation_id,
+            "merged": merged_json(&r),
+            "state": state,
+        }))?;
+    } else {
+        if let Some(id) = saved {
+            let c = s.checkpoint(id).expect("saved");
+            println!("saved the current state as checkpoint {:?} ({id})", c.name);
+        }
+        println!("applied checkpoint {name:?} ({target}); the VM is {state}");
+    }
+    report_failed_merge(&a.vm, &r)
 }

@@ -15,7 +15,14 @@ fn vm_dir(store: &Store, name: &str) -> Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-fn default_accel() -> qemu::Accel {
+/// The accelerator when none is named: `SNAPVISOR_ACCEL` (`kvm` or `tcg`), else KVM
+/// where `/dev/kvm` opens, else TCG.
+pub fn default_accel() -> qemu::Accel {
+    match std::env::var("SNAPVISOR_ACCEL").as_deref() {
+        Ok("tcg") => return qemu::Accel::Tcg,
+        Ok("kvm") => return qemu::Accel::Kvm,
+        _ => {}
+    }
     let usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -34,6 +41,18 @@ pub fn start(
     accel: Option<qemu::Accel>,
     timeout: u64,
 ) -> Result<ExitCode> {
+    let pid = start_quiet(store, name, accel, timeout)?;
+    println!("started VM {name:?} (worker pid {pid})");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the VM's worker and waits until the guest runs; returns the worker's pid.
+pub fn start_quiet(
+    store: &Store,
+    name: &str,
+    accel: Option<qemu::Accel>,
+    timeout: u64,
+) -> Result<u32> {
     let dir = vm_dir(store, name)?;
     let (state, record) = worker::run_state(&dir);
     if matches!(state.as_str(), "starting" | "running" | "paused") {
@@ -111,8 +130,7 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("started VM {name:?} (worker pid {pid})");
-    Ok(ExitCode::SUCCESS)
+    Ok(pid)
 }
 
 fn require_running(dir: &std::path::Path, name: &str) -> Result<()> {
@@ -132,8 +150,16 @@ pub fn stop(store: &Store, name: &str, force: bool, timeout: u64) -> Result<Exit
         return Ok(ExitCode::SUCCESS);
     }
     require_running(&dir, name)?;
+    let how = stop_worker(&dir, name, force, timeout)?;
+    println!("stopped VM {name:?} ({how})");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Stops a running VM and waits until its worker has exited (its disks closed and
+/// merged where a merge waited for the stop); returns how it stopped.
+pub fn stop_worker(dir: &std::path::Path, name: &str, force: bool, timeout: u64) -> Result<String> {
     let reply = worker::request(
-        &dir,
+        dir,
         &json!({"cmd": "stop", "force": force, "timeout": timeout}),
         Duration::from_secs(timeout + 30),
     );
@@ -143,17 +169,16 @@ pub fn stop(store: &Store, name: &str, force: bool, timeout: u64) -> Result<Exit
         Err(_) if vm::lock::Lock::is_free(&dir.join(RUN_DIR)) => json!({"how": "stopped"}),
         Err(e) => return Err(e.context(format!("cannot stop VM {name:?}"))),
     };
-    // The worker closes the disks after QEMU exits, then releases its lock.
+    // The worker closes the disks after QEMU exits, runs the merges that waited for the
+    // VM to stop, then releases its lock.
     let t = Instant::now();
     while !vm::lock::Lock::is_free(&dir.join(RUN_DIR)) {
-        if t.elapsed() > Duration::from_secs(60) {
+        if t.elapsed() > Duration::from_secs(3600) {
             bail!("the worker of VM {name:?} did not exit after QEMU stopped");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let how = reply["how"].as_str().unwrap_or("stopped");
-    println!("stopped VM {name:?} ({how})");
-    Ok(ExitCode::SUCCESS)
+    Ok(reply["how"].as_str().unwrap_or("stopped").to_owned())
 }
 
 pub fn save(store: &Store, name: &str) -> Result<ExitCode> {
@@ -205,6 +230,7 @@ pub fn status(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
             "qemu_pid": record.as_ref().and_then(|r| r.qemu_pid),
             "qemu_status": live.as_ref().map(|l| l["qemu_status"].clone()),
             "agent": agent,
+            "generation_id": live.as_ref().map(|l| l["generation_id"].clone()),
             "error": record.as_ref().and_then(|r| r.error.clone()),
         }))?;
     } else {

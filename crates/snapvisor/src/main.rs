@@ -8,6 +8,7 @@ mod checkpoint_cmd;
 mod demo;
 mod disk_cmd;
 mod lifecycle;
+mod live;
 mod units;
 mod vm_cmd;
 mod worker;

@@ -51,6 +51,26 @@ impl From<CheckpointTypeArg> for CheckpointType {
     }
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum FirmwareArg {
+    Bios,
+    Uefi,
+}
+
+/// OVMF's firmware code and empty variable store: `SNAPVISOR_OVMF_CODE` and
+/// `SNAPVISOR_OVMF_VARS`, else Debian's `ovmf` package.
+pub fn ovmf_paths() -> (PathBuf, PathBuf) {
+    let pick = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(default))
+    };
+    (
+        pick("SNAPVISOR_OVMF_CODE", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
+        pick("SNAPVISOR_OVMF_VARS", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    )
+}
+
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Create a VM with new or imported disks.
@@ -184,6 +204,10 @@ pub struct CreateArgs {
     /// Take a checkpoint at start and delete it after a clean shutdown.
     #[arg(long)]
     automatic_checkpoints: bool,
+    /// Firmware, fixed for the VM's life: BIOS, or UEFI (OVMF, with a variable store
+    /// of the VM's own that checkpoints keep).
+    #[arg(long, value_enum, default_value_t = FirmwareArg::Bios)]
+    firmware: FirmwareArg,
     /// Print the new VM as `vm show --json` does.
     #[arg(long)]
     json: bool,
@@ -339,6 +363,11 @@ fn create(store: &Store, a: CreateArgs) -> Result<ExitCode> {
         checkpoint_type: a.checkpoint_type.into(),
         max_checkpoints: a.max_checkpoints,
         automatic_checkpoints: a.automatic_checkpoints,
+        firmware: match a.firmware {
+            FirmwareArg::Bios => vm::Firmware::Bios,
+            FirmwareArg::Uefi => vm::Firmware::Uefi,
+        },
+        uefi_vars_template: (a.firmware == FirmwareArg::Uefi).then(|| ovmf_paths().1),
     };
     store
         .create(&spec)
@@ -356,6 +385,43 @@ fn create(store: &Store, a: CreateArgs) -> Result<ExitCode> {
 }
 
 fn set(store: &Store, a: SetArgs) -> Result<ExitCode> {
+    if let Ok((dir, _, _)) = store.read_vm(&a.name)
+        && matches!(
+            crate::worker::run_state(&dir).0.as_str(),
+            "running" | "paused"
+        )
+    {
+        // The worker holds the VM: it changes the checkpoint settings (Hyper-V allows that
+        // on a running VM); hardware and the name wait for the VM to stop.
+        if a.new_name.is_some()
+            || a.memory.is_some()
+            || a.cpus.is_some()
+            || a.kernel.is_some()
+            || a.no_kernel
+        {
+            bail!(
+                "VM {:?} is running: stop it to change its name or hardware (checkpoint settings can change while it runs)",
+                a.name
+            );
+        }
+        crate::worker::request(
+            &dir,
+            &json!({
+                "cmd": "checkpoint", "op": "settings",
+                "checkpoint_type": a.checkpoint_type.map(|t| CheckpointType::from(t).as_str()),
+                "max_checkpoints": a.max_checkpoints,
+                "automatic_checkpoints": a.automatic_checkpoints.map(|o| o == OnOff::On),
+            }),
+            std::time::Duration::from_secs(60),
+        )
+        .with_context(|| format!("cannot change VM {:?}", a.name))?;
+        return if a.json {
+            show(store, &a.name, true)
+        } else {
+            println!("changed VM {:?}", a.name);
+            Ok(ExitCode::SUCCESS)
+        };
+    }
     let mut name = a.name.clone();
     if let Some(new) = &a.new_name {
         store
@@ -487,6 +553,8 @@ pub fn show_json(dir: &Path, s: &VmState, unfinished: Option<&str>) -> Value {
         "cpus": c.hardware.cpus,
         "disks": disks,
         "boot": c.hardware.boot,
+        "firmware": c.hardware.firmware.as_str(),
+        "uefi_vars": s.now.nvram.as_ref().map(|f| dir.join(vm::journal::FIRMWARE_DIR).join(f)),
         "checkpoint_type": c.checkpoint_type.as_str(),
         "max_checkpoints": c.max_checkpoints,
         "automatic_checkpoints": c.automatic_checkpoints,
@@ -514,6 +582,7 @@ pub fn show(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
     println!("  state          {}", crate::worker::run_state(&dir).0);
     println!("  memory         {}", human(c.hardware.memory));
     println!("  cpus           {}", c.hardware.cpus);
+    println!("  firmware       {}", c.hardware.firmware.as_str());
     if let Some(b) = &c.hardware.boot {
         println!("  kernel         {}", b.kernel.display());
         if let Some(i) = &b.initrd {

@@ -28,10 +28,10 @@ pub const RUN_DIR: &str = "run";
 /// Folder of the serial console and the worker's and QEMU's logs.
 pub const LOG_DIR: &str = "logs";
 /// The saved state (memory and devices) of a VM that `vm save` stopped.
-pub const SAVED_STATE: &str = "saved/state.vsv";
+pub const SAVED_STATE: &str = vm::journal::SAVED_STATE_FILE;
 
 /// Quotes a path for `/bin/sh` (QEMU runs `exec:` migration URIs through it).
-fn shell_quote(p: &Path) -> String {
+pub(crate) fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
 }
 
@@ -48,6 +48,9 @@ pub struct WorkerState {
     pub error: Option<String>,
     /// When the VM was started, seconds since the Unix epoch.
     pub started: u64,
+    /// The accelerator it runs with (`kvm` or `tcg`).
+    #[serde(default)]
+    pub accel: Option<String>,
 }
 
 fn state_path(vm_dir: &Path) -> PathBuf {
@@ -111,7 +114,7 @@ pub struct StartOptions {
 
 /// Runs the worker (the hidden `vm worker` command) until QEMU exits.
 pub fn run(store: &vm::Store, name: &str, opts: StartOptions) -> Result<()> {
-    let vm_handle = store.open_vm(name, "vm worker (the VM is running)")?;
+    let mut vm_handle = store.open_vm(name, "vm worker (the VM is running)")?;
     let dir = vm_handle.dir().to_owned();
     let run_dir = dir.join(RUN_DIR);
     std::fs::create_dir_all(&run_dir)?;
@@ -124,9 +127,60 @@ pub fn run(store: &vm::Store, name: &str, opts: StartOptions) -> Result<()> {
         qemu_pid: None,
         error: None,
         started,
+        accel: Some(
+            match opts.accel {
+                qemu::Accel::Kvm => "kvm",
+                qemu::Accel::Tcg => "tcg",
+            }
+            .into(),
+        ),
     };
     write_state(&dir, &record)?;
-    let result = serve_vm(&vm_handle, &dir, &opts, &mut record);
+    // Hyper-V's automatic checkpoints: one at start when there is none, taken before the
+    // guest runs (so it is of the VM off); deleted again after a clean shutdown.
+    let automatic = if vm_handle.state().config.automatic_checkpoints
+        && vm_handle.state().checkpoints.is_empty()
+        && !dir.join(SAVED_STATE).exists()
+    {
+        let name = format!(
+            "Automatic checkpoint - {}",
+            vm::vm::default_checkpoint_name(vm_handle.name())
+        );
+        match vm_handle.create_checkpoint(Some(&name)) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!("no automatic checkpoint: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let shared_vm = Arc::new(Mutex::new(vm_handle));
+    let result = serve_vm(&shared_vm, &dir, &opts, &mut record);
+    // QEMU is gone and the disks are closed: merges that had to wait for the VM to stop
+    // can run now, and a clean shutdown takes the automatic checkpoint away.
+    {
+        let mut vm = shared_vm.lock().unwrap_or_else(|p| p.into_inner());
+        vm.set_live(false);
+        let clean = result.as_ref().is_ok_and(|clean| *clean) && record.state != "saved";
+        if let Some(id) = automatic.filter(|_| clean)
+            && vm.state().checkpoint(id).is_some()
+        {
+            match vm.delete_checkpoint(&id.to_string(), false) {
+                Ok(r) if r.failed.is_some() => {
+                    tracing::warn!("merging after the automatic checkpoint: {:?}", r.failed)
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("deleting the automatic checkpoint: {e}"),
+            }
+        }
+        let r = vm.reconcile();
+        if let Some(e) = r.failed {
+            tracing::warn!("merging layers after the VM stopped: {e}");
+        }
+    }
+    let result = result.map(|_| ());
     match &result {
         Ok(()) if record.state == "saved" => {}
         Ok(()) => record.state = "off".into(),
@@ -140,23 +194,25 @@ pub fn run(store: &vm::Store, name: &str, opts: StartOptions) -> Result<()> {
     result
 }
 
+/// Serves the VM until QEMU exits; `Ok(true)` when the guest shut down cleanly.
 fn serve_vm(
-    vm_handle: &vm::Vm,
+    shared_vm: &Arc<Mutex<vm::Vm>>,
     dir: &Path,
     opts: &StartOptions,
     record: &mut WorkerState,
-) -> Result<()> {
-    let state = vm_handle.state();
+) -> Result<bool> {
+    let mut vm_guard = shared_vm.lock().unwrap_or_else(|p| p.into_inner());
+    vm_guard.set_live(true);
+    let state = vm_guard.state().clone();
     let run_dir = dir.join(RUN_DIR);
     let mut servers = Vec::new();
     let mut disks = Vec::new();
+    let mut exports = Vec::new();
     for (i, file) in state.now.disks.iter().enumerate() {
-        let path = vm_handle.layer_path(file);
-        let d: Arc<dyn disk::Disk> = Arc::new(
-            disk::VhdxDisk::open(&path, true)
-                .with_context(|| format!("cannot open disk {}", path.display()))?,
-        );
+        let path = vm_guard.layer_path(file);
+        let d = open_layer(&path)?;
         let export = Arc::new(nbd::Export::new(&format!("disk{i}"), d, false));
+        exports.push(export.clone());
         let sock = run_dir.join(format!("disk{i}.sock"));
         let server = nbd::Server::bind(&sock, export)?;
         let stopper = server.stopper();
@@ -168,6 +224,20 @@ fn serve_vm(
         });
     }
     let hw = &state.config.hardware;
+    let uefi = match (hw.firmware, &state.now.nvram) {
+        (vm::Firmware::Bios, _) => None,
+        (vm::Firmware::Uefi, Some(vars)) => {
+            let code = crate::vm_cmd::ovmf_paths().0;
+            if !code.is_file() {
+                bail!(
+                    "the UEFI firmware {} is missing: install Debian's ovmf package or set SNAPVISOR_OVMF_CODE",
+                    code.display()
+                );
+            }
+            Some((code, dir.join(vm::journal::FIRMWARE_DIR).join(vars)))
+        }
+        (vm::Firmware::Uefi, None) => bail!("the VM has UEFI firmware but no variable store"),
+    };
     let spec = qemu::MachineSpec {
         name: state.config.name.clone(),
         uuid: state.config.uuid.to_string(),
@@ -180,6 +250,7 @@ fn serve_vm(
             .boot
             .as_ref()
             .map(|b| (b.kernel.clone(), b.initrd.clone(), b.append.clone())),
+        uefi,
         disks,
         qmp_socket: run_dir.join("qmp.sock"),
         agent_socket: Some(run_dir.join("qga.sock")),
@@ -212,6 +283,7 @@ fn serve_vm(
     }
     record.state = "running".into();
     write_state(dir, record)?;
+    drop(vm_guard);
     let child = Arc::new(Mutex::new(child));
     let shared = Arc::new(Shared {
         qmp,
@@ -219,6 +291,10 @@ fn serve_vm(
         agent: run_dir.join("qga.sock"),
         dir: dir.to_owned(),
         record: Mutex::new(record.clone()),
+        vm: shared_vm.clone(),
+        exports,
+        op: Mutex::new(()),
+        forced: std::sync::atomic::AtomicBool::new(false),
     });
     let control = run_dir.join("control.sock");
     let _ = std::fs::remove_file(&control);
@@ -258,6 +334,9 @@ fn serve_vm(
             Err(_) => bail!("a disk server panicked"),
         }
     }
+    // Close the chains, so that what runs after the VM (merges) can open them.
+    shared.detach_all()?;
+    let forced = shared.forced.load(std::sync::atomic::Ordering::SeqCst);
     *record = shared
         .record
         .lock()
@@ -267,18 +346,113 @@ fn serve_vm(
         let reason = std::fs::read_to_string(&qemu_log).unwrap_or_default();
         bail!("QEMU exited with {status}: {}", reason.trim());
     }
-    Ok(())
+    Ok(!forced)
 }
 
-struct Shared {
-    qmp: qemu::Qmp,
-    child: Arc<Mutex<Child>>,
-    agent: PathBuf,
-    dir: PathBuf,
-    record: Mutex<WorkerState>,
+/// Opens a layer's chain for the guest, writable.
+fn open_layer(path: &Path) -> Result<Arc<dyn disk::Disk>> {
+    Ok(Arc::new(disk::VhdxDisk::open(path, true).with_context(
+        || format!("cannot open disk {}", path.display()),
+    )?))
+}
+
+/// What an export serves while its chain is switched (the guest is paused then, so
+/// nothing reaches it).
+#[derive(Debug)]
+struct Detached {
+    size: u64,
+    sector: u32,
+}
+
+impl Detached {
+    fn error(&self) -> disk::Error {
+        disk::Error::Io {
+            path: PathBuf::from("(disk being switched to a new layer)"),
+            source: std::io::Error::other("the disk is being switched"),
+        }
+    }
+}
+
+impl disk::Disk for Detached {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn sector_size(&self) -> u32 {
+        self.sector
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, _: &mut [u8], _: u64) -> disk::Result<()> {
+        Err(self.error())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> disk::Result<()> {
+        Err(self.error())
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> disk::Result<()> {
+        Err(self.error())
+    }
+    fn flush(&self) -> disk::Result<()> {
+        Ok(())
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) qmp: qemu::Qmp,
+    pub(crate) child: Arc<Mutex<Child>>,
+    pub(crate) agent: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) record: Mutex<WorkerState>,
+    /// The VM (its lock is held for as long as the worker runs).
+    pub(crate) vm: Arc<Mutex<vm::Vm>>,
+    /// One NBD export per disk, in the guest's order.
+    pub(crate) exports: Vec<Arc<nbd::Export>>,
+    /// Operations that pause or switch the guest run one at a time.
+    pub(crate) op: Mutex<()>,
+    /// QEMU was turned off rather than shut down by its guest.
+    pub(crate) forced: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
+    pub(crate) fn vm(&self) -> std::sync::MutexGuard<'_, vm::Vm> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Flushes and closes every disk's chain (waiting for requests in flight), leaving a
+    /// placeholder in each export. Only while the guest is paused or gone.
+    pub(crate) fn detach_all(&self) -> Result<()> {
+        for e in &self.exports {
+            let size = e.size();
+            let current = e.disk();
+            let old = e.swap(Arc::new(Detached {
+                size,
+                sector: current.sector_size(),
+            }))?;
+            drop(current);
+            old.flush().context("flushing a disk before switching it")?;
+            // The last reference: the chain closes here.
+            drop(old);
+        }
+        Ok(())
+    }
+
+    /// Opens Now's layers and serves them.
+    pub(crate) fn attach_now(&self) -> Result<()> {
+        let paths: Vec<PathBuf> = {
+            let vm = self.vm();
+            vm.state()
+                .now
+                .disks
+                .iter()
+                .map(|f| vm.layer_path(f))
+                .collect()
+        };
+        for (e, path) in self.exports.iter().zip(paths) {
+            e.swap(open_layer(&path)?)?;
+        }
+        Ok(())
+    }
+
     fn set_state(&self, state: &str) -> Result<()> {
         let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
         r.state = state.to_owned();
@@ -318,7 +492,12 @@ fn answer(shared: &Shared, stream: UnixStream) -> Result<()> {
             let agent = qemu::GuestAgent::connect(&shared.agent, Duration::from_millis(1500))
                 .and_then(|mut a| a.ping(secs(1)))
                 .is_ok();
-            json!({"qemu_status": run, "agent": agent})
+            let generation_id = shared
+                .qmp
+                .execute("query-vm-generation-id", Value::Null, secs(5))
+                .ok()
+                .and_then(|v| v["guid"].as_str().map(str::to_owned));
+            json!({"qemu_status": run, "agent": agent, "generation_id": generation_id})
         }
         "pause" => match shared.qmp.execute("stop", Value::Null, secs(10)) {
             Ok(_) => {
@@ -349,6 +528,9 @@ fn answer(shared: &Shared, stream: UnixStream) -> Result<()> {
                 }
             }
             if how == "forced" {
+                shared
+                    .forced
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 if shared.qmp.execute("quit", Value::Null, secs(5)).is_err()
                     || !shared.exited_within(secs(10))?
                 {
@@ -362,6 +544,10 @@ fn answer(shared: &Shared, stream: UnixStream) -> Result<()> {
             }
             json!({"ok": true, "how": how})
         }
+        "checkpoint" => match crate::live::checkpoint_request(shared, &req) {
+            Ok(v) => v,
+            Err(e) => json!({"error": format!("{e:#}")}),
+        },
         "save" => match save(shared) {
             Ok(ms) => json!({"ok": true, "ms": ms}),
             Err(e) => {
@@ -430,7 +616,7 @@ fn connect_qmp(sock: &Path, child: &mut Child) -> Result<qemu::Qmp> {
 }
 
 /// Waits for the migration stream to finish (`events` must be on).
-fn wait_migration(qmp: &qemu::Qmp, timeout: Duration) -> Result<()> {
+pub(crate) fn wait_migration(qmp: &qemu::Qmp, timeout: Duration) -> Result<()> {
     let t = Instant::now();
     loop {
         let left = timeout.saturating_sub(t.elapsed());
@@ -452,7 +638,7 @@ fn wait_migration(qmp: &qemu::Qmp, timeout: Duration) -> Result<()> {
     }
 }
 
-fn migration_setup(qmp: &qemu::Qmp) -> Result<()> {
+pub(crate) fn migration_setup(qmp: &qemu::Qmp) -> Result<()> {
     let secs = Duration::from_secs;
     qmp.execute(
         "migrate-set-capabilities",
@@ -470,6 +656,7 @@ fn migration_setup(qmp: &qemu::Qmp) -> Result<()> {
 
 /// Hyper-V's Save: pause, write memory and device state to `saved/state.vsv`, quit.
 fn save(shared: &Shared) -> Result<u128> {
+    let _op = shared.op.lock().unwrap_or_else(|p| p.into_inner());
     let t = Instant::now();
     let secs = Duration::from_secs;
     let file = shared.dir.join(SAVED_STATE);

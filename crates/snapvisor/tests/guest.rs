@@ -121,6 +121,7 @@ fn the_guest_runs_on_a_served_vhdx_under_qmp_and_its_agent() {
             Some(guest.join("initrd.gz")),
             "console=ttyS0 panic=-1 quiet workload=counter".into(),
         )),
+        uefi: None,
         disks: vec![qemu::NbdDisk {
             socket: d.join("nbd.sock"),
             export: "disk0".into(),

@@ -6,125 +6,10 @@
 
 mod support;
 
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::Cli;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn qemu() -> String {
-    if let Some(q) = std::env::var_os("SNAPVISOR_QEMU") {
-        return q.into_string().unwrap();
-    }
-    let out = Command::new(repo().join("scripts/get-qemu.sh"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-fn guest() -> PathBuf {
-    let g = std::env::var_os("SNAPVISOR_GUEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/guest"));
-    assert!(
-        g.join("vmlinuz").exists(),
-        "no test guest in {}: run ./scripts/build-guest.sh",
-        g.display()
-    );
-    g
-}
-
-/// A store with VM `g`: 256 MiB, the test guest with its counter, one ext4 disk.
-fn setup(dir: &Path) -> Cli {
-    let mut cli = Cli::new(&dir.join("store"));
-    cli.env.push(("SNAPVISOR_QEMU".into(), qemu()));
-    let fs = dir.join("fs.raw");
-    std::fs::File::create(&fs)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    assert!(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&fs)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let g = guest();
-    cli.ok(&[
-        "vm",
-        "create",
-        "g",
-        "--memory",
-        "256M",
-        "--import-disk",
-        fs.to_str().unwrap(),
-        "--kernel",
-        g.join("vmlinuz").to_str().unwrap(),
-        "--initrd",
-        g.join("initrd.gz").to_str().unwrap(),
-        "--append",
-        "console=ttyS0 panic=-1 quiet workload=counter",
-    ]);
-    cli
-}
-
-fn status(cli: &Cli) -> Value {
-    cli.json(&["vm", "status", "g", "--json"])
-}
-
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn ticks(store: &Path) -> Vec<u32> {
-    std::fs::read_to_string(store.join("g/logs/serial.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("tick "))
-        .filter_map(|l| l.split(' ').next()?.parse().ok())
-        .collect()
-}
-
-/// The counter file on the VM's disk, read through `disk convert` and debugfs.
-fn counter_on_disk(cli: &Cli, dir: &Path) -> String {
-    let show = cli.json(&["vm", "show", "g", "--json"]);
-    let file = show["disks"][0]["file"].as_str().unwrap();
-    let raw = dir.join("check.raw");
-    let _ = std::fs::remove_file(&raw);
-    cli.ok(&["disk", "convert", file, raw.to_str().unwrap()]);
-    // debugfs ignores the ext4 journal: replay it on the copy first (a guest killed with
-    // its VM has a crash-consistent file system). Exit codes 0 and 1 mean clean or fixed.
-    let fsck = Command::new("e2fsck")
-        .args(["-fy"])
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.code().is_some_and(|c| c <= 1),
-        "{}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-    let out = Command::new("debugfs")
-        .args(["-R", "cat /counter.log"])
-        .arg(&raw)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::running::*;
 
 fn alive(pid: u64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -207,10 +92,12 @@ fn force_stop_and_a_killed_worker() {
             .success()
     );
     wait("QEMU to die with its worker", 10, || !alive(qemu_pid));
-    // QEMU's death signal fires when the worker's thread exits, which can be a moment
-    // before the worker's last thread has gone and released its lock.
-    wait("the worker to be gone", 10, || !alive(worker));
-    assert_eq!(status(&cli)["state"], "stopped-unexpectedly");
+    // The kill is asynchronous: QEMU's death signal fires when the worker's thread exits,
+    // and the worker's lock is released only when its last thread has gone (a thread in
+    // an fsync can take a while on a busy disk).
+    wait("the VM to be reported stopped unexpectedly", 30, || {
+        status(&cli)["state"] == "stopped-unexpectedly"
+    });
     let text = cli.ok(&["vm", "list"]);
     assert!(text.contains("stopped-unexpectedly"), "{text}");
     // The files are consistent and the VM starts again, its counter continuing on disk.
@@ -295,4 +182,53 @@ fn save_then_start_resumes_the_guest_where_it_was() {
     assert!(out.contains("discarded the saved state"), "{out}");
     assert_eq!(status(&cli)["state"], "off");
     cli.ok(&["checkpoint", "create", "g"]);
+}
+
+/// A UEFI VM boots OVMF with a variable store of its own, and each checkpoint keeps the
+/// store as it was: OVMF writes its variables at the first boot, and applying a checkpoint
+/// taken before that brings the untouched store back.
+#[test]
+fn uefi_vm_boots_and_checkpoints_keep_its_variable_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = setup_with(dir.path(), &["--firmware", "uefi"]);
+    let store = dir.path().join("store");
+    let show = cli.json(&["vm", "show", "g", "--json"]);
+    assert_eq!(show["firmware"], "uefi");
+    let vars = PathBuf::from(show["uefi_vars"].as_str().unwrap());
+    let fresh = std::fs::read(&vars).unwrap();
+    cli.ok(&["checkpoint", "create", "g", "--name", "never-booted"]);
+
+    cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
+    wait("ticks", 120, || ticks(&store).len() >= 3);
+    wait("the guest agent", 60, || status(&cli)["agent"] == true);
+    let (code, out) = support::guest_sh(
+        &store.join("g"),
+        "test -d /sys/firmware/efi/efivars && echo uefi",
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "uefi"),
+        "the guest did not boot through UEFI"
+    );
+    cli.ok(&["vm", "stop", "g"]);
+    let booted = std::fs::read(&vars).unwrap();
+    assert_ne!(booted, fresh, "OVMF wrote no variables at its first boot");
+    cli.ok(&["checkpoint", "create", "g", "--name", "booted"]);
+
+    cli.ok(&["checkpoint", "apply", "g", "never-booted"]);
+    let show = cli.json(&["vm", "show", "g", "--json"]);
+    let now_vars = PathBuf::from(show["uefi_vars"].as_str().unwrap());
+    assert_eq!(std::fs::read(&now_vars).unwrap(), fresh);
+    cli.ok(&["checkpoint", "apply", "g", "booted"]);
+    let show = cli.json(&["vm", "show", "g", "--json"]);
+    let now_vars = PathBuf::from(show["uefi_vars"].as_str().unwrap());
+    assert_eq!(std::fs::read(&now_vars).unwrap(), booted);
+    // The old stores went with the applies; nothing is left unreferenced.
+    let report = cli.ok(&["vm", "consolidate", "g"]);
+    assert!(!report.contains("firmware/"), "{report}");
+    // It boots again from the applied store.
+    cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
+    wait("ticks", 120, || ticks(&store).len() >= 3);
+    cli.ok(&["vm", "stop", "g", "--force"]);
+    support::check_all_files(&store.join("g"));
 }

@@ -59,6 +59,29 @@ pub struct DirectBoot {
     pub append: String,
 }
 
+/// The firmware the VM boots with, fixed when the VM is created (as a Hyper-V VM's
+/// generation is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Firmware {
+    /// SeaBIOS, QEMU's default.
+    #[default]
+    Bios,
+    /// UEFI (OVMF), with a variable store of the VM's own that each checkpoint keeps a
+    /// copy of.
+    Uefi,
+}
+
+impl Firmware {
+    /// The name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+}
+
 /// The virtual hardware: what a checkpoint captures and applying it brings back.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hardware {
@@ -70,6 +93,9 @@ pub struct Hardware {
     pub disks: Vec<DiskConfig>,
     /// Direct kernel boot, if any.
     pub boot: Option<DirectBoot>,
+    /// BIOS or UEFI.
+    #[serde(default)]
+    pub firmware: Firmware,
 }
 
 /// A VM's whole definition.

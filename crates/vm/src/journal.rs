@@ -33,6 +33,18 @@ pub const DISKS_DIR: &str = "disks";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// A checkpoint's config file inside its folder.
 pub const CHECKPOINT_CONFIG_FILE: &str = "config.json";
+/// Folder of the UEFI variable store the VM runs with.
+pub const FIRMWARE_DIR: &str = "firmware";
+/// A checkpoint's copy of the UEFI variable store, inside its folder.
+pub const CHECKPOINT_NVRAM_FILE: &str = "vars.fd";
+/// A standard checkpoint's memory and device state (QEMU's migration stream), inside its
+/// folder. Written under a temporary name and renamed once complete and synced: a
+/// checkpoint that claims memory but has no such file was interrupted while its memory
+/// was being written, and is removed at the next open.
+pub const CHECKPOINT_MEMORY_FILE: &str = "memory.vsv";
+/// The saved state of a saved VM (`vm save`, or applying a checkpoint with memory): the
+/// next start loads it.
+pub const SAVED_STATE_FILE: &str = "saved/state.vsv";
 
 /// Which way a journaled merge moves data; fixed when planned, because a merge that has
 /// begun must finish in the direction it started.
@@ -78,6 +90,27 @@ pub enum Step {
     RemoveLayer {
         /// The layer.
         file: String,
+    },
+    /// Copy `from` to `to` (both relative to the VM folder) unless `to` exists; the copy
+    /// is written under a temporary name, synced and renamed.
+    CopyFile {
+        /// The source.
+        from: String,
+        /// The new file.
+        to: String,
+    },
+    /// Hard-link (or, where links are refused, copy) `from` to `to`, both relative to the
+    /// VM folder, unless `to` exists.
+    LinkFile {
+        /// The source.
+        from: String,
+        /// The new name.
+        to: String,
+    },
+    /// Remove a file (relative to the VM folder) if it exists.
+    RemoveFile {
+        /// The file.
+        path: String,
     },
     /// Remove `checkpoints/<id>/` if it exists.
     RemoveCheckpointDir {
@@ -180,6 +213,38 @@ fn run_step(vm_dir: &Path, step: &Step, progress: Progress<'_>) -> Result<()> {
             }
             fsutil::remove_file(&path)
         }
+        Step::CopyFile { from, to } => {
+            let to = vm_dir.join(to);
+            if to.exists() {
+                return Ok(());
+            }
+            let from = vm_dir.join(from);
+            let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            fsutil::atomic_write(&to, &bytes)
+        }
+        Step::LinkFile { from, to } => {
+            let to = vm_dir.join(to);
+            if to.exists() {
+                return Ok(());
+            }
+            let from = vm_dir.join(from);
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            if std::fs::hard_link(&from, &to).is_err() {
+                let tmp = to.with_extension("partial");
+                std::fs::copy(&from, &tmp).map_err(|e| Error::io(&from, e))?;
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::io(&tmp, e))?;
+                std::fs::rename(&tmp, &to).map_err(|e| Error::io(&to, e))?;
+            }
+            fsutil::sync_dir_of(&to)
+        }
+        Step::RemoveFile { path } => fsutil::remove_file(&vm_dir.join(path)),
         Step::RemoveCheckpointDir { id } => {
             fsutil::remove_dir_all(&vm_dir.join(CHECKPOINTS_DIR).join(id.to_string()))
         }

@@ -55,8 +55,8 @@ pub mod state;
 pub mod store;
 pub mod vm;
 
-pub use config::{CheckpointType, DirectBoot, DiskConfig, Hardware, VmConfig};
+pub use config::{CheckpointType, DirectBoot, DiskConfig, Firmware, Hardware, VmConfig};
 pub use error::{Error, Result};
 pub use state::{Checkpoint, CheckpointKind, Consistency, Layer, Now, VmState};
 pub use store::{NewVm, Store, VmEntry};
-pub use vm::{ConsolidateReport, Reconciled, Settings, Vm};
+pub use vm::{ConsolidateReport, Reconciled, Settings, Taken, Vm};

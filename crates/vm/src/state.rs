@@ -90,6 +90,9 @@ pub struct Now {
     pub parent: Option<Uuid>,
     /// The writable layer of each disk, in the order of the VM's config.
     pub disks: Vec<String>,
+    /// The UEFI variable store the VM runs with (a file in `firmware/`), for UEFI VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<String>,
 }
 
 /// One VHDX file in `disks/`.
@@ -158,6 +161,13 @@ impl VmState {
                 "Now has {} disk layers but the config has {} disks",
                 self.now.disks.len(),
                 disks.len()
+            ));
+        }
+        if let Some(n) = &self.now.nvram
+            && !is_plain_file_name(n)
+        {
+            return Err(format!(
+                "UEFI variable store {n:?} is not a plain file name"
             ));
         }
         let ids: BTreeSet<Uuid> = self.checkpoints.iter().map(|c| c.id).collect();

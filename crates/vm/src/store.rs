@@ -2,12 +2,12 @@
 //! place), and the operations on whole VMs.
 
 use crate::config::{
-    CheckpointType, DEFAULT_MAX_CHECKPOINTS, DirectBoot, DiskConfig, Hardware, VmConfig,
+    CheckpointType, DEFAULT_MAX_CHECKPOINTS, DirectBoot, DiskConfig, Firmware, Hardware, VmConfig,
     validate_settings, validate_vm_name,
 };
 use crate::error::{Error, Result};
 use crate::fsutil::{self, crashpoint};
-use crate::journal::{CHECKPOINTS_DIR, DISKS_DIR, JOURNAL_FILE, Journal, STATE_FILE};
+use crate::journal::{CHECKPOINTS_DIR, DISKS_DIR, FIRMWARE_DIR, JOURNAL_FILE, Journal, STATE_FILE};
 use crate::lock::Lock;
 use crate::state::{Layer, Now, STATE_FORMAT, VmState};
 use crate::vm::Vm;
@@ -36,6 +36,10 @@ pub struct NewVm {
     pub max_checkpoints: u32,
     /// Automatic checkpoints.
     pub automatic_checkpoints: bool,
+    /// BIOS or UEFI.
+    pub firmware: Firmware,
+    /// For UEFI: the empty variable store (OVMF's `OVMF_VARS.fd`) the VM's own starts from.
+    pub uefi_vars_template: Option<PathBuf>,
 }
 
 impl NewVm {
@@ -51,6 +55,8 @@ impl NewVm {
             checkpoint_type: CheckpointType::Production,
             max_checkpoints: DEFAULT_MAX_CHECKPOINTS,
             automatic_checkpoints: false,
+            firmware: Firmware::Bios,
+            uefi_vars_template: None,
         }
     }
 }
@@ -201,12 +207,28 @@ impl Store {
                 cpus: spec.cpus,
                 disks: Vec::new(),
                 boot: spec.boot.clone(),
+                firmware: spec.firmware,
             },
             checkpoint_type: spec.checkpoint_type,
             max_checkpoints: spec.max_checkpoints,
             automatic_checkpoints: spec.automatic_checkpoints,
         };
         validate_settings(&config)?;
+        let template = match (spec.firmware, &spec.uefi_vars_template) {
+            (Firmware::Bios, _) => None,
+            (Firmware::Uefi, Some(t)) if t.is_file() => Some(t.clone()),
+            (Firmware::Uefi, Some(t)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "the UEFI variable store template {} does not exist (install Debian's ovmf package)",
+                    t.display()
+                )));
+            }
+            (Firmware::Uefi, None) => {
+                return Err(Error::InvalidArgument(
+                    "a UEFI VM needs a variable store template (OVMF_VARS.fd)".into(),
+                ));
+            }
+        };
         let tmp = self
             .root
             .join(format!(".creating-{}.{}", spec.name, std::process::id()));
@@ -257,6 +279,16 @@ impl Store {
                 );
                 now.push(file);
             }
+            let nvram = match &template {
+                Some(t) => {
+                    let fw = tmp.join(FIRMWARE_DIR);
+                    std::fs::create_dir_all(&fw).map_err(|e| Error::io(&fw, e))?;
+                    let bytes = std::fs::read(t).map_err(|e| Error::io(t, e))?;
+                    fsutil::atomic_write(&fw.join("vars.fd"), &bytes)?;
+                    Some("vars.fd".to_owned())
+                }
+                None => None,
+            };
             let state = VmState {
                 format: STATE_FORMAT,
                 seq: 1,
@@ -264,6 +296,7 @@ impl Store {
                 now: Now {
                     parent: None,
                     disks: now,
+                    nvram,
                 },
                 checkpoints: Vec::new(),
                 layers,
@@ -458,6 +491,15 @@ impl Store {
 
 /// Checks that a VM folder's layers exist, open, link up, and carry their disk's id.
 fn verify_folder(dir: &Path, state: &VmState) -> Result<()> {
+    if let Some(nvram) = &state.now.nvram {
+        let path = dir.join(FIRMWARE_DIR).join(nvram);
+        if !path.is_file() {
+            return Err(Error::Corrupt {
+                path,
+                reason: "the VM's UEFI variable store is missing".into(),
+            });
+        }
+    }
     let mut ids = std::collections::HashMap::new();
     for d in &state.config.hardware.disks {
         ids.insert(d.name.clone(), d.disk_id);

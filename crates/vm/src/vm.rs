@@ -6,8 +6,8 @@ use crate::config::{
 use crate::error::{Error, Result};
 use crate::fsutil::{self, crashpoint};
 use crate::journal::{
-    CHECKPOINT_CONFIG_FILE, CHECKPOINTS_DIR, DISKS_DIR, Direction, JOURNAL_FILE, Journal,
-    STATE_FILE, Step,
+    CHECKPOINT_CONFIG_FILE, CHECKPOINT_MEMORY_FILE, CHECKPOINT_NVRAM_FILE, CHECKPOINTS_DIR,
+    DISKS_DIR, Direction, FIRMWARE_DIR, JOURNAL_FILE, Journal, SAVED_STATE_FILE, STATE_FILE, Step,
 };
 use crate::lock::Lock;
 use crate::state::{Checkpoint, CheckpointKind, Consistency, Layer, VmState};
@@ -25,6 +25,9 @@ pub struct Vm {
     progress: ProgressFn,
     /// What the reconciliation at open did (reported by `consolidate`).
     pub(crate) reconciled_at_open: Reconciled,
+    /// The VM runs: the layers of Now's chains are open in its worker, so reconciliation
+    /// leaves them alone until it stops.
+    live: bool,
     _lock: Lock,
 }
 
@@ -35,7 +38,7 @@ impl std::fmt::Debug for Vm {
 }
 
 /// A layer merge that reconciliation performed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MergeDone {
     /// The layer that was merged away.
     pub removed: String,
@@ -46,7 +49,7 @@ pub struct MergeDone {
 }
 
 /// What reconciliation did after an operation.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Reconciled {
     /// Merges done.
     pub merged: Vec<MergeDone>,
@@ -54,6 +57,17 @@ pub struct Reconciled {
     pub removed: Vec<String>,
     /// A merge that failed (and stays to do), with the reason.
     pub failed: Option<String>,
+}
+
+/// What a running VM's worker captured for a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Taken {
+    /// Production (no memory) or standard.
+    pub kind: CheckpointKind,
+    /// What was achieved.
+    pub consistency: Consistency,
+    /// Whether the memory and device state will be kept.
+    pub has_memory: bool,
 }
 
 /// What `vm consolidate` found.
@@ -103,8 +117,10 @@ impl Vm {
             state,
             progress,
             reconciled_at_open: Reconciled::default(),
+            live: false,
             _lock: lock,
         };
+        vm.drop_interrupted_memory_checkpoints()?;
         if vm.state.config.name != name {
             // A rename stopped between renaming the folder and recording the new name.
             let mut next = vm.next_state();
@@ -112,6 +128,53 @@ impl Vm {
             vm.commit(next)?;
         }
         Ok(vm)
+    }
+
+    /// Marks the VM as running (its worker has Now's chains open) or stopped.
+    pub fn set_live(&mut self, live: bool) {
+        self.live = live;
+    }
+
+    /// The layers of Now's chains: Now's layer of each disk and all their ancestors.
+    pub fn now_chain_layers(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for top in &self.state.now.disks {
+            let mut at = Some(top.clone());
+            while let Some(l) = at {
+                at = self.state.layers.get(&l).and_then(|x| x.parent.clone());
+                out.insert(l);
+            }
+        }
+        out
+    }
+
+    /// Where a checkpoint keeps its memory and device state.
+    pub fn memory_path(&self, id: Uuid) -> PathBuf {
+        self.dir
+            .join(CHECKPOINTS_DIR)
+            .join(id.to_string())
+            .join(CHECKPOINT_MEMORY_FILE)
+    }
+
+    /// A checkpoint whose memory was still being written when its worker died claims
+    /// memory it does not have: it is removed, so the tree is as before it was taken
+    /// (Now's data is untouched; its layer merges with the one the checkpoint left).
+    fn drop_interrupted_memory_checkpoints(&mut self) -> Result<()> {
+        let broken: Vec<Uuid> = self
+            .state
+            .checkpoints
+            .iter()
+            .filter(|c| c.has_memory && !self.memory_path(c.id).exists())
+            .map(|c| c.id)
+            .collect();
+        for id in broken {
+            tracing::warn!(
+                "checkpoint {id} of {} lost its memory while it was being written; removing it",
+                self.name()
+            );
+            self.remove_node(id, false, "checkpoint create (interrupted)")?;
+        }
+        Ok(())
     }
 
     /// Sets the progress reporter for merges.
@@ -152,6 +215,28 @@ impl Vm {
     /// Takes a checkpoint of the (stopped) VM: every disk's current layer becomes the
     /// checkpoint's, read-only, and a new differencing child becomes current.
     pub fn create_checkpoint(&mut self, name: Option<&str>) -> Result<Uuid> {
+        self.create_checkpoint_taken(name, None)
+    }
+
+    /// Fails the way [`Vm::create_checkpoint`] would before anything is captured: the
+    /// type is `disabled` or the limit is reached.
+    pub fn check_can_take(&self) -> Result<()> {
+        let config = &self.state.config;
+        if config.checkpoint_type == CheckpointType::Disabled {
+            return Err(Error::CheckpointsDisabled(config.name.clone()));
+        }
+        self.check_limit(1)
+    }
+
+    /// Takes a checkpoint of what a running VM's worker captured: `taken` says what kind
+    /// it is and the consistency it achieved (`None`: the VM is off). The worker pauses
+    /// the guest and closes Now's layers around this call; a checkpoint with memory gets
+    /// its memory file afterwards ([`Vm::memory_path`]).
+    pub fn create_checkpoint_taken(
+        &mut self,
+        name: Option<&str>,
+        taken: Option<Taken>,
+    ) -> Result<Uuid> {
         let config = &self.state.config;
         if config.checkpoint_type == CheckpointType::Disabled {
             return Err(Error::CheckpointsDisabled(config.name.clone()));
@@ -165,7 +250,7 @@ impl Vm {
         self.verify_layers(&self.state.now.disks.clone())?;
         let mut next = self.next_state();
         let mut journal = Journal::new(format!("checkpoint create {name:?}"));
-        let id = self.take_into(&mut next, &mut journal, name)?;
+        let id = self.take_into(&mut next, &mut journal, name, taken)?;
         journal.steps.push(Step::Commit {
             state: Box::new(next),
         });
@@ -175,24 +260,35 @@ impl Vm {
 
     /// Plans a checkpoint of Now into `next`: Now's layers go to a new checkpoint node and
     /// new children of them become Now's.
-    fn take_into(&self, next: &mut VmState, journal: &mut Journal, name: String) -> Result<Uuid> {
+    fn take_into(
+        &self,
+        next: &mut VmState,
+        journal: &mut Journal,
+        name: String,
+        taken: Option<Taken>,
+    ) -> Result<Uuid> {
         let id = Uuid::new_v4();
-        let kind = match next.config.checkpoint_type {
-            CheckpointType::Standard => CheckpointKind::Standard,
-            _ => CheckpointKind::Production,
-        };
+        let taken = taken.unwrap_or(Taken {
+            kind: match next.config.checkpoint_type {
+                CheckpointType::Standard => CheckpointKind::Standard,
+                _ => CheckpointKind::Production,
+            },
+            consistency: Consistency::VmOff,
+            has_memory: false,
+        });
         journal.steps.push(Step::WriteCheckpointConfig {
             id,
             config: Box::new(next.config.clone()),
         });
+        push_nvram_copy(journal, next, id);
         next.checkpoints.push(Checkpoint {
             id,
             name,
             parent: next.now.parent,
             created: fsutil::now_unix(),
-            kind,
-            consistency: Consistency::VmOff,
-            has_memory: false,
+            kind: taken.kind,
+            consistency: taken.consistency,
+            has_memory: taken.has_memory,
             disks: next.now.disks.clone(),
         });
         let mut new_disks = Vec::new();
@@ -248,6 +344,7 @@ impl Vm {
                 id,
                 config: Box::new(next.config.clone()),
             });
+            push_nvram_copy(&mut journal, &next, id);
             next.checkpoints.push(Checkpoint {
                 id,
                 name,
@@ -282,15 +379,42 @@ impl Vm {
             );
             new_disks.push(file);
         }
+        // The checkpoint's UEFI variables come back as a new file, so that Now's old one
+        // stays intact until the commit.
+        let old_nvram = next.now.nvram.clone();
+        let new_nvram = match target_config.hardware.firmware {
+            crate::config::Firmware::Uefi => {
+                let file = format!("vars_{}.fd", &Uuid::new_v4().simple().to_string()[..12]);
+                journal.steps.push(Step::CopyFile {
+                    from: format!("{CHECKPOINTS_DIR}/{target_id}/{CHECKPOINT_NVRAM_FILE}"),
+                    to: format!("{FIRMWARE_DIR}/{file}"),
+                });
+                Some(file)
+            }
+            crate::config::Firmware::Bios => None,
+        };
         next.now = crate::state::Now {
             parent: Some(target_id),
             disks: new_disks,
+            nvram: new_nvram,
         };
+        if target.has_memory {
+            // The VM comes back saved, as of the checkpoint: its next start resumes there.
+            journal.steps.push(Step::LinkFile {
+                from: format!("{CHECKPOINTS_DIR}/{target_id}/{CHECKPOINT_MEMORY_FILE}"),
+                to: SAVED_STATE_FILE.to_owned(),
+            });
+        }
         next.config.hardware = target_config.hardware;
         next.config.generation_id = Uuid::new_v4();
         journal.steps.push(Step::Commit {
             state: Box::new(next),
         });
+        if let Some(old) = old_nvram {
+            journal.steps.push(Step::RemoveFile {
+                path: format!("{FIRMWARE_DIR}/{old}"),
+            });
+        }
         self.run(journal)?;
         Ok(saved)
     }
@@ -299,6 +423,17 @@ impl Vm {
     /// changes at once; the layers left without a user are merged or removed afterwards.
     pub fn delete_checkpoint(&mut self, query: &str, subtree: bool) -> Result<Reconciled> {
         let id = self.find_checkpoint(query)?;
+        let what = if subtree {
+            "checkpoint delete --subtree"
+        } else {
+            "checkpoint delete"
+        };
+        self.remove_node(id, subtree, what)?;
+        Ok(self.reconcile())
+    }
+
+    /// Takes a checkpoint (or its subtree) out of the tree; its children move to its parent.
+    fn remove_node(&mut self, id: Uuid, subtree: bool, what: &str) -> Result<()> {
         let node = self.state.checkpoint(id).expect("found").clone();
         let removed: BTreeSet<Uuid> = if subtree {
             self.state.subtree(id).into_iter().collect()
@@ -315,11 +450,6 @@ impl Vm {
         if next.now.parent.is_some_and(|p| removed.contains(&p)) {
             next.now.parent = node.parent;
         }
-        let what = if subtree {
-            "checkpoint delete --subtree"
-        } else {
-            "checkpoint delete"
-        };
         let mut journal = Journal::new(format!("{what} {:?}", node.name));
         journal.steps.push(Step::Commit {
             state: Box::new(next),
@@ -327,8 +457,7 @@ impl Vm {
         for r in &removed {
             journal.steps.push(Step::RemoveCheckpointDir { id: *r });
         }
-        self.run(journal)?;
-        Ok(self.reconcile())
+        self.run(journal)
     }
 
     /// Renames a checkpoint.
@@ -408,9 +537,22 @@ impl Vm {
         self.verify_layers(&cp.disks)?;
         let layers: Vec<PathBuf> = cp.disks.iter().map(|f| self.layer_path(f)).collect();
         let disks = config.hardware.disks.clone();
+        let nvram_src = (config.hardware.firmware == crate::config::Firmware::Uefi).then(|| {
+            self.dir
+                .join(CHECKPOINTS_DIR)
+                .join(id.to_string())
+                .join(CHECKPOINT_NVRAM_FILE)
+        });
+        let nvram = nvram_src.as_ref().map(|_| "vars.fd".to_owned());
         let config = &mut config;
         let progress = &mut self.progress;
         crate::store::write_folder_atomically(dest, |tmp| {
+            if let (Some(src), Some(file)) = (&nvram_src, &nvram) {
+                let fw = tmp.join(FIRMWARE_DIR);
+                std::fs::create_dir_all(&fw).map_err(|e| Error::io(&fw, e))?;
+                let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
+                fsutil::atomic_write(&fw.join(file), &bytes)?;
+            }
             let disks_dir = tmp.join(DISKS_DIR);
             std::fs::create_dir_all(&disks_dir).map_err(|e| Error::io(&disks_dir, e))?;
             let mut state_layers = std::collections::BTreeMap::new();
@@ -460,6 +602,7 @@ impl Vm {
                 now: crate::state::Now {
                     parent: None,
                     disks: now_disks,
+                    nvram: nvram.clone(),
                 },
                 checkpoints: Vec::new(),
                 layers: state_layers,
@@ -476,7 +619,17 @@ impl Vm {
     pub fn reconcile(&mut self) -> Reconciled {
         let mut out = Reconciled::default();
         loop {
-            let hidden = self.state.hidden_layers();
+            let busy = if self.live {
+                self.now_chain_layers()
+            } else {
+                BTreeSet::new()
+            };
+            let hidden: Vec<(String, usize)> = self
+                .state
+                .hidden_layers()
+                .into_iter()
+                .filter(|(l, _)| !busy.contains(l))
+                .collect();
             let pick = hidden
                 .iter()
                 .find(|(_, d)| *d == 0)
@@ -587,6 +740,7 @@ impl Vm {
             STATE_FILE,
             DISKS_DIR,
             CHECKPOINTS_DIR,
+            FIRMWARE_DIR,
             crate::lock::LOCK_FILE,
         ];
         for e in read_dir(&self.dir)? {
@@ -599,6 +753,12 @@ impl Vm {
         for e in read_dir(&disks)? {
             let name = e.file_name().to_string_lossy().into_owned();
             if !self.state.layers.contains_key(&name) {
+                out.push(e.path());
+            }
+        }
+        for e in read_dir(&self.dir.join(FIRMWARE_DIR))? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if self.state.now.nvram.as_deref() != Some(name.as_str()) {
                 out.push(e.path());
             }
         }
@@ -745,6 +905,16 @@ impl Vm {
     }
 }
 
+/// Plans the copy of Now's UEFI variable store (if the VM has one) into checkpoint `id`.
+fn push_nvram_copy(journal: &mut Journal, next: &VmState, id: Uuid) {
+    if let Some(file) = &next.now.nvram {
+        journal.steps.push(Step::CopyFile {
+            from: format!("{FIRMWARE_DIR}/{file}"),
+            to: format!("{CHECKPOINTS_DIR}/{id}/{CHECKPOINT_NVRAM_FILE}"),
+        });
+    }
+}
+
 /// Finishes or undoes an unfinished operation in `dir` (its lock must be held).
 pub(crate) fn recover(dir: &Path, name: &str, progress: &mut ProgressFn) -> Result<()> {
     remove_temp_files(dir)?;
@@ -790,6 +960,9 @@ fn execute(dir: &Path, journal: &Journal, progress: &mut ProgressFn, fresh: bool
             Step::WriteCheckpointConfig { id, .. } => {
                 fsutil::remove_dir_all(&dir.join(CHECKPOINTS_DIR).join(id.to_string()))
             }
+            Step::CopyFile { to, .. } | Step::LinkFile { to, .. } => {
+                fsutil::remove_file(&dir.join(to))
+            }
             _ => Ok(()),
         };
         if let Err(u) = undo {
@@ -803,7 +976,7 @@ fn execute(dir: &Path, journal: &Journal, progress: &mut ProgressFn, fresh: bool
 
 /// Removes half-written temporary files (`.NAME.tmp-PID`) a killed command left.
 fn remove_temp_files(dir: &Path) -> Result<()> {
-    let mut dirs = vec![dir.to_owned(), dir.join(DISKS_DIR)];
+    let mut dirs = vec![dir.to_owned(), dir.join(DISKS_DIR), dir.join(FIRMWARE_DIR)];
     for e in read_dir(&dir.join(CHECKPOINTS_DIR))? {
         dirs.push(e.path());
     }

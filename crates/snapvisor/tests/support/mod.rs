@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod running;
+
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -13,6 +15,21 @@ use std::process::{Command, Output, Stdio};
 pub struct Cli {
     pub store: PathBuf,
     pub env: Vec<(String, String)>,
+    /// A VM to turn off when the test ends, passed or failed, so that no worker and QEMU
+    /// outlive a failed test.
+    pub stop_on_drop: Option<String>,
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        if let Some(vm) = self.stop_on_drop.take() {
+            let _ = self
+                .command(&["vm", "stop", &vm, "--force"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }
 
 impl Cli {
@@ -20,6 +37,7 @@ impl Cli {
         Cli {
             store: store.to_owned(),
             env: Vec::new(),
+            stop_on_drop: None,
         }
     }
 
@@ -325,4 +343,23 @@ pub fn stray_layers(list: &Value, vm_dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// Runs a shell command inside a running VM's guest through its agent (`guest-exec`) and
+/// returns its exit code and stdout.
+#[allow(dead_code)]
+pub fn guest_sh(vm_dir: &Path, script: &str) -> (i64, String) {
+    let mut agent = qemu::GuestAgent::connect(
+        &vm_dir.join("run/qga.sock"),
+        std::time::Duration::from_secs(10),
+    )
+    .expect("the guest agent answers");
+    let (code, out) = agent
+        .exec(
+            "/bin/sh",
+            &["-c", script],
+            std::time::Duration::from_secs(30),
+        )
+        .expect("guest-exec");
+    (code, String::from_utf8_lossy(&out).into_owned())
 }
