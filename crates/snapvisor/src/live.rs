@@ -101,6 +101,8 @@ pub fn checkpoint_request(shared: &Shared, req: &Value) -> Result<Value> {
 struct Frozen {
     agent: Option<qemu::GuestAgent>,
     path: std::path::PathBuf,
+    /// When the freeze was asked for: the guest's writers block from about then.
+    asked: Instant,
 }
 
 impl Frozen {
@@ -114,6 +116,7 @@ impl Frozen {
         let mut frozen = Frozen {
             agent: None,
             path: path.to_owned(),
+            asked: Instant::now(),
         };
         match agent.freeze(SECS(10)) {
             Ok(_) => {
@@ -168,7 +171,7 @@ fn take(shared: &Shared, name: Option<&str>) -> Result<Value> {
     };
     let was_paused = shared.qmp.status(SECS(5))? == "paused";
     let mut fallback = None;
-    let mut frozen = None;
+    let mut frozen: Option<Frozen> = None;
     if matches!(
         ctype,
         CheckpointType::Production | CheckpointType::ProductionOnly
@@ -204,14 +207,15 @@ fn take(shared: &Shared, name: Option<&str>) -> Result<Value> {
         }
     };
     let result = capture(shared, name, taken, was_paused);
-    let frozen_ms = frozen
-        .as_ref()
-        .map(|_| frozen_at.elapsed().as_secs_f64() * 1e3);
+    let freeze_asked = frozen.as_ref().map(|f| f.asked);
     drop(frozen);
-    let frozen_ms = frozen_ms.map(|m| m.max(frozen_at.elapsed().as_secs_f64() * 1e3));
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let mut out = result?;
     out["fallback"] = json!(fallback);
-    out["frozen_ms"] = json!(frozen_ms);
+    // From the freeze call's return (every file system frozen) to the thaw's; and from
+    // the freeze request, which includes the guest flushing its dirty data first.
+    out["frozen_ms"] = json!(freeze_asked.map(|_| ms(frozen_at)));
+    out["freeze_to_thaw_ms"] = json!(freeze_asked.map(ms));
     Ok(out)
 }
 

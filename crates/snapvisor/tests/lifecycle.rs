@@ -31,7 +31,10 @@ fn start_pause_resume_stop() {
     wait("ticks", 60, || ticks(&store).len() >= 4);
     let e = cli.fails(&["vm", "start", "g", "--accel", "tcg"]);
     assert!(e.contains("is already running"), "{e}");
-    let e = cli.fails(&["checkpoint", "create", "g"]);
+    // Hardware waits for the VM to stop; commands that need the VM stopped say so.
+    let e = cli.fails(&["vm", "set", "g", "--memory", "512M"]);
+    assert!(e.contains("is running") && e.contains("stop it"), "{e}");
+    let e = cli.fails(&["vm", "consolidate", "g"]);
     assert!(e.contains("busy"), "{e}");
     assert_eq!(
         cli.json(&["vm", "list", "--json"])["vms"][0]["state"],
