@@ -95,7 +95,7 @@ fn kill(pid: u64) {
 }
 
 /// Waits for the worker to finish what it was doing: the guest thawed and writing again.
-fn assert_thawed_and_writing(cli: &Cli, store: &Path) {
+fn assert_thawed_and_writing(store: &Path) {
     let dir = store.join("g");
     let t = Instant::now();
     let state = loop {
@@ -154,7 +154,7 @@ fn run_case(case: &Case) {
             if kill_worker { "worker" } else { "CLI" }
         );
         if !kill_worker && matches!(status(&cli)["state"].as_str(), Some("running")) {
-            assert_thawed_and_writing(&cli, &store);
+            assert_thawed_and_writing(&store);
         }
         if kill_worker {
             // (An apply may have started a new worker since.)
