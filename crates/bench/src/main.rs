@@ -87,6 +87,9 @@ fn main() -> Result<()> {
     if want("live") {
         rows.extend(bench_live(&opts)?);
     }
+    if want("live-merge") {
+        rows.extend(bench_live_merge(&opts)?);
+    }
     println!();
     println!("| benchmark | snapvisor | peer | ratio | target | met |");
     println!("|---|---|---|---|---|---|");
@@ -1066,6 +1069,7 @@ fn bench_live(o: &Opts) -> Result<Vec<Row>> {
         ),
     )?;
     snapvisor_in(&store, "vm start b --accel tcg")?;
+    let _stop = StopOnDrop(store.clone());
     let t = Instant::now();
     while !snapvisor_in(&store, "vm status b --json")?.contains("\"agent\": true") {
         ensure!(
@@ -1159,4 +1163,142 @@ fn bench_live(o: &Opts) -> Result<Vec<Row>> {
             met: true,
         },
     ])
+}
+
+/// Deleting a checkpoint of the running test guest whose Now layer holds 1 GiB of changes:
+/// the merge runs under the guest while the guest writes 4 KiB blocks all over that disk
+/// with O_DIRECT and fsync, against the engine's offline merge of a copy of
+/// the same two layers. Also the longest any guest write took during the merge and how
+/// long the final switch held requests back.
+fn bench_live_merge(o: &Opts) -> Result<Vec<Row>> {
+    eprintln!("live-merge: 1 GiB merged under the running, writing test guest");
+    let guest = std::env::current_dir()?.join("target/guest");
+    ensure!(
+        guest.join("vmlinuz").exists(),
+        "no test guest: run ./scripts/build-guest.sh"
+    );
+    let dir = o.dir.join("live-merge");
+    let mut live = Vec::new();
+    let mut offline = Vec::new();
+    let mut longest = Vec::new();
+    let mut switches = Vec::new();
+    for run in 0..o.runs {
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let store = dir.join("store");
+        // One raw 4 GiB disk (no file system: the guest writes to /dev/vda itself).
+        snapvisor_in(
+            &store,
+            &format!(
+                "vm create b --memory 256M --disk 4G --kernel {} --initrd {} --append 'console=ttyS0 panic=-1 quiet'",
+                guest.join("vmlinuz").display(),
+                guest.join("initrd.gz").display()
+            ),
+        )?;
+        write_gib(&show_file(&store, "b", 0)?, 0, 50 + run as u64)?;
+        snapvisor_in(&store, "checkpoint create b --name base")?;
+        let now = show_file(&store, "b", 0)?;
+        write_gib(&now, GIB, 60 + run as u64)?;
+        // The same two layers for the engine, by their own names so the locator resolves.
+        let eng = dir.join("engine");
+        fs::create_dir_all(&eng)?;
+        let parent = store.join("b/disks/disk0.vhdx");
+        fs::copy(&parent, eng.join("disk0.vhdx"))?;
+        let child = eng.join(now.file_name().context("a file name")?);
+        fs::copy(&now, &child)?;
+        sh(&format!("chmod u+w {}/*; sync", eng.display()))?;
+        offline.push(timed(|| {
+            sh(&format!(
+                "{} disk merge {} --direction into-parent",
+                snapvisor_bin()?.display(),
+                child.display()
+            ))
+            .map(|_| ())
+        })?);
+        sh("sync")?;
+        snapvisor_in(&store, "vm start b --accel tcg")?;
+        let _stop = StopOnDrop(store.clone());
+        let agent = store.join("b/run/qga.sock");
+        let t = Instant::now();
+        let mut ga = loop {
+            if let Ok(a) = qemu::GuestAgent::connect(&agent, Duration::from_secs(2)) {
+                break a;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "the agent never answered"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        // The guest writes 4 KiB blocks all over the second disk, each synced.
+        ga.exec(
+            "/bin/sh",
+            &["-c", "(i=0; while :; do i=$(((i + 7919) % 262144)); dd if=/dev/zero of=/dev/vda bs=4096 count=1 seek=$i oflag=direct conv=notrunc,fsync 2>/dev/null; done) >/dev/null 2>&1 &"],
+            Duration::from_secs(10),
+        )?;
+        drop(ga);
+        std::thread::sleep(Duration::from_secs(2));
+        let out = snapvisor_in(&store, "checkpoint delete b base --json")?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let m = v["live_merges"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|m| m["bytes_copied"].as_u64().unwrap_or(0) >= GIB * 9 / 10)
+            })
+            .with_context(|| format!("no live merge of 1 GiB: {v}"))?
+            .clone();
+        live.push(Duration::from_secs_f64(
+            m["total_seconds"].as_f64().unwrap_or(0.0),
+        ));
+        longest.push(m["longest_write_ms"].as_f64().unwrap_or(f64::NAN));
+        switches.push(m["switch_ms"].as_f64().unwrap_or(f64::NAN));
+        snapvisor_in(&store, "vm stop b --force")?;
+    }
+    let _ = fs::remove_dir_all(&dir);
+    let (l, e) = (median(live), median(offline));
+    let speed = e.as_secs_f64() / l.as_secs_f64();
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    Ok(vec![
+        Row {
+            name: "live merge of 1 GiB under the writing guest (plan, copy, switch, layer removed)"
+                .into(),
+            ours: format!("{} ({})", secs(l), mbps(GIB, l)),
+            peer: format!(
+                "{} ({}; snapvisor disk merge offline, same layers)",
+                secs(e),
+                mbps(GIB, e)
+            ),
+            ratio: format!("{speed:.2}x offline speed"),
+            target: ">= 0.70x offline speed".into(),
+            met: speed >= 0.7,
+        },
+        Row {
+            name: "live merge: longest guest write (4 KiB, fsync) during the merge, waits included"
+                .into(),
+            ours: format!("{:.1} ms", max(&longest)),
+            peer: "-".into(),
+            ratio: "-".into(),
+            target: "-".into(),
+            met: true,
+        },
+        Row {
+            name: "live merge: requests held back at the final switch".into(),
+            ours: format!("{:.1} ms (max)", max(&switches)),
+            peer: "-".into(),
+            ratio: "-".into(),
+            target: "a few ms".into(),
+            met: max(&switches) < 50.0,
+        },
+    ])
+}
+
+/// Turns VM `b` of a store off when dropped, so that a failed benchmark leaves no VM
+/// running.
+struct StopOnDrop(PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = snapvisor_in(&self.0, "vm stop b --force");
+    }
 }

@@ -186,6 +186,8 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
                 print_json(&json!({
                     "deleted": reply["deleted"], "checkpoints_removed": reply["checkpoints_removed"],
                     "merged": merged_json(&r), "layers_removed": r.removed,
+                    "live_merges": reply["live_merges"],
+                    "live_merge_failed": reply["live_merge_failed"],
                     "merge_when_stopped": reply["merge_when_stopped"],
                 }))?;
             } else {
@@ -196,6 +198,20 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
                 );
                 for m in &r.merged {
                     println!("  merged layer {} into {}", m.removed, m.into);
+                }
+                for m in reply["live_merges"].as_array().into_iter().flatten() {
+                    println!(
+                        "  merged layer {} into {} under the running guest ({}, {} in {:.2} s; requests held {:.1} ms at the switch)",
+                        m["removed"].as_str().unwrap_or_default(),
+                        m["into"].as_str().unwrap_or_default(),
+                        m["direction"].as_str().unwrap_or_default(),
+                        human(m["bytes_copied"].as_u64().unwrap_or(0)),
+                        m["copy_seconds"].as_f64().unwrap_or(0.0),
+                        m["switch_ms"].as_f64().unwrap_or(0.0),
+                    );
+                }
+                if let Some(e) = reply["live_merge_failed"].as_str() {
+                    eprintln!("snapvisor: {e}");
                 }
                 for l in reply["merge_when_stopped"].as_array().into_iter().flatten() {
                     println!(

@@ -54,7 +54,17 @@ pub fn checkpoint_request(shared: &Shared, req: &Value) -> Result<Value> {
             };
             let name = vm.state().checkpoint(id).expect("found").name.clone();
             let r = vm.delete_checkpoint(query, subtree)?;
-            // Layers of the running chains merge once the VM stops.
+            drop(vm);
+            // The layers of the running chains merge under the guest.
+            let (live, failed) = match crate::live_merge::merge_all(shared) {
+                Ok(m) => (m, None),
+                Err(e) => {
+                    tracing::warn!("{e:#}");
+                    (Vec::new(), Some(format!("{e:#}")))
+                }
+            };
+            let vm = shared.vm();
+            // Whatever could not merge live merges once the VM stops.
             let waiting: Vec<String> = vm
                 .state()
                 .hidden_layers()
@@ -64,7 +74,8 @@ pub fn checkpoint_request(shared: &Shared, req: &Value) -> Result<Value> {
                 .collect();
             Ok(json!({
                 "deleted": id, "name": name, "checkpoints_removed": count,
-                "reconciled": r, "merge_when_stopped": waiting,
+                "reconciled": r, "live_merges": live, "live_merge_failed": failed,
+                "merge_when_stopped": waiting,
             }))
         }
         "rename" => {

@@ -9,6 +9,8 @@ mod demo;
 mod disk_cmd;
 mod lifecycle;
 mod live;
+mod live_merge;
+mod served;
 mod units;
 mod vm_cmd;
 mod worker;

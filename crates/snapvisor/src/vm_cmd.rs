@@ -528,9 +528,16 @@ pub fn show_json(dir: &Path, s: &VmState, unfinished: Option<&str>) -> Value {
         .zip(&s.now.disks)
         .map(|(d, file)| {
             let path = dir.join("disks").join(file);
-            let (virtual_size, depth) = match vhdx::Chain::open(&path, false) {
-                Ok(ch) => (json!(ch.virtual_size()), json!(ch.layers().len())),
-                Err(_) => (Value::Null, Value::Null),
+            // From the layer graph, so that it shows while a worker holds the files.
+            let mut depth = 0;
+            let mut at = Some(file.clone());
+            while let Some(l) = at {
+                depth += 1;
+                at = s.layers.get(&l).and_then(|x| x.parent.clone());
+            }
+            let virtual_size = match vhdx::VhdxFile::open(&path, vhdx::OpenOptions::default()) {
+                Ok(f) => json!(f.geometry().virtual_size),
+                Err(_) => Value::Null,
             };
             json!({
                 "name": d.name, "disk_id": d.disk_id, "file": path,

@@ -207,12 +207,15 @@ fn serve_vm(
     let run_dir = dir.join(RUN_DIR);
     let mut servers = Vec::new();
     let mut disks = Vec::new();
-    let mut exports = Vec::new();
+    let mut served = Vec::new();
     for (i, file) in state.now.disks.iter().enumerate() {
         let path = vm_guard.layer_path(file);
-        let d = open_layer(&path)?;
+        let d = Arc::new(
+            crate::served::ServedDisk::open(&path)
+                .with_context(|| format!("cannot open disk {}", path.display()))?,
+        );
+        served.push(d.clone());
         let export = Arc::new(nbd::Export::new(&format!("disk{i}"), d, false));
-        exports.push(export.clone());
         let sock = run_dir.join(format!("disk{i}.sock"));
         let server = nbd::Server::bind(&sock, export)?;
         let stopper = server.stopper();
@@ -292,7 +295,7 @@ fn serve_vm(
         dir: dir.to_owned(),
         record: Mutex::new(record.clone()),
         vm: shared_vm.clone(),
-        exports,
+        disks: served,
         op: Mutex::new(()),
         forced: std::sync::atomic::AtomicBool::new(false),
     });
@@ -349,54 +352,6 @@ fn serve_vm(
     Ok(!forced)
 }
 
-/// Opens a layer's chain for the guest, writable.
-fn open_layer(path: &Path) -> Result<Arc<dyn disk::Disk>> {
-    Ok(Arc::new(disk::VhdxDisk::open(path, true).with_context(
-        || format!("cannot open disk {}", path.display()),
-    )?))
-}
-
-/// What an export serves while its chain is switched (the guest is paused then, so
-/// nothing reaches it).
-#[derive(Debug)]
-struct Detached {
-    size: u64,
-    sector: u32,
-}
-
-impl Detached {
-    fn error(&self) -> disk::Error {
-        disk::Error::Io {
-            path: PathBuf::from("(disk being switched to a new layer)"),
-            source: std::io::Error::other("the disk is being switched"),
-        }
-    }
-}
-
-impl disk::Disk for Detached {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn sector_size(&self) -> u32 {
-        self.sector
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
-    fn read_at(&self, _: &mut [u8], _: u64) -> disk::Result<()> {
-        Err(self.error())
-    }
-    fn write_at(&self, _: &[u8], _: u64) -> disk::Result<()> {
-        Err(self.error())
-    }
-    fn write_zeroes(&self, _: u64, _: u64) -> disk::Result<()> {
-        Err(self.error())
-    }
-    fn flush(&self) -> disk::Result<()> {
-        Ok(())
-    }
-}
-
 pub(crate) struct Shared {
     pub(crate) qmp: qemu::Qmp,
     pub(crate) child: Arc<Mutex<Child>>,
@@ -405,8 +360,8 @@ pub(crate) struct Shared {
     pub(crate) record: Mutex<WorkerState>,
     /// The VM (its lock is held for as long as the worker runs).
     pub(crate) vm: Arc<Mutex<vm::Vm>>,
-    /// One NBD export per disk, in the guest's order.
-    pub(crate) exports: Vec<Arc<nbd::Export>>,
+    /// What each disk's NBD export serves, in the guest's order.
+    pub(crate) disks: Vec<Arc<crate::served::ServedDisk>>,
     /// Operations that pause or switch the guest run one at a time.
     pub(crate) op: Mutex<()>,
     /// QEMU was turned off rather than shut down by its guest.
@@ -418,20 +373,11 @@ impl Shared {
         self.vm.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Flushes and closes every disk's chain (waiting for requests in flight), leaving a
-    /// placeholder in each export. Only while the guest is paused or gone.
+    /// Flushes and closes every disk's chain (waiting for requests in flight). Only while
+    /// the guest is paused or gone.
     pub(crate) fn detach_all(&self) -> Result<()> {
-        for e in &self.exports {
-            let size = e.size();
-            let current = e.disk();
-            let old = e.swap(Arc::new(Detached {
-                size,
-                sector: current.sector_size(),
-            }))?;
-            drop(current);
-            old.flush().context("flushing a disk before switching it")?;
-            // The last reference: the chain closes here.
-            drop(old);
+        for d in &self.disks {
+            d.close().context("closing a disk before switching it")?;
         }
         Ok(())
     }
@@ -447,8 +393,9 @@ impl Shared {
                 .map(|f| vm.layer_path(f))
                 .collect()
         };
-        for (e, path) in self.exports.iter().zip(paths) {
-            e.swap(open_layer(&path)?)?;
+        for (d, path) in self.disks.iter().zip(paths) {
+            d.reopen(&path)
+                .with_context(|| format!("cannot open disk {}", path.display()))?;
         }
         Ok(())
     }

@@ -278,25 +278,36 @@ fn deleting_checkpoints_under_a_running_guest_keeps_its_data() {
     let at = max_tick(&store);
     wait("ticks", 60, || max_tick(&store) > at + 4);
 
+    // a's layer (the base) merges with b's, below the guest's writable layer.
     let d: Value = cli.json(&["checkpoint", "delete", "g", "a", "--json"]);
     assert_eq!(d["checkpoints_removed"], 1, "{d}");
+    assert_eq!(d["live_merges"].as_array().unwrap().len(), 1, "{d}");
+    assert!(
+        d["merge_when_stopped"].as_array().unwrap().is_empty(),
+        "{d}"
+    );
     // b's data is what it was.
     assert_eq!(
         counter_in(&cli, dir.path(), Path::new(&checkpoint_file(&cli, "b"))),
         b_counter
     );
-    cli.ok(&["checkpoint", "delete", "g", "b"]);
+    // b's layer merges with the layer the guest is writing.
+    let d: Value = cli.json(&["checkpoint", "delete", "g", "b", "--json"]);
+    assert_eq!(d["live_merges"].as_array().unwrap().len(), 1, "{d}");
     let list = cli.json(&["checkpoint", "list", "g", "--json"]);
     assert!(list["checkpoints"].as_array().unwrap().is_empty(), "{list}");
-    let at = max_tick(&store);
-    wait("ticks after the deletes", 60, || max_tick(&store) > at + 4);
-    cli.ok(&["vm", "stop", "g"]);
-    // Every layer the deletes left is merged away; the guest's data is whole.
+    // Merged while the guest runs: one layer left, and the guest goes on writing.
     let show = cli.json(&["vm", "show", "g", "--json"]);
     assert!(
         show["hidden_layers"].as_array().unwrap().is_empty(),
         "{show}"
     );
+    assert_eq!(show["disks"][0]["chain_depth"], 1, "{show}");
+    assert_eq!(status(&cli)["state"], "running");
+    let at = max_tick(&store);
+    wait("ticks after the deletes", 60, || max_tick(&store) > at + 4);
+    cli.ok(&["vm", "stop", "g"]);
+    let show = cli.json(&["vm", "show", "g", "--json"]);
     assert_eq!(show["disks"][0]["chain_depth"], 1, "{show}");
     let counter = counter_on_disk(&cli, dir.path());
     assert_consecutive(&counter);
@@ -332,4 +343,41 @@ fn automatic_checkpoints_come_and_go_with_a_clean_run() {
     let list = cli.json(&["checkpoint", "list", "g", "--json"]);
     assert_eq!(list["checkpoints"].as_array().unwrap().len(), 1, "{list}");
     assert_consecutive(&counter_on_disk(&cli, dir.path()));
+}
+
+/// When the guest wrote more since the checkpoint than the checkpoint's layer holds, the
+/// layer merges into the guest's writable layer (the cheaper direction), under its writes.
+#[test]
+fn a_small_layer_merges_into_the_writing_guests_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = setup(dir.path());
+    let store = dir.path().join("store");
+    let vm_dir = store.join("g");
+    start(&cli, &store);
+    cli.ok(&["checkpoint", "create", "g", "--name", "big-base"]);
+    cli.ok(&["checkpoint", "create", "g", "--name", "small"]);
+    let (code, out) = guest_sh(
+        &vm_dir,
+        "dd if=/dev/urandom of=/mnt/big bs=1M count=24 2>/dev/null && sync && md5sum /mnt/big",
+    );
+    assert_eq!(code, 0, "{out}");
+    let sum = out.split_whitespace().next().unwrap().to_owned();
+    let d: Value = cli.json(&["checkpoint", "delete", "g", "small", "--json"]);
+    let m = &d["live_merges"][0];
+    assert_eq!(m["direction"], "into-child", "{d}");
+    assert!(m["switch_ms"].as_f64().unwrap() < 1000.0, "{d}");
+    // The guest reads its file back from the merged chain (its page cache dropped).
+    let (code, out) = guest_sh(
+        &vm_dir,
+        "echo 3 > /proc/sys/vm/drop_caches; md5sum /mnt/big",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.split_whitespace().next().unwrap(), sum);
+    let at = max_tick(&store);
+    wait("ticks after the merge", 60, || max_tick(&store) > at + 4);
+    cli.ok(&["vm", "stop", "g"]);
+    let show = cli.json(&["vm", "show", "g", "--json"]);
+    assert_eq!(show["disks"][0]["chain_depth"], 2, "{show}");
+    assert_consecutive(&counter_on_disk(&cli, dir.path()));
+    support::check_all_files(&vm_dir);
 }

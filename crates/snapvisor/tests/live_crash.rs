@@ -310,3 +310,31 @@ fn delete_under_a_running_guest_interrupted() {
         },
     });
 }
+
+#[test]
+fn delete_of_the_checkpoint_under_now_interrupted() {
+    run_case(&Case {
+        name: "delete under Now",
+        prepare: &|cli, store| {
+            ensure_running(cli, store);
+            if !names(&list(cli)).contains(&"u".to_owned()) {
+                cli.ok(&["checkpoint", "create", "g", "--name", "u"]);
+                let at = ticks(store).into_iter().max().unwrap_or(0);
+                wait("ticks", 60, || {
+                    ticks(store).into_iter().max().unwrap_or(0) > at + 2
+                });
+            }
+        },
+        args: &["checkpoint", "delete", "g", "u"],
+        span_ms: 400,
+        judge: &|before, after| {
+            let (b, a) = (names(before), names(after));
+            let without: Vec<String> = b.iter().filter(|n| *n != "u").cloned().collect();
+            assert!(
+                a == b || a == without,
+                "the tree is neither before nor after: {b:?} -> {a:?}"
+            );
+            false
+        },
+    });
+}

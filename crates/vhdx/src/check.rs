@@ -200,7 +200,7 @@ fn repair_file(path: &Path) -> Result<Vec<String>> {
         OpenOptions {
             writable: true,
             keep_data_write_guid: true,
-            data_write_guid: None,
+            ..OpenOptions::default()
         },
     )?;
     if had_log {

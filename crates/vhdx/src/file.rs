@@ -170,6 +170,11 @@ pub struct OpenOptions {
     /// Use this value as the new DataWriteGuid at the first write (a merge into a parent
     /// announces it to the child beforehand through parent_linkage2).
     pub data_write_guid: Option<Uuid>,
+    /// Take a shared lock even when writable: for a live merge, whose caller also serves
+    /// the same chain read-only in its own process and guarantees there is no other
+    /// writer. The merge only ever changes what that reader's view already reads the same
+    /// way (see [`crate::merge`]).
+    pub shared_lock: bool,
 }
 
 /// Summary of what a file holds, for `info`.
@@ -246,13 +251,13 @@ impl std::fmt::Debug for VhdxFile {
 }
 
 /// Opens a file on disk with the lock its access mode needs.
-pub(crate) fn open_locked(path: &Path, writable: bool) -> Result<File> {
+pub(crate) fn open_locked(path: &Path, writable: bool, shared: bool) -> Result<File> {
     let file = FsOpenOptions::new()
         .read(true)
         .write(writable)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    let locked = if writable {
+    let locked = if writable && !shared {
         file.try_lock()
     } else {
         file.try_lock_shared()
@@ -269,7 +274,7 @@ pub(crate) fn open_locked(path: &Path, writable: bool) -> Result<File> {
 impl VhdxFile {
     /// Opens a file on disk.
     pub fn open(path: &Path, options: OpenOptions) -> Result<VhdxFile> {
-        let file = open_locked(path, options.writable)?;
+        let file = open_locked(path, options.writable, options.shared_lock)?;
         VhdxFile::open_io(Arc::new(file), path, options)
     }
 

@@ -168,7 +168,8 @@ pub fn estimate(child: &Path) -> Result<MergeEstimate> {
     estimate_open(&child, &parent)
 }
 
-fn estimate_open(child: &VhdxFile, parent: &VhdxFile) -> Result<MergeEstimate> {
+/// [`estimate`] on files already open (a running VM's worker has its chain open).
+pub fn estimate_open(child: &VhdxFile, parent: &VhdxFile) -> Result<MergeEstimate> {
     let mut into_parent = 0;
     let mut into_child = 0;
     for_each_child_range(child, |range| {
@@ -243,7 +244,7 @@ pub fn merge(
     direction: MergeDirection,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeOutcome> {
-    merge_inner(child, direction, true, progress)
+    merge_inner(child, direction, true, false, progress)
 }
 
 /// [`merge`] without looking for dependants: for callers that track every layer
@@ -253,13 +254,29 @@ pub fn merge_unchecked(
     direction: MergeDirection,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeOutcome> {
-    merge_inner(child, direction, false, progress)
+    merge_inner(child, direction, false, false, progress)
+}
+
+/// [`merge_unchecked`] of two files that a running VM's chain holds open read-only in the
+/// caller's process (neither is the chain's writable top): the files are opened with
+/// shared locks. Safe for that reader because a merge only writes what the reader already
+/// reads the same way: into the parent, ranges the child shadows; into the child, the
+/// parent's own data where the child has none; and the parent of an into-child merge and
+/// the removed child of an into-parent merge stay readable through the reader's open
+/// descriptors. The caller reopens its chain afterwards.
+pub fn merge_live(
+    child: &Path,
+    direction: MergeDirection,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MergeOutcome> {
+    merge_inner(child, direction, false, true, progress)
 }
 
 fn merge_inner(
     child: &Path,
     direction: MergeDirection,
     check_dependants: bool,
+    shared_lock: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeOutcome> {
     let child_file = VhdxFile::open(
@@ -268,6 +285,7 @@ fn merge_inner(
             writable: true,
             keep_data_write_guid: true,
             data_write_guid: None,
+            shared_lock,
         },
     )?;
     if child_file.kind() != DiskKind::Differencing {
@@ -312,12 +330,16 @@ fn merge_inner(
         d => d,
     };
     match direction {
-        MergeDirection::IntoParent => merge_into_parent(child_file, progress),
+        MergeDirection::IntoParent => merge_into_parent(child_file, shared_lock, progress),
         _ => merge_into_child(child_file, progress),
     }
 }
 
-fn merge_into_parent(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Result<MergeOutcome> {
+fn merge_into_parent(
+    child: VhdxFile,
+    shared_lock: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MergeOutcome> {
     let child_path = child.path().to_owned();
     let mut locator = child
         .parent_locator()
@@ -341,6 +363,7 @@ fn merge_into_parent(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Res
             writable: true,
             keep_data_write_guid: false,
             data_write_guid: Some(new_guid),
+            shared_lock,
         },
     )?;
     let parent_path = parent.path().to_owned();
@@ -502,6 +525,7 @@ pub fn relink(child: &Path, new_parent: &Path) -> Result<()> {
             writable: true,
             keep_data_write_guid: true,
             data_write_guid: None,
+            shared_lock: false,
         },
     )?;
     let parent = VhdxFile::open(new_parent, OpenOptions::default())?;

@@ -166,10 +166,45 @@ impl Journal {
 
     /// Writes the journal, runs every step, removes the journal.
     pub fn run(&self, vm_dir: &Path, progress: Progress<'_>) -> Result<()> {
+        self.write(vm_dir)?;
+        self.replay(vm_dir, progress)
+    }
+
+    /// Writes the journal (atomically): from now on the operation finishes, whatever
+    /// happens.
+    pub fn write(&self, vm_dir: &Path) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(self).expect("journal serializes");
         fsutil::atomic_write(&vm_dir.join(JOURNAL_FILE), &bytes)?;
         crashpoint("journal written");
-        self.replay(vm_dir, progress)
+        Ok(())
+    }
+
+    /// Runs the steps up to and including the first commit, leaving the journal (and the
+    /// steps after the commit, which only clean up) for a later [`Journal::replay`].
+    pub fn replay_through_commit(&self, vm_dir: &Path, progress: Progress<'_>) -> Result<()> {
+        for step in &self.steps {
+            run_step(vm_dir, step, progress)?;
+            crashpoint("journal step done");
+            if matches!(step, Step::Commit { .. }) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the steps after the first commit and removes the journal: the end of an
+    /// operation whose steps through the commit ran ([`Journal::replay_through_commit`]).
+    pub fn replay_after_commit(&self, vm_dir: &Path, progress: Progress<'_>) -> Result<()> {
+        let after = self
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Commit { .. }))
+            .map_or(self.steps.len(), |i| i + 1);
+        for step in &self.steps[after..] {
+            run_step(vm_dir, step, progress)?;
+            crashpoint("journal step done");
+        }
+        fsutil::remove_file(&vm_dir.join(JOURNAL_FILE))
     }
 
     /// Runs every step (again) and removes the journal: the recovery path.

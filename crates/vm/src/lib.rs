@@ -59,4 +59,4 @@ pub use config::{CheckpointType, DirectBoot, DiskConfig, Firmware, Hardware, VmC
 pub use error::{Error, Result};
 pub use state::{Checkpoint, CheckpointKind, Consistency, Layer, Now, VmState};
 pub use store::{NewVm, Store, VmEntry};
-pub use vm::{ConsolidateReport, Reconciled, Settings, Taken, Vm};
+pub use vm::{ConsolidateReport, PlannedMerge, Reconciled, Settings, Taken, Vm};

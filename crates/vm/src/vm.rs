@@ -59,6 +59,14 @@ pub struct Reconciled {
     pub failed: Option<String>,
 }
 
+/// A merge planned and journaled but not yet run ([`Vm::plan_merge`]).
+#[derive(Debug)]
+pub struct PlannedMerge {
+    journal: Journal,
+    /// What the merge does.
+    pub done: MergeDone,
+}
+
 /// What a running VM's worker captured for a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Taken {
@@ -672,6 +680,80 @@ impl Vm {
         } else {
             Direction::IntoParent
         };
+        let (journal, done) = self.merge_plan(layer, direction);
+        self.run(journal)?;
+        Ok(done)
+    }
+
+    /// A hidden layer of Now's chains that one layer depends on, with that layer: what a
+    /// running VM's worker merges live.
+    pub fn live_merge_candidate(&self) -> Option<(String, String)> {
+        let busy = self.now_chain_layers();
+        self.state
+            .hidden_layers()
+            .into_iter()
+            .find(|(l, d)| *d == 1 && busy.contains(l))
+            .map(|(l, _)| {
+                let child = self.state.dependants(&l).remove(0);
+                (l, child)
+            })
+    }
+
+    /// Plans the merge of hidden `layer` with its one dependant and writes its journal,
+    /// without running it: a running VM's worker moves the data itself while the guest
+    /// runs, then [`Vm::finish_merge`] runs the journal, whose merge step then finds its
+    /// data moved. If the worker dies in between, the next open runs the whole journal.
+    pub fn plan_merge(&mut self, layer: &str, direction: Direction) -> Result<PlannedMerge> {
+        if let Some(j) = Journal::load(&self.dir)? {
+            return Err(Error::InvalidArgument(format!(
+                "another operation is unfinished: {}",
+                j.op
+            )));
+        }
+        let (journal, done) = self.merge_plan(layer, direction);
+        journal.write(&self.dir)?;
+        Ok(PlannedMerge { journal, done })
+    }
+
+    /// Runs a planned merge's journal through its commit (the tree then names the merged
+    /// layers); what follows only cleans up and is left to [`Vm::finish_merge`].
+    pub fn commit_merge(&mut self, planned: &PlannedMerge) -> Result<()> {
+        planned
+            .journal
+            .replay_through_commit(&self.dir, &mut *self.progress)?;
+        if let Some(s) = planned.journal.steps.iter().find_map(|s| match s {
+            Step::Commit { state } => Some((**state).clone()),
+            _ => None,
+        }) {
+            self.state = s;
+        }
+        Ok(())
+    }
+
+    /// Runs the rest of a planned merge's journal once [`Vm::commit_merge`] has run: the
+    /// cleanup after the commit (removing the merged-away layer).
+    pub fn finish_merge(&mut self, planned: PlannedMerge) -> Result<MergeDone> {
+        planned
+            .journal
+            .replay_after_commit(&self.dir, &mut *self.progress)
+            .map_err(|e| Error::Unfinished {
+                vm: self.state.config.name.clone(),
+                op: planned.journal.op.clone(),
+                source: Box::new(e),
+            })?;
+        Ok(planned.done)
+    }
+
+    /// Gives up a planned merge whose live data movement failed: nothing was committed, and
+    /// the moved data changed nothing anyone reads; the layer stays hidden and is merged
+    /// later (at the latest when the VM stops).
+    pub fn abandon_merge(&mut self, planned: PlannedMerge) -> Result<()> {
+        let _ = planned;
+        fsutil::remove_file(&self.dir.join(JOURNAL_FILE))
+    }
+
+    fn merge_plan(&self, layer: &str, direction: Direction) -> (Journal, MergeDone) {
+        let child = self.state.dependants(layer).remove(0);
         let mut next = self.next_state();
         let mut journal = Journal::new(format!("merge layer {layer} with {child}"));
         let done = match direction {
@@ -729,8 +811,7 @@ impl Vm {
                 }
             }
         };
-        self.run(journal)?;
-        Ok(done)
+        (journal, done)
     }
 
     /// Files and folders in the VM folder that the state does not refer to.

@@ -1,0 +1,383 @@
+//! Merges under a running guest: what deleting a checkpoint of a running VM leaves to
+//! merge in the chains the guest is using.
+//!
+//! A hidden layer `H` of Now's chain with one dependant `D` is merged while the guest
+//! reads and writes, in the direction that copies fewer bytes, then the served chain is
+//! switched in one short step during which requests wait (the guest's only stall
+//! besides waiting, per block, for a copy of that block):
+//!
+//! - `D` below the top (a checkpoint's layer): the engine merges the two files as it does
+//!   offline ([`vhdx::merge::merge_live`]), the chain's own read-only view staying valid
+//!   throughout; the switch closes the chain, runs the journal (relinks, commit) and opens
+//!   the new chain.
+//! - `D` is Now's writable layer, merged into `H` (what Hyper-V does): `D` announces the
+//!   new DataWriteGuid of `H` in its `parent_linkage2` (so the chain stays linked if the
+//!   worker dies), guest writes are mirrored into `H` while a copier moves what `D`
+//!   stores into `H` block by block under the block's stripe lock; the switch closes both,
+//!   removes `D`, runs the journal (Now's layer becomes `H`) and opens `H`.
+//! - `H` merged into Now's `D`: the copier fills what `D` does not store from `H`, under
+//!   the same locks, through the served chain; the switch runs the journal, whose engine
+//!   merge finds nothing left to copy and points `D` past `H`.
+//!
+//! Every merge is journaled before any data moves ([`vm::Vm::plan_merge`]): a worker
+//! killed at any instant leaves the chain reading what it read, and the next open of the
+//! VM runs the journal (the engine's merge), which finds what was already copied (into the
+//! child, nothing is copied twice; into the parent, the copy is redone).
+
+use crate::served::ServedDisk;
+use crate::worker::Shared;
+use anyhow::{Context, Result};
+use disk::Disk;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+use vhdx::format::{KEY_PARENT_LINKAGE2, braced_guid, parse_braced_guid};
+use vhdx::{Chain, OpenOptions, Segment};
+use vm::journal::Direction;
+
+/// Threads that copy (reads and writes overlap across them).
+const COPIERS: u64 = 2;
+/// The destination is flushed after about this many bytes, so write-back overlaps the copy.
+const FLUSH_EVERY: u64 = 64 << 20;
+
+/// Merges every hidden layer of Now's chains that one layer depends on; returns what each
+/// merge did and measured.
+pub fn merge_all(shared: &Shared) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    loop {
+        let next = {
+            let vm = shared.vm();
+            vm.live_merge_candidate().map(|(layer, child)| {
+                let disk = vm.state().layers[&layer].disk.clone();
+                let index = vm
+                    .state()
+                    .config
+                    .hardware
+                    .disks
+                    .iter()
+                    .position(|d| d.name == disk);
+                let top = index.map(|i| vm.state().now.disks[i] == child);
+                (
+                    layer.clone(),
+                    child.clone(),
+                    index,
+                    top,
+                    vm.layer_path(&layer),
+                    vm.layer_path(&child),
+                )
+            })
+        };
+        let Some((layer, child, Some(index), Some(is_top), layer_path, child_path)) = next else {
+            break;
+        };
+        out.push(merge_one(
+            shared,
+            index,
+            (&layer, &layer_path),
+            (&child, &child_path),
+            is_top,
+        )?);
+    }
+    Ok(out)
+}
+
+fn merge_one(
+    shared: &Shared,
+    index: usize,
+    (layer, layer_path): (&str, &Path),
+    (child, child_path): (&str, &Path),
+    is_top: bool,
+) -> Result<Value> {
+    let served = &shared.disks[index];
+    let estimate = if is_top {
+        served.with_chain(|c| vhdx::merge::estimate_open(c.top(), &c.layers()[1]))??
+    } else {
+        vhdx::merge::estimate(child_path)?
+    };
+    let direction = if estimate.into_child < estimate.into_parent {
+        Direction::IntoChild
+    } else {
+        Direction::IntoParent
+    };
+    let started = Instant::now();
+    let planned = shared.vm().plan_merge(layer, direction)?;
+    if !is_top {
+        // Still timed: the switch holds writes back.
+        served.begin_merge(None);
+    }
+    let t = Instant::now();
+    let moved = (|| -> Result<u64> {
+        vm::fsutil::set_read_only(layer_path, false)?;
+        vm::fsutil::set_read_only(child_path, false)?;
+        match (is_top, direction) {
+            (true, Direction::IntoParent) => copy_top_into_parent(served),
+            (true, Direction::IntoChild) => copy_parent_into_top(served),
+            (false, d) => {
+                let d = match d {
+                    Direction::IntoParent => vhdx::merge::MergeDirection::IntoParent,
+                    Direction::IntoChild => vhdx::merge::MergeDirection::IntoChild,
+                };
+                Ok(vhdx::merge::merge_live(child_path, d, &mut |_, _| {})?.bytes_copied)
+            }
+        }
+    })();
+    let bytes = match moved {
+        Ok(b) => b,
+        Err(e) => {
+            // Nothing was committed and what moved changed nothing the chain reads.
+            served.end_merge(|_, mirror| drop(mirror));
+            let _ = shared.vm().abandon_merge(planned);
+            return Err(e.context(format!(
+                "merging layer {layer} with {child} under the running guest failed; it stays hidden and is merged when the VM stops"
+            )));
+        }
+    };
+    let copy_secs = t.elapsed().as_secs_f64();
+    // The switch: requests wait while the chain is closed, the merged files are linked up
+    // and committed, and the merged chain opens. Slow cleanup (removing a layer: the file
+    // system frees its space) comes after.
+    let aside = child_path.with_file_name(format!(".{child}.tmp-{}", std::process::id()));
+    let switch = Instant::now();
+    served.end_merge(|slot, mirror| -> Result<()> {
+        let closed = slot
+            .take()
+            .map(|d| d.flush().and_then(|()| d.close()))
+            .transpose();
+        let mirror_closed = mirror
+            .map(|m| m.flush().and_then(|()| m.close()))
+            .transpose();
+        let committed = closed
+            .map_err(anyhow::Error::from)
+            .and_then(|_| mirror_closed.map_err(anyhow::Error::from))
+            .and_then(|_| {
+                match (is_top, direction) {
+                    // The parent holds all of Now's data: the journal's merge step is
+                    // done once the child is gone (moved aside; a leftover of a crash is
+                    // removed at the next open, as every `.tmp-` file is).
+                    (true, Direction::IntoParent) => {
+                        std::fs::rename(child_path, &aside)?;
+                        vm::fsutil::sync_dir_of(child_path)?;
+                    }
+                    (true, Direction::IntoChild) => point_past_parent(child_path, layer_path)?,
+                    _ => {}
+                }
+                Ok(shared.vm().commit_merge(&planned)?)
+            });
+        // Serve Now's layer as the tree says, whatever happened.
+        let now = {
+            let vm = shared.vm();
+            vm.layer_path(&vm.state().now.disks[index])
+        };
+        let reopened = disk::VhdxDisk::open(&now, true)
+            .with_context(|| format!("cannot open disk {}", now.display()));
+        match reopened {
+            Ok(d) => *slot = Some(d),
+            Err(e) => return Err(e.context("after the merge")),
+        }
+        committed
+    })?;
+    let switch_ms = switch.elapsed().as_secs_f64() * 1e3;
+    let longest_write_ms = served.longest_write_ms();
+    let _ = std::fs::remove_file(&aside);
+    let done = shared.vm().finish_merge(planned)?;
+    Ok(json!({
+        "removed": done.removed,
+        "into": done.into,
+        "direction": match done.direction { Direction::IntoParent => "into-parent", Direction::IntoChild => "into-child" },
+        "bytes_copied": bytes,
+        "copy_seconds": copy_secs,
+        "switch_ms": switch_ms,
+        "longest_write_ms": longest_write_ms,
+        "total_seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// After everything of the parent is in Now's layer: points the layer past its parent (at
+/// the grandparent, or at nothing when the parent was a base disk), as the engine's merge
+/// into the child ends. The chain must be closed.
+fn point_past_parent(child: &Path, parent: &Path) -> Result<()> {
+    let parent_file = vhdx::VhdxFile::open(parent, OpenOptions::default())?;
+    let base = parent_file.kind() != vhdx::DiskKind::Differencing;
+    let grandparent = (!base)
+        .then(|| vhdx::chain::open_parent(&parent_file))
+        .transpose()?;
+    drop(parent_file);
+    let file = vhdx::VhdxFile::open(
+        child,
+        OpenOptions {
+            writable: true,
+            keep_data_write_guid: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    match grandparent {
+        None => file.detach_from_parent()?,
+        Some(gp) => {
+            let locator = vhdx::create::locator_for(
+                &std::path::absolute(child)?,
+                gp.path(),
+                gp.data_write_guid(),
+            )?;
+            file.set_parent_locator(&locator)?;
+            file.close()?;
+        }
+    }
+    Ok(())
+}
+
+/// Now's layer into its parent, with the guest's writes mirrored there meanwhile.
+fn copy_top_into_parent(served: &ServedDisk) -> Result<u64> {
+    let mirror = served.with_chain(|c| -> Result<Chain> {
+        let top = c.top();
+        let mut locator = top.parent_locator().context("Now's layer has no parent")?;
+        let guid = match locator
+            .get(KEY_PARENT_LINKAGE2)
+            .and_then(parse_braced_guid)
+            .filter(|g| !g.is_nil())
+        {
+            Some(g) => g,
+            None => {
+                let g = uuid::Uuid::new_v4();
+                locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
+                top.set_parent_locator(&locator)?;
+                top.flush()?;
+                g
+            }
+        };
+        let parent = vhdx::chain::open_parent_with(
+            top,
+            OpenOptions {
+                writable: true,
+                keep_data_write_guid: false,
+                data_write_guid: Some(guid),
+                shared_lock: true,
+            },
+        )?;
+        Ok(Chain::from_top(parent)?)
+    })??;
+    served.begin_merge(Some(mirror));
+    copy_blocks(served, |c, m, start, len| {
+        let m = m.expect("a mirror during a merge into the parent");
+        let mut segs = Vec::new();
+        let mut at = start;
+        c.top().resolve(start, len, &mut |seg| {
+            segs.push((at, seg));
+            at += seg.len();
+            Ok(())
+        })?;
+        let mut copied = 0;
+        for (offset, seg) in segs {
+            match seg {
+                Segment::Data { len, .. } => {
+                    let mut buf = vec![0u8; len as usize];
+                    c.read_at(&mut buf, offset)?;
+                    m.write_at(&buf, offset)?;
+                    copied += len;
+                }
+                Segment::Zero { len } => m.write_zeroes(offset, len)?,
+                Segment::Parent { .. } => {}
+            }
+        }
+        Ok(copied)
+    })
+}
+
+/// The parent's own data into Now's layer, where Now's layer stores nothing.
+fn copy_parent_into_top(served: &ServedDisk) -> Result<u64> {
+    served.begin_merge(None);
+    copy_blocks(served, |c, _, start, len| {
+        let layers = c.layers();
+        let (top, parent) = (&layers[0], &layers[1]);
+        let parent_is_base = parent.kind() != vhdx::DiskKind::Differencing;
+        let mut holes = Vec::new();
+        let mut stores_any = false;
+        let mut at = start;
+        top.resolve(start, len, &mut |seg| {
+            match seg {
+                Segment::Parent { len } => holes.push((at, len)),
+                _ => stores_any = true,
+            }
+            at += seg.len();
+            Ok(())
+        })?;
+        let mut pieces = Vec::new();
+        for (hole, hole_len) in holes {
+            let mut at = hole;
+            parent.resolve(hole, hole_len, &mut |seg| {
+                pieces.push((at, seg));
+                at += seg.len();
+                Ok(())
+            })?;
+        }
+        let any_data = pieces
+            .iter()
+            .any(|(_, s)| matches!(s, Segment::Data { .. }));
+        // As the engine does: once the parent is gone a block of a standalone file is
+        // wholly stored or wholly absent.
+        let fill_zeros = !parent_is_base || any_data || stores_any;
+        let mut copied = 0;
+        for (offset, seg) in pieces {
+            match seg {
+                Segment::Data { len, .. } => {
+                    let mut buf = vec![0u8; len as usize];
+                    c.read_at(&mut buf, offset)?;
+                    c.write_at(&buf, offset)?;
+                    copied += len;
+                }
+                Segment::Zero { len } if fill_zeros => c.write_zeroes(offset, len)?,
+                Segment::Zero { .. } | Segment::Parent { .. } => {}
+            }
+        }
+        Ok(copied)
+    })
+}
+
+/// Runs `copy` on every block of Now's layer, a block at a time under its stripe lock,
+/// on [`COPIERS`] threads; flushes the destination as it goes and at the end.
+fn copy_blocks(
+    served: &ServedDisk,
+    copy: impl Fn(&Chain, Option<&Chain>, u64, u64) -> vhdx::Result<u64> + Sync,
+) -> Result<u64> {
+    let (size, block) =
+        served.with_chain(|c| (c.virtual_size(), u64::from(c.top().geometry().block_size)))?;
+    let blocks = size.div_ceil(block);
+    let next = AtomicU64::new(0);
+    let copied = AtomicU64::new(0);
+    let unflushed = AtomicU64::new(0);
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = (0..COPIERS)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let b = next.fetch_add(1, Ordering::SeqCst);
+                        if b >= blocks {
+                            return Ok(());
+                        }
+                        let start = b * block;
+                        let len = block.min(size - start);
+                        let n = served
+                            .with_range_locked(start, len, |c, m| copy(c, m, start, len))??;
+                        copied.fetch_add(n, Ordering::SeqCst);
+                        if unflushed.fetch_add(n, Ordering::SeqCst) + n >= FLUSH_EVERY {
+                            unflushed.store(0, Ordering::SeqCst);
+                            served.with_range_locked(0, 0, |c, m| match m {
+                                Some(m) => m.flush(),
+                                None => c.flush(),
+                            })??;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("copier panicked")?;
+        }
+        Ok(())
+    })?;
+    served.with_range_locked(0, 0, |c, m| match m {
+        Some(m) => m.flush(),
+        None => c.flush(),
+    })??;
+    Ok(copied.load(Ordering::SeqCst))
+}
