@@ -954,19 +954,16 @@ fn bench_nbd(o: &Opts) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// A running VM's lifecycle with the test guest (256 MiB, TCG): start to guest-agent-ready,
-/// save, and start from the saved state. Needs `scripts/build-guest.sh` and a QEMU
-/// (`SNAPVISOR_QEMU`, as `scripts/bench.sh` sets it).
-fn bench_vm(o: &Opts) -> Result<Vec<Row>> {
-    eprintln!("vm: start, save, restore of the test guest (256 MiB, TCG)");
+/// The test guest (`scripts/build-guest.sh`) as VM `b` of a new store in `dir` (made
+/// afresh): 256 MiB, one 256 MiB ext4 disk, the counter workload. Returns the store.
+fn counter_guest_vm(dir: &Path) -> Result<PathBuf> {
     let guest = std::env::current_dir()?.join("target/guest");
     ensure!(
         guest.join("vmlinuz").exists(),
         "no test guest: run ./scripts/build-guest.sh"
     );
-    let dir = o.dir.join("vm");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir)?;
     let store = dir.join("store");
     let fsimg = dir.join("fs.raw");
     sh(&format!(
@@ -982,6 +979,16 @@ fn bench_vm(o: &Opts) -> Result<Vec<Row>> {
             guest.join("initrd.gz").display()
         ),
     )?;
+    Ok(store)
+}
+
+/// A running VM's lifecycle with the test guest (256 MiB, TCG): start to guest-agent-ready,
+/// save, and start from the saved state. Needs `scripts/build-guest.sh` and a QEMU
+/// (`SNAPVISOR_QEMU`, as `scripts/bench.sh` sets it).
+fn bench_vm(o: &Opts) -> Result<Vec<Row>> {
+    eprintln!("vm: start, save, restore of the test guest (256 MiB, TCG)");
+    let dir = o.dir.join("vm");
+    let store = counter_guest_vm(&dir)?;
     let agent_ready = |store: &Path| -> Result<bool> {
         Ok(snapvisor_in(store, "vm status b --json")?.contains("\"agent\": true"))
     };
@@ -1045,29 +1052,8 @@ fn bench_vm(o: &Opts) -> Result<Vec<Row>> {
 /// the guest runs again).
 fn bench_live(o: &Opts) -> Result<Vec<Row>> {
     eprintln!("live: checkpoints of the running test guest (256 MiB, TCG)");
-    let guest = std::env::current_dir()?.join("target/guest");
-    ensure!(
-        guest.join("vmlinuz").exists(),
-        "no test guest: run ./scripts/build-guest.sh"
-    );
     let dir = o.dir.join("live");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
-    let store = dir.join("store");
-    let fsimg = dir.join("fs.raw");
-    sh(&format!(
-        "truncate -s 256M {0} && mkfs.ext4 -q -F {0}",
-        fsimg.display()
-    ))?;
-    snapvisor_in(
-        &store,
-        &format!(
-            "vm create b --memory 256M --import-disk {} --kernel {} --initrd {} --append 'console=ttyS0 panic=-1 quiet workload=counter'",
-            fsimg.display(),
-            guest.join("vmlinuz").display(),
-            guest.join("initrd.gz").display()
-        ),
-    )?;
+    let store = counter_guest_vm(&dir)?;
     snapvisor_in(&store, "vm start b --accel tcg")?;
     let _stop = StopOnDrop(store.clone());
     let t = Instant::now();
@@ -1195,7 +1181,11 @@ fn bench_live_merge(o: &Opts) -> Result<Vec<Row>> {
                 guest.join("initrd.gz").display()
             ),
         )?;
-        write_gib(&show_file(&store, "b", 0)?, 0, 50 + run as u64)?;
+        // 3 GiB in the checkpoint's layer, 1 GiB of changes after it: the cheaper way is
+        // Now's layer into its parent, what Hyper-V does with an .avhdx.
+        for g in 0..3 {
+            write_gib(&show_file(&store, "b", 0)?, g * GIB, 50 + run as u64 + g)?;
+        }
         snapvisor_in(&store, "checkpoint create b --name base")?;
         let now = show_file(&store, "b", 0)?;
         write_gib(&now, GIB, 60 + run as u64)?;
@@ -1261,7 +1251,7 @@ fn bench_live_merge(o: &Opts) -> Result<Vec<Row>> {
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     Ok(vec![
         Row {
-            name: "live merge of 1 GiB under the writing guest (plan, copy, switch, layer removed)"
+            name: "live merge of 1 GiB of changes into the parent, guest writing (plan, copy, switch, layer removed)"
                 .into(),
             ours: format!("{} ({})", secs(l), mbps(GIB, l)),
             peer: format!(

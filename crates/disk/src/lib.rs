@@ -122,6 +122,10 @@ impl VhdxDisk {
     pub fn chain(&self) -> &vhdx::Chain {
         &self.chain
     }
+    /// The chain, for a caller that rebuilds it (the VM worker, after a live merge).
+    pub fn into_chain(self) -> vhdx::Chain {
+        self.chain
+    }
     /// Closes the chain cleanly.
     pub fn close(self) -> Result<()> {
         Ok(self.chain.close()?)

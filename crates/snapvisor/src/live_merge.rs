@@ -27,7 +27,6 @@
 use crate::served::ServedDisk;
 use crate::worker::Shared;
 use anyhow::{Context, Result};
-use disk::Disk;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -134,50 +133,41 @@ fn merge_one(
         }
     };
     let copy_secs = t.elapsed().as_secs_f64();
-    // The switch: requests wait while the chain is closed, the merged files are linked up
-    // and committed, and the merged chain opens. Slow cleanup (removing a layer: the file
-    // system frees its space) comes after.
+    // Link the files up while requests go on (what the merged chain needs that the
+    // current one does not care about), then the switch: requests wait only while the
+    // served chain is rebuilt from files already open. The commit and the removal of the
+    // merged-away layer come after; until the commit, a replay of the journal after a
+    // crash finds the merge done.
+    link_up(served, (layer, layer_path), child_path, is_top, direction)?;
     let aside = child_path.with_file_name(format!(".{child}.tmp-{}", std::process::id()));
     let switch = Instant::now();
-    served.end_merge(|slot, mirror| -> Result<()> {
-        let closed = slot
-            .take()
-            .map(|d| d.flush().and_then(|()| d.close()))
-            .transpose();
-        let mirror_closed = mirror
-            .map(|m| m.flush().and_then(|()| m.close()))
-            .transpose();
-        let committed = closed
-            .map_err(anyhow::Error::from)
-            .and_then(|_| mirror_closed.map_err(anyhow::Error::from))
-            .and_then(|_| {
-                match (is_top, direction) {
-                    // The parent holds all of Now's data: the journal's merge step is
-                    // done once the child is gone (moved aside; a leftover of a crash is
-                    // removed at the next open, as every `.tmp-` file is).
-                    (true, Direction::IntoParent) => {
-                        std::fs::rename(child_path, &aside)?;
-                        vm::fsutil::sync_dir_of(child_path)?;
-                    }
-                    (true, Direction::IntoChild) => point_past_parent(child_path, layer_path)?,
-                    _ => {}
-                }
-                Ok(shared.vm().commit_merge(&planned)?)
-            });
-        // Serve Now's layer as the tree says, whatever happened.
-        let now = {
-            let vm = shared.vm();
-            vm.layer_path(&vm.state().now.disks[index])
-        };
-        let reopened = disk::VhdxDisk::open(&now, true)
-            .with_context(|| format!("cannot open disk {}", now.display()));
-        match reopened {
-            Ok(d) => *slot = Some(d),
-            Err(e) => return Err(e.context("after the merge")),
+    let old = served.end_merge(|slot, mirror| -> Result<Option<disk::VhdxDisk>> {
+        let current = slot.take().context("the disk is not open")?;
+        let rebuilt = rebuild(
+            current, mirror, layer_path, child_path, is_top, direction, &aside,
+        );
+        match rebuilt {
+            Ok((new, old)) => {
+                *slot = Some(new);
+                Ok(old)
+            }
+            Err((e, current)) => {
+                *slot = current;
+                Err(e)
+            }
         }
-        committed
-    })?;
+    });
     let switch_ms = switch.elapsed().as_secs_f64() * 1e3;
+    let old = match old {
+        Ok(old) => old,
+        Err(e) => {
+            let _ = shared.vm().abandon_merge(planned);
+            return Err(e.context("switching to the merged chain; the layer stays hidden and is merged when the VM stops"));
+        }
+    };
+    // The replaced chain's files close here (Now's old layer, when it merged away).
+    drop(old);
+    shared.vm().commit_merge(&planned, true)?;
     let longest_write_ms = served.longest_write_ms();
     let _ = std::fs::remove_file(&aside);
     let done = shared.vm().finish_merge(planned)?;
@@ -193,37 +183,166 @@ fn merge_one(
     }))
 }
 
-/// After everything of the parent is in Now's layer: points the layer past its parent (at
-/// the grandparent, or at nothing when the parent was a base disk), as the engine's merge
-/// into the child ends. The chain must be closed.
-fn point_past_parent(child: &Path, parent: &Path) -> Result<()> {
-    let parent_file = vhdx::VhdxFile::open(parent, OpenOptions::default())?;
-    let base = parent_file.kind() != vhdx::DiskKind::Differencing;
-    let grandparent = (!base)
-        .then(|| vhdx::chain::open_parent(&parent_file))
-        .transpose()?;
-    drop(parent_file);
-    let file = vhdx::VhdxFile::open(
-        child,
-        OpenOptions {
-            writable: true,
-            keep_data_write_guid: true,
-            ..OpenOptions::default()
-        },
-    )?;
-    match grandparent {
-        None => file.detach_from_parent()?,
-        Some(gp) => {
+type Rebuilt = (disk::VhdxDisk, Option<disk::VhdxDisk>);
+
+/// Before the switch: points the file that depended on the merged-away layer at the file
+/// that now holds its data, through handles that share the served chain's locks. None of
+/// it changes what the served chain reads.
+fn link_up(
+    served: &ServedDisk,
+    (layer, layer_path): (&str, &Path),
+    child_path: &Path,
+    is_top: bool,
+    direction: Direction,
+) -> Result<()> {
+    match (is_top, direction) {
+        // Now's layer itself goes away.
+        (true, Direction::IntoParent) => Ok(()),
+        // Now's layer skips its parent: at the grandparent, or (when the parent was a base
+        // disk) at nothing, which changes the file's kind and waits for the switch.
+        (true, Direction::IntoChild) => served.with_chain(|c| -> Result<()> {
+            let parent = &c.layers()[1];
+            if parent.kind() != vhdx::DiskKind::Differencing {
+                return Ok(());
+            }
+            let gp = &c.layers()[2];
             let locator = vhdx::create::locator_for(
-                &std::path::absolute(child)?,
+                &std::path::absolute(child_path)?,
                 gp.path(),
                 gp.data_write_guid(),
             )?;
-            file.set_parent_locator(&locator)?;
-            file.close()?;
+            c.top().set_parent_locator(&locator)?;
+            Ok(())
+        })?,
+        // Below the top: an into-child merge relinked the child itself; after an
+        // into-parent one, whatever depended on the removed child points at the parent.
+        (false, Direction::IntoChild) => Ok(()),
+        (false, Direction::IntoParent) => {
+            let dependant = served.with_chain(|c| {
+                let paths = c.paths();
+                let at = paths.iter().position(|p| same_file(p, child_path));
+                at.and_then(|i| i.checked_sub(1))
+                    .map(|i| (i, paths[i].clone()))
+            })?;
+            let Some((index, path)) = dependant else {
+                anyhow::bail!("{} is not in the served chain", child_path.display());
+            };
+            let parent = vhdx::VhdxFile::open(layer_path, OpenOptions::default())?;
+            let locator = vhdx::create::locator_for(
+                &std::path::absolute(&path)?,
+                layer_path,
+                parent.data_write_guid(),
+            )
+            .with_context(|| format!("relinking to {layer}"))?;
+            if index == 0 {
+                served.with_chain(|c| c.top().set_parent_locator(&locator))??;
+            } else {
+                let f = vhdx::VhdxFile::open(
+                    &path,
+                    OpenOptions {
+                        writable: true,
+                        keep_data_write_guid: true,
+                        shared_lock: true,
+                        ..OpenOptions::default()
+                    },
+                )?;
+                f.set_parent_locator(&locator)?;
+                f.close()?;
+            }
+            Ok(())
         }
     }
-    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    std::path::absolute(a).ok() == std::path::absolute(b).ok()
+}
+
+/// With requests held back: the served chain after the merge, and what it replaces (to be
+/// dropped once requests flow again). On failure the current chain comes back.
+#[allow(clippy::type_complexity)]
+fn rebuild(
+    current: disk::VhdxDisk,
+    mirror: Option<Chain>,
+    layer_path: &Path,
+    child_path: &Path,
+    is_top: bool,
+    direction: Direction,
+    aside: &Path,
+) -> std::result::Result<Rebuilt, (anyhow::Error, Option<disk::VhdxDisk>)> {
+    match (is_top, direction) {
+        (true, Direction::IntoParent) => {
+            // The parent, written through the mirror, holds all of Now's data: Now's
+            // layer leaves before any write goes to the parent alone, so that a replay
+            // of the journal after a crash finds the merge done instead of copying the
+            // old layer over newer writes.
+            let mirror = match mirror {
+                Some(m) => m,
+                None => return Err((anyhow::anyhow!("no mirror"), Some(current))),
+            };
+            let moved = std::fs::rename(child_path, aside)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| Ok(vm::fsutil::sync_dir_of(child_path)?));
+            if let Err(e) = moved {
+                return Err((e, Some(current)));
+            }
+            Ok((disk::VhdxDisk::from_chain(mirror, true), Some(current)))
+        }
+        (true, Direction::IntoChild) => {
+            let mut layers = current.into_chain().into_layers();
+            let parent = layers.remove(1);
+            if parent.kind() != vhdx::DiskKind::Differencing {
+                // A standalone file now: change its kind, then open it again.
+                drop(parent);
+                let top = layers.remove(0);
+                let path = top.path().to_owned();
+                let reopen = || -> Result<disk::VhdxDisk> {
+                    top.detach_from_parent()?;
+                    Ok(disk::VhdxDisk::open(&path, true)?)
+                };
+                return match reopen() {
+                    Ok(d) => Ok((d, None)),
+                    Err(e) => Err((e, disk::VhdxDisk::open(&path, true).ok())),
+                };
+            }
+            drop(parent);
+            match Chain::from_layers(layers) {
+                Ok(c) => Ok((disk::VhdxDisk::from_chain(c, true), None)),
+                Err(e) => Err((e.into(), None)),
+            }
+        }
+        (false, direction) => {
+            // The merged file changed under the chain's read-only handle: open it afresh
+            // in its place, without the merged-away one.
+            let mut layers = current.into_chain().into_layers();
+            let Some(at) = layers.iter().position(|l| same_file(l.path(), child_path)) else {
+                let top = layers[0].path().to_owned();
+                drop(layers);
+                return Err((
+                    anyhow::anyhow!("{} is not in the served chain", child_path.display()),
+                    disk::VhdxDisk::open(&top, true).ok(),
+                ));
+            };
+            let holder = match direction {
+                Direction::IntoChild => child_path,
+                Direction::IntoParent => layer_path,
+            };
+            match vhdx::VhdxFile::open(holder, OpenOptions::default()) {
+                Ok(fresh) => {
+                    layers.splice(at..at + 2, [fresh]);
+                    match Chain::from_layers(layers) {
+                        Ok(c) => Ok((disk::VhdxDisk::from_chain(c, true), None)),
+                        Err(e) => Err((e.into(), None)),
+                    }
+                }
+                Err(e) => {
+                    let top = layers[0].path().to_owned();
+                    drop(layers);
+                    Err((e.into(), disk::VhdxDisk::open(&top, true).ok()))
+                }
+            }
+        }
+    }
 }
 
 /// Now's layer into its parent, with the guest's writes mirrored there meanwhile.
@@ -288,34 +407,8 @@ fn copy_parent_into_top(served: &ServedDisk) -> Result<u64> {
     served.begin_merge(None);
     copy_blocks(served, |c, _, start, len| {
         let layers = c.layers();
-        let (top, parent) = (&layers[0], &layers[1]);
-        let parent_is_base = parent.kind() != vhdx::DiskKind::Differencing;
-        let mut holes = Vec::new();
-        let mut stores_any = false;
-        let mut at = start;
-        top.resolve(start, len, &mut |seg| {
-            match seg {
-                Segment::Parent { len } => holes.push((at, len)),
-                _ => stores_any = true,
-            }
-            at += seg.len();
-            Ok(())
-        })?;
-        let mut pieces = Vec::new();
-        for (hole, hole_len) in holes {
-            let mut at = hole;
-            parent.resolve(hole, hole_len, &mut |seg| {
-                pieces.push((at, seg));
-                at += seg.len();
-                Ok(())
-            })?;
-        }
-        let any_data = pieces
-            .iter()
-            .any(|(_, s)| matches!(s, Segment::Data { .. }));
-        // As the engine does: once the parent is gone a block of a standalone file is
-        // wholly stored or wholly absent.
-        let fill_zeros = !parent_is_base || any_data || stores_any;
+        let (pieces, fill_zeros) =
+            vhdx::merge::into_child_pieces(&layers[0], &layers[1], start, len)?;
         let mut copied = 0;
         for (offset, seg) in pieces {
             match seg {

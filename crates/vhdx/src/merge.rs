@@ -414,31 +414,7 @@ fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Resu
         if state != PAYLOAD_BLOCK_NOT_PRESENT && state != PAYLOAD_BLOCK_PARTIALLY_PRESENT {
             continue;
         }
-        // The child's holes in this block, then what the parent has there.
-        let mut holes = Vec::new();
-        let mut at = start;
-        child.resolve(start, len, &mut |seg| {
-            if let Segment::Parent { len } = seg {
-                holes.push((at, len));
-            }
-            at += seg.len();
-            Ok(())
-        })?;
-        let mut pieces = Vec::new();
-        for (hole, hole_len) in holes {
-            let mut at = hole;
-            parent.resolve(hole, hole_len, &mut |seg| {
-                pieces.push((at, seg));
-                at += seg.len();
-                Ok(())
-            })?;
-        }
-        let any_data = pieces
-            .iter()
-            .any(|(_, s)| matches!(s, Segment::Data { .. }));
-        // Once the parent is gone a block must be wholly stored or wholly absent, so with a
-        // base parent its zeros are written too whenever the block stores anything.
-        let fill_zeros = !parent_is_base || any_data || state == PAYLOAD_BLOCK_PARTIALLY_PRESENT;
+        let (pieces, fill_zeros) = into_child_pieces(&child, &parent, start, len)?;
         for (offset, seg) in pieces {
             match seg {
                 Segment::Data { file_offset, len } => {
@@ -477,6 +453,45 @@ fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Resu
         removed: false,
         bytes_copied: done,
     })
+}
+
+/// What an into-child merge fills in `[start, start+len)` of `child` (a block of it): the
+/// parent's segments where the child stores nothing, each with its guest offset, and
+/// whether the parent's zero segments must be written too. They must when the parent is a
+/// differencing file (after the merge the child reads past it), and with a base parent
+/// whenever the block stores anything, since once the parent is gone a block is wholly
+/// stored or wholly absent.
+pub fn into_child_pieces(
+    child: &VhdxFile,
+    parent: &VhdxFile,
+    start: u64,
+    len: u64,
+) -> Result<(Vec<(u64, Segment)>, bool)> {
+    let mut holes = Vec::new();
+    let mut stores_any = false;
+    let mut at = start;
+    child.resolve(start, len, &mut |seg| {
+        match seg {
+            Segment::Parent { len } => holes.push((at, len)),
+            _ => stores_any = true,
+        }
+        at += seg.len();
+        Ok(())
+    })?;
+    let mut pieces = Vec::new();
+    for (hole, hole_len) in holes {
+        let mut at = hole;
+        parent.resolve(hole, hole_len, &mut |seg| {
+            pieces.push((at, seg));
+            at += seg.len();
+            Ok(())
+        })?;
+    }
+    let any_data = pieces
+        .iter()
+        .any(|(_, s)| matches!(s, Segment::Data { .. }));
+    let parent_is_base = parent.kind() != DiskKind::Differencing;
+    Ok((pieces, !parent_is_base || any_data || stores_any))
 }
 
 /// Differencing files in the folder of `path` whose parent locator leads to `path`

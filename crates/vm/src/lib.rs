@@ -41,8 +41,11 @@
 //! - Commands that change a VM hold its `flock` lock; commands on different VMs run in
 //!   parallel. Commands that only look read `vm.json` without the lock.
 //!
-//! Checkpoints here are of a stopped VM (consistency `vm-off`); the VM worker takes
-//! checkpoints of running VMs with the same tree.
+//! Checkpoints taken here directly are of a stopped VM (consistency `vm-off`); a running
+//! VM's worker takes its checkpoints through [`Vm::create_checkpoint_taken`] (with what it
+//! captured: quiesced, or memory kept) and merges the layers of its running chains through
+//! [`Vm::plan_merge`], [`Vm::commit_merge`] and [`Vm::finish_merge`] while it moves the data
+//! itself; [`Vm::set_live`] keeps reconciliation away from those chains meanwhile.
 
 #![forbid(unsafe_code)]
 

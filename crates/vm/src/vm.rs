@@ -717,10 +717,15 @@ impl Vm {
 
     /// Runs a planned merge's journal through its commit (the tree then names the merged
     /// layers); what follows only cleans up and is left to [`Vm::finish_merge`].
-    pub fn commit_merge(&mut self, planned: &PlannedMerge) -> Result<()> {
-        planned
-            .journal
-            .replay_through_commit(&self.dir, &mut *self.progress)?;
+    /// `data_moved`: the caller moved the data and linked the files up itself (a running
+    /// VM's worker, whose open chain the merge step's checks could not open), so the merge
+    /// step is skipped; a replay after a crash runs it in full.
+    pub fn commit_merge(&mut self, planned: &PlannedMerge, data_moved: bool) -> Result<()> {
+        let mut steps = planned.journal.clone();
+        if data_moved {
+            steps.steps.retain(|s| !matches!(s, Step::Merge { .. }));
+        }
+        steps.replay_through_commit(&self.dir, &mut *self.progress)?;
         if let Some(s) = planned.journal.steps.iter().find_map(|s| match s {
             Step::Commit { state } => Some((**state).clone()),
             _ => None,

@@ -140,3 +140,21 @@ pub fn counter_in(cli: &Cli, dir: &Path, file: &Path) -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The tick numbers of a counter file.
+pub fn tick_numbers(counter: &str) -> Vec<u32> {
+    counter
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// The counter on a disk has every tick once, in order: the disk and the memory that
+/// wrote it belong together.
+pub fn assert_whole(counter: &str, what: &str) {
+    let n = tick_numbers(counter);
+    for w in n.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "{what}: ticks on the disk jump: {n:?}");
+    }
+}
