@@ -107,6 +107,27 @@ fn production_checkpoint_of_a_writing_guest_is_application_consistent() {
     assert!(!out.contains("recover"), "{out}");
     let cp_counter = counter_in(&cli, dir.path(), Path::new(&cp));
     assert_consecutive(&cp_counter);
+    // Exported while the VM runs: a standalone VM whose disk is the checkpoint's.
+    let exported = dir.path().join("exported");
+    cli.ok(&[
+        "checkpoint",
+        "export",
+        "g",
+        "prod",
+        exported.to_str().unwrap(),
+    ]);
+    let flat = flatten(
+        &cli,
+        dir.path(),
+        exported.join("disks/disk0.vhdx").to_str().unwrap(),
+        "exported.raw",
+    );
+    assert!(
+        std::fs::read(&flat).unwrap() == std::fs::read(&raw).unwrap(),
+        "the export differs from the checkpoint"
+    );
+    cli.ok(&["checkpoint", "rename", "g", "prod", "prod-renamed"]);
+    cli.ok(&["checkpoint", "rename", "g", "prod-renamed", "prod"]);
 
     // Applied on the running VM: the VM is off, its disk is the checkpoint's.
     let applied = cli.json(&["checkpoint", "apply", "g", "prod", "--json"]);
