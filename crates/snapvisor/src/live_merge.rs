@@ -29,7 +29,8 @@ use crate::worker::Shared;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 use vhdx::format::{KEY_PARENT_LINKAGE2, braced_guid, parse_braced_guid};
 use vhdx::{Chain, OpenOptions, Segment};
@@ -101,6 +102,7 @@ fn merge_one(
     };
     let started = Instant::now();
     let planned = shared.vm().plan_merge(layer, direction)?;
+    let token = vm::Vm::merge_token(&planned);
     if !is_top {
         // Still timed: the switch holds writes back.
         served.begin_merge(None);
@@ -110,7 +112,14 @@ fn merge_one(
         vm::fsutil::set_read_only(layer_path, false)?;
         vm::fsutil::set_read_only(child_path, false)?;
         match (is_top, direction) {
-            (true, Direction::IntoParent) => copy_top_into_parent(served),
+            (true, Direction::IntoParent) => copy_top_into_parent(served, &|durable| {
+                // A merge run again after a crash resumes here.
+                if let Err(e) =
+                    vm::journal::record_merge_progress(&shared.dir, &token, child, durable)
+                {
+                    tracing::warn!("recording the progress of merging {child}: {e}");
+                }
+            }),
             (true, Direction::IntoChild) => copy_parent_into_top(served),
             (false, d) => {
                 let d = match d {
@@ -346,7 +355,7 @@ fn rebuild(
 }
 
 /// Now's layer into its parent, with the guest's writes mirrored there meanwhile.
-fn copy_top_into_parent(served: &ServedDisk) -> Result<u64> {
+fn copy_top_into_parent(served: &ServedDisk, durable: &(dyn Fn(u64) + Sync)) -> Result<u64> {
     let mirror = served.with_chain(|c| -> Result<Chain> {
         let top = c.top();
         let mut locator = top.parent_locator().context("Now's layer has no parent")?;
@@ -376,7 +385,7 @@ fn copy_top_into_parent(served: &ServedDisk) -> Result<u64> {
         Ok(Chain::from_top(parent)?)
     })??;
     served.begin_merge(Some(mirror));
-    copy_blocks(served, |c, m, start, len| {
+    copy_blocks(served, Some(durable), |c, m, start, len| {
         let m = m.expect("a mirror during a merge into the parent");
         let mut segs = Vec::new();
         let mut at = start;
@@ -405,7 +414,7 @@ fn copy_top_into_parent(served: &ServedDisk) -> Result<u64> {
 /// The parent's own data into Now's layer, where Now's layer stores nothing.
 fn copy_parent_into_top(served: &ServedDisk) -> Result<u64> {
     served.begin_merge(None);
-    copy_blocks(served, |c, _, start, len| {
+    copy_blocks(served, None, |c, _, start, len| {
         let layers = c.layers();
         let (pieces, fill_zeros) =
             vhdx::merge::into_child_pieces(&layers[0], &layers[1], start, len)?;
@@ -427,9 +436,11 @@ fn copy_parent_into_top(served: &ServedDisk) -> Result<u64> {
 }
 
 /// Runs `copy` on every block of Now's layer, a block at a time under its stripe lock,
-/// on [`COPIERS`] threads; flushes the destination as it goes and at the end.
+/// on [`COPIERS`] threads; flushes the destination as it goes and at the end. After each
+/// flush, `durable` hears the offset below which every block is copied and flushed.
 fn copy_blocks(
     served: &ServedDisk,
+    durable: Option<&(dyn Fn(u64) + Sync)>,
     copy: impl Fn(&Chain, Option<&Chain>, u64, u64) -> vhdx::Result<u64> + Sync,
 ) -> Result<u64> {
     let (size, block) =
@@ -438,6 +449,24 @@ fn copy_blocks(
     let next = AtomicU64::new(0);
     let copied = AtomicU64::new(0);
     let unflushed = AtomicU64::new(0);
+    let complete: Vec<AtomicBool> = (0..blocks).map(|_| AtomicBool::new(false)).collect();
+    let frontier = Mutex::new(0u64);
+    let flush = || -> Result<()> {
+        let mut f = frontier.lock().unwrap_or_else(|p| p.into_inner());
+        // What is complete before the flush is durable after it.
+        while *f < blocks && complete[*f as usize].load(Ordering::Acquire) {
+            *f += 1;
+        }
+        let below = (*f * block).min(size);
+        served.with_range_locked(0, 0, |c, m| match m {
+            Some(m) => m.flush(),
+            None => c.flush(),
+        })??;
+        if let Some(d) = durable {
+            d(below);
+        }
+        Ok(())
+    };
     std::thread::scope(|s| -> Result<()> {
         let workers: Vec<_> = (0..COPIERS)
             .map(|_| {
@@ -451,13 +480,11 @@ fn copy_blocks(
                         let len = block.min(size - start);
                         let n = served
                             .with_range_locked(start, len, |c, m| copy(c, m, start, len))??;
+                        complete[b as usize].store(true, Ordering::Release);
                         copied.fetch_add(n, Ordering::SeqCst);
                         if unflushed.fetch_add(n, Ordering::SeqCst) + n >= FLUSH_EVERY {
                             unflushed.store(0, Ordering::SeqCst);
-                            served.with_range_locked(0, 0, |c, m| match m {
-                                Some(m) => m.flush(),
-                                None => c.flush(),
-                            })??;
+                            flush()?;
                         }
                     }
                 })
@@ -468,9 +495,6 @@ fn copy_blocks(
         }
         Ok(())
     })?;
-    served.with_range_locked(0, 0, |c, m| match m {
-        Some(m) => m.flush(),
-        None => c.flush(),
-    })??;
+    flush()?;
     Ok(copied.load(Ordering::SeqCst))
 }

@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Folder of sockets and the state record, inside the VM folder.
-pub const RUN_DIR: &str = "run";
+pub const RUN_DIR: &str = vm::journal::RUN_DIR;
 /// Folder of the serial console and the worker's and QEMU's logs.
-pub const LOG_DIR: &str = "logs";
+pub const LOG_DIR: &str = vm::journal::LOG_DIR;
 /// The saved state (memory and devices) of a VM that `vm save` stopped.
 pub const SAVED_STATE: &str = vm::journal::SAVED_STATE_FILE;
 

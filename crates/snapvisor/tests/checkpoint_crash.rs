@@ -313,3 +313,52 @@ fn vm_create_importing_a_disk() {
         ],
     );
 }
+
+/// A merge into the parent killed halfway resumes from what it had made durable: the
+/// progress record is there while it runs, the next command finishes the merge from it, and
+/// the data is whole.
+#[test]
+fn a_killed_merge_into_the_parent_resumes_from_its_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cli = Cli::new(&store);
+    cli.ok(&["vm", "create", "r", "--disk", "1G"]);
+    let a: Vec<u8> = (0..256u32 << 20).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
+    let b: Vec<u8> = (0..256u32 << 20).map(|i| (i / 4096) as u8 ^ 0xa5).collect();
+    cli.write_disk("r", 0, 0, &a);
+    cli.ok(&["checkpoint", "create", "r", "--name", "A"]);
+    cli.write_disk("r", 0, 512 << 20, &b);
+    // Deleting A merges its layer (the base) with Now's, into the parent (a tie).
+    let progress = store.join("r").join(vm::journal::MERGE_PROGRESS_FILE);
+    let mut child = cli
+        .command(&["checkpoint", "delete", "r", "A"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !progress.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60) && child.try_wait().unwrap().is_none(),
+            "the merge recorded no progress"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&progress).unwrap()).unwrap();
+    assert!(record["durable"].as_u64().unwrap() > 0, "{record}");
+    // The next command finishes it.
+    cli.ok(&["vm", "consolidate", "r"]);
+    assert!(!progress.exists());
+    let show = cli.json(&["vm", "show", "r", "--json"]);
+    assert_eq!(show["disks"][0]["chain_depth"], 1, "{show}");
+    let file = show["disks"][0]["file"].as_str().unwrap();
+    let mut data = vec![0u8; 1 << 30];
+    let disk = disk::VhdxDisk::open(Path::new(file), false).unwrap();
+    disk::Disk::read_at(&disk, &mut data, 0).unwrap();
+    assert!(data[..256 << 20] == a[..], "A's data changed");
+    assert!(data[512 << 20..768 << 20] == b[..], "Now's data changed");
+    check_all_files(&store.join("r"));
+}

@@ -101,15 +101,21 @@ fn push_jobs(jobs: &mut Vec<CopyJob>, dest_offset: u64, len: u64, source: u64) {
 
 /// Runs the jobs on [`COPY_THREADS`] workers writing into `dest`; the calling thread
 /// reports progress and flushes `dest` every [`FLUSH_EVERY`] bytes. Returns bytes copied.
+///
+/// `durable`, when given, hears after each flush the destination offset below which every
+/// job is copied and flushed (the jobs come in ascending destination order).
 fn copy_parallel(
     jobs: &[CopyJob],
     read: &(dyn Fn(u64, &mut [u8]) -> Result<()> + Sync),
     dest: &VhdxFile,
     progress: &mut dyn FnMut(u64, u64),
+    mut durable: Option<&mut dyn FnMut(u64)>,
 ) -> Result<u64> {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     let total: u64 = jobs.iter().map(|j| j.len).sum();
+    let complete: Vec<AtomicBool> = jobs.iter().map(|_| AtomicBool::new(false)).collect();
+    let mut frontier = 0usize;
     let next = AtomicUsize::new(0);
     let copied = AtomicU64::new(0);
     let running = AtomicUsize::new(COPY_THREADS);
@@ -128,6 +134,7 @@ fn copy_parallel(
                     match result {
                         Ok(()) => {
                             copied.fetch_add(job.len, Ordering::Relaxed);
+                            complete[i].store(true, Ordering::Release);
                         }
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
@@ -144,9 +151,21 @@ fn copy_parallel(
             let now = copied.load(Ordering::Relaxed);
             progress(now, total);
             if now - flushed >= FLUSH_EVERY && !failed.load(Ordering::Relaxed) {
-                if let Err(e) = dest.flush() {
-                    failed.store(true, Ordering::Relaxed);
-                    first_error.lock().unwrap().get_or_insert(e);
+                // What is complete before the flush is durable after it.
+                while frontier < jobs.len() && complete[frontier].load(Ordering::Acquire) {
+                    frontier += 1;
+                }
+                let below = jobs.get(frontier).map_or(u64::MAX, |j| j.dest_offset);
+                match dest.flush() {
+                    Ok(()) => {
+                        if let Some(d) = durable.as_mut() {
+                            d(below);
+                        }
+                    }
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error.lock().unwrap().get_or_insert(e);
+                    }
                 }
                 flushed = now;
             }
@@ -279,21 +298,7 @@ fn merge_inner(
     shared_lock: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeOutcome> {
-    let child_file = VhdxFile::open(
-        child,
-        OpenOptions {
-            writable: true,
-            keep_data_write_guid: true,
-            data_write_guid: None,
-            shared_lock,
-        },
-    )?;
-    if child_file.kind() != DiskKind::Differencing {
-        return Err(Error::Unsupported {
-            path: child.to_owned(),
-            reason: "not a differencing file, so there is nothing to merge".into(),
-        });
-    }
+    let child_file = open_child(child, shared_lock)?;
     // An into-parent merge changes the parent's DataWriteGuid and removes the child, so it
     // would break the parent's other children and the child's own children.
     let blockers = if !check_dependants {
@@ -330,15 +335,55 @@ fn merge_inner(
         d => d,
     };
     match direction {
-        MergeDirection::IntoParent => merge_into_parent(child_file, shared_lock, progress),
+        MergeDirection::IntoParent => {
+            merge_into_parent(child_file, shared_lock, 0, progress, &mut |_| {})
+        }
         _ => merge_into_child(child_file, progress),
     }
+}
+
+/// An into-parent merge of `child` (as [`merge_unchecked`]) that skips what it stores below
+/// guest offset `start`: a previous run of the same merge, interrupted, reported through
+/// `durable` that everything below `start` is in the parent and flushed. `durable` hears,
+/// after each flush of the parent, the offset below which that holds now; a caller that
+/// records it can resume there instead of copying everything again.
+pub fn merge_into_parent_from(
+    child: &Path,
+    start: u64,
+    progress: &mut dyn FnMut(u64, u64),
+    durable: &mut dyn FnMut(u64),
+) -> Result<MergeOutcome> {
+    let child_file = open_child(child, false)?;
+    merge_into_parent(child_file, false, start, progress, durable)
+}
+
+/// Opens the child of a merge: writable, its DataWriteGuid kept (what it reads does not
+/// change), and differencing.
+fn open_child(child: &Path, shared_lock: bool) -> Result<VhdxFile> {
+    let file = VhdxFile::open(
+        child,
+        OpenOptions {
+            writable: true,
+            keep_data_write_guid: true,
+            data_write_guid: None,
+            shared_lock,
+        },
+    )?;
+    if file.kind() != DiskKind::Differencing {
+        return Err(Error::Unsupported {
+            path: child.to_owned(),
+            reason: "not a differencing file, so there is nothing to merge".into(),
+        });
+    }
+    Ok(file)
 }
 
 fn merge_into_parent(
     child: VhdxFile,
     shared_lock: bool,
+    start: u64,
     progress: &mut dyn FnMut(u64, u64),
+    durable: &mut dyn FnMut(u64),
 ) -> Result<MergeOutcome> {
     let child_path = child.path().to_owned();
     let mut locator = child
@@ -371,12 +416,14 @@ fn merge_into_parent(
     let mut zeroed = 0u64;
     for_each_child_range(&child, |range| {
         match range {
-            ChildRange::Stored { offset, len } => push_jobs(&mut jobs, offset, len, offset),
-            ChildRange::Zero { offset, len } => {
+            ChildRange::Stored { offset, len } if offset + len > start => {
+                push_jobs(&mut jobs, offset, len, offset)
+            }
+            ChildRange::Zero { offset, len } if offset + len > start => {
                 parent.write_zeroes(offset, len)?;
                 zeroed += len;
             }
-            ChildRange::FromParent { .. } => {}
+            _ => {}
         }
         Ok(())
     })?;
@@ -385,6 +432,7 @@ fn merge_into_parent(
         &|source, buf| child.read_at(buf, source),
         &parent,
         progress,
+        Some(durable),
     )?;
     let done = copied + zeroed;
     parent.flush()?;
@@ -430,6 +478,7 @@ fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Resu
         &|source, buf| parent.read_stored(buf, source),
         &child,
         progress,
+        None,
     )?;
     child.flush()?;
     let parent_path = parent.path().to_owned();

@@ -33,6 +33,12 @@ pub const DISKS_DIR: &str = "disks";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// A checkpoint's config file inside its folder.
 pub const CHECKPOINT_CONFIG_FILE: &str = "config.json";
+/// Folder of a running VM's sockets and its worker's record.
+pub const RUN_DIR: &str = "run";
+/// Folder of the serial console and the worker's and QEMU's logs.
+pub const LOG_DIR: &str = "logs";
+/// Folder of the saved state.
+pub const SAVED_DIR: &str = "saved";
 /// Folder of the UEFI variable store the VM runs with.
 pub const FIRMWARE_DIR: &str = "firmware";
 /// A checkpoint's copy of the UEFI variable store, inside its folder.
@@ -42,6 +48,10 @@ pub const CHECKPOINT_NVRAM_FILE: &str = "vars.fd";
 /// checkpoint that claims memory but has no such file was interrupted while its memory
 /// was being written, and is removed at the next open.
 pub const CHECKPOINT_MEMORY_FILE: &str = "memory.vsv";
+/// How far an unfinished merge into a parent got: `{"child": FILE, "durable": OFFSET}`,
+/// everything the child stores below OFFSET being in the parent and flushed. A merge run
+/// again after a crash starts there; the file goes once the child is gone.
+pub const MERGE_PROGRESS_FILE: &str = "merge-progress.json";
 /// The saved state of a saved VM (`vm save`, or applying a checkpoint with memory): the
 /// next start loads it.
 pub const SAVED_STATE_FILE: &str = "saved/state.vsv";
@@ -164,6 +174,11 @@ impl Journal {
         })
     }
 
+    /// What tells this plan from any other (progress records carry it).
+    pub fn token(&self) -> String {
+        format!("{} {}", self.started, self.op)
+    }
+
     /// Writes the journal, runs every step, removes the journal.
     pub fn run(&self, vm_dir: &Path, progress: Progress<'_>) -> Result<()> {
         self.write(vm_dir)?;
@@ -183,7 +198,7 @@ impl Journal {
     /// steps after the commit, which only clean up) for a later [`Journal::replay`].
     pub fn replay_through_commit(&self, vm_dir: &Path, progress: Progress<'_>) -> Result<()> {
         for step in &self.steps {
-            run_step(vm_dir, step, progress)?;
+            run_step(vm_dir, self, step, progress)?;
             crashpoint("journal step done");
             if matches!(step, Step::Commit { .. }) {
                 break;
@@ -201,7 +216,7 @@ impl Journal {
             .position(|s| matches!(s, Step::Commit { .. }))
             .map_or(self.steps.len(), |i| i + 1);
         for step in &self.steps[after..] {
-            run_step(vm_dir, step, progress)?;
+            run_step(vm_dir, self, step, progress)?;
             crashpoint("journal step done");
         }
         fsutil::remove_file(&vm_dir.join(JOURNAL_FILE))
@@ -210,14 +225,14 @@ impl Journal {
     /// Runs every step (again) and removes the journal: the recovery path.
     pub fn replay(&self, vm_dir: &Path, progress: Progress<'_>) -> Result<()> {
         for step in &self.steps {
-            run_step(vm_dir, step, progress)?;
+            run_step(vm_dir, self, step, progress)?;
             crashpoint("journal step done");
         }
         fsutil::remove_file(&vm_dir.join(JOURNAL_FILE))
     }
 }
 
-fn run_step(vm_dir: &Path, step: &Step, progress: Progress<'_>) -> Result<()> {
+fn run_step(vm_dir: &Path, journal: &Journal, step: &Step, progress: Progress<'_>) -> Result<()> {
     let disks = vm_dir.join(DISKS_DIR);
     match step {
         Step::WriteCheckpointConfig { id, config } => {
@@ -240,7 +255,15 @@ fn run_step(vm_dir: &Path, step: &Step, progress: Progress<'_>) -> Result<()> {
             child,
             direction,
             relink,
-        } => run_merge(&disks, parent, child, *direction, relink, progress),
+        } => run_merge(
+            &disks,
+            &journal.token(),
+            parent,
+            child,
+            *direction,
+            relink,
+            progress,
+        ),
         Step::RemoveLayer { file } => {
             let path = disks.join(file);
             if path.exists() {
@@ -299,6 +322,7 @@ fn run_step(vm_dir: &Path, step: &Step, progress: Progress<'_>) -> Result<()> {
 
 fn run_merge(
     disks: &Path,
+    token: &str,
     parent: &str,
     child: &str,
     direction: Direction,
@@ -311,13 +335,22 @@ fn run_merge(
     let mut report = |done, total| progress(&what, done, total);
     match direction {
         Direction::IntoParent => {
-            // The engine removes the child only once the parent holds all of its data.
+            // The engine removes the child only once the parent holds all of its data; a run
+            // interrupted before that resumes where its last flush left it.
+            let vm_dir = disks.parent().unwrap_or(disks);
             if child_path.exists() {
                 fsutil::set_read_only(&parent_path, false)?;
                 fsutil::set_read_only(&child_path, false)?;
                 crashpoint("merge into parent: starting");
-                vhdx::merge::merge_unchecked(&child_path, MergeDirection::IntoParent, &mut report)?;
+                let start = merge_progress(vm_dir, token, child);
+                vhdx::merge::merge_into_parent_from(&child_path, start, &mut report, &mut |d| {
+                    if let Err(e) = record_merge_progress(vm_dir, token, child, d) {
+                        tracing::warn!("recording the progress of merging {child}: {e}");
+                    }
+                    crashpoint("merge into parent: progress recorded");
+                })?;
             }
+            fsutil::remove_file(&vm_dir.join(MERGE_PROGRESS_FILE))?;
             for r in relink {
                 let path = disks.join(r);
                 fsutil::set_read_only(&path, false)?;
@@ -346,4 +379,26 @@ pub fn locator_parent_name(path: &Path) -> Result<Option<String>> {
         .parent_locator()
         .and_then(|l| l.get(KEY_RELATIVE_PATH).map(str::to_owned))
         .and_then(|p| p.rsplit(['\\', '/']).next().map(str::to_owned)))
+}
+
+/// Where an interrupted merge of `child` into its parent, planned by the journal that
+/// `token` names ([`Journal::token`]), can resume (0: from the start). Progress of any
+/// other plan says nothing: the child may have been written since.
+pub fn merge_progress(vm_dir: &Path, token: &str, child: &str) -> u64 {
+    std::fs::read(vm_dir.join(MERGE_PROGRESS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter(|v| v["child"] == child && v["journal"] == token)
+        .and_then(|v| v["durable"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Records that everything `child` stores below `durable` is in its parent and flushed,
+/// for the journal that `token` names.
+pub fn record_merge_progress(vm_dir: &Path, token: &str, child: &str, durable: u64) -> Result<()> {
+    let bytes = serde_json::to_vec(
+        &serde_json::json!({"journal": token, "child": child, "durable": durable}),
+    )
+    .expect("serializes");
+    fsutil::atomic_write(&vm_dir.join(MERGE_PROGRESS_FILE), &bytes)
 }

@@ -738,6 +738,7 @@ impl Vm {
     /// Runs the rest of a planned merge's journal once [`Vm::commit_merge`] has run: the
     /// cleanup after the commit (removing the merged-away layer).
     pub fn finish_merge(&mut self, planned: PlannedMerge) -> Result<MergeDone> {
+        fsutil::remove_file(&self.dir.join(crate::journal::MERGE_PROGRESS_FILE))?;
         planned
             .journal
             .replay_after_commit(&self.dir, &mut *self.progress)
@@ -754,7 +755,14 @@ impl Vm {
     /// later (at the latest when the VM stops).
     pub fn abandon_merge(&mut self, planned: PlannedMerge) -> Result<()> {
         let _ = planned;
+        // Its progress record would be wrong once the child is written again.
+        fsutil::remove_file(&self.dir.join(crate::journal::MERGE_PROGRESS_FILE))?;
         fsutil::remove_file(&self.dir.join(JOURNAL_FILE))
+    }
+
+    /// The token of a planned merge's journal, for its progress records.
+    pub fn merge_token(planned: &PlannedMerge) -> String {
+        planned.journal.token()
     }
 
     fn merge_plan(&self, layer: &str, direction: Direction) -> (Journal, MergeDone) {
@@ -827,6 +835,10 @@ impl Vm {
             DISKS_DIR,
             CHECKPOINTS_DIR,
             FIRMWARE_DIR,
+            crate::journal::RUN_DIR,
+            crate::journal::LOG_DIR,
+            crate::journal::SAVED_DIR,
+            crate::journal::MERGE_PROGRESS_FILE,
             crate::lock::LOCK_FILE,
         ];
         for e in read_dir(&self.dir)? {
@@ -1040,6 +1052,7 @@ fn execute(dir: &Path, journal: &Journal, progress: &mut ProgressFn, fresh: bool
     if committed {
         return Err(e);
     }
+    let _ = fsutil::remove_file(&dir.join(crate::journal::MERGE_PROGRESS_FILE));
     for step in &journal.steps {
         let undo = match step {
             Step::CreateChild { file, .. } => fsutil::remove_file(&dir.join(DISKS_DIR).join(file)),
