@@ -155,7 +155,8 @@ fn copy_parallel(
                 while frontier < jobs.len() && complete[frontier].load(Ordering::Acquire) {
                     frontier += 1;
                 }
-                let below = jobs.get(frontier).map_or(u64::MAX, |j| j.dest_offset);
+                let end = jobs.last().map_or(0, |j| j.dest_offset + j.len);
+                let below = jobs.get(frontier).map_or(end, |j| j.dest_offset);
                 match dest.flush() {
                     Ok(()) => {
                         if let Some(d) = durable.as_mut() {
