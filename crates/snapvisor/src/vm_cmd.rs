@@ -608,6 +608,7 @@ pub fn show(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
             ""
         }
     );
+    let in_use = matches!(doc["state"].as_str(), Some("running" | "paused"));
     for d in doc["disks"].as_array().into_iter().flatten() {
         println!(
             "  {:<14} {} ({}, chain depth {})",
@@ -616,7 +617,11 @@ pub fn show(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
             d["virtual_size"]
                 .as_u64()
                 .map(human)
-                .unwrap_or_else(|| "unreadable".into()),
+                .unwrap_or_else(|| if in_use {
+                    "open in the running VM".into()
+                } else {
+                    "unreadable".into()
+                }),
             d["chain_depth"]
         );
     }
