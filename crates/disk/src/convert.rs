@@ -437,6 +437,19 @@ mod tests {
         ));
     }
 
+    /// Converts the raw file `src` into a new dynamic VHDX `dst`.
+    fn raw_to_vhdx(src: &Path, dst: &Path, block_size: Option<u32>) {
+        let options = ConvertOptions {
+            format: OutputFormat::Vhdx {
+                kind: DiskKind::Dynamic,
+                block_size,
+            },
+            physical_sector_size: 4096,
+        };
+        let source = RawDisk::open(src, false).unwrap();
+        convert(&source, dst, &options, &mut |_, _| {}).unwrap();
+    }
+
     #[test]
     fn vhdx_round_trip_is_exact() {
         let dir = tempfile::tempdir().unwrap();
@@ -445,20 +458,7 @@ mod tests {
         let src = dir.path().join("src.raw");
         std::fs::write(&src, &data).unwrap();
         let vhdx = dir.path().join("mid.vhdx");
-        let options = ConvertOptions {
-            format: OutputFormat::Vhdx {
-                kind: DiskKind::Dynamic,
-                block_size: Some(1 << 20),
-            },
-            physical_sector_size: 4096,
-        };
-        convert(
-            &RawDisk::open(&src, false).unwrap(),
-            &vhdx,
-            &options,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        raw_to_vhdx(&src, &vhdx, Some(1 << 20));
         let back = dir.path().join("back.raw");
         let v = VhdxDisk::open(&vhdx, false).unwrap();
         let stats = convert(&v, &back, &RAW, &mut |_, _| {}).unwrap();
@@ -482,20 +482,7 @@ mod tests {
         let src = dir.path().join("src.raw");
         std::fs::write(&src, &data).unwrap();
         let vhdx = dir.path().join("out.vhdx");
-        let options = ConvertOptions {
-            format: OutputFormat::Vhdx {
-                kind: DiskKind::Dynamic,
-                block_size: None,
-            },
-            physical_sector_size: 4096,
-        };
-        convert(
-            &RawDisk::open(&src, false).unwrap(),
-            &vhdx,
-            &options,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        raw_to_vhdx(&src, &vhdx, None);
         let v = VhdxDisk::open(&vhdx, false).unwrap();
         let mut out = vec![0u8; data.len()];
         v.read_at(&mut out, 0).unwrap();

@@ -12,6 +12,25 @@ pub enum Accel {
     Tcg,
 }
 
+impl Accel {
+    /// QEMU's name for it (`-accel kvm`), also used on Snapvisor's command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// The accelerator of that name.
+    pub fn from_name(name: &str) -> Option<Accel> {
+        match name {
+            "kvm" => Some(Accel::Kvm),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+}
+
 /// One disk, served over NBD on a unix socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NbdDisk {
@@ -75,13 +94,7 @@ impl MachineSpec {
         push(&mut a, "-machine");
         push(&mut a, &self.machine);
         push(&mut a, "-accel");
-        push(
-            &mut a,
-            match self.accel {
-                Accel::Kvm => "kvm",
-                Accel::Tcg => "tcg",
-            },
-        );
+        push(&mut a, self.accel.as_str());
         push(&mut a, "-m");
         push(&mut a, &format!("{}M", self.memory_mib));
         push(&mut a, "-smp");

@@ -122,11 +122,24 @@ fn live_request(dir: &Path, vm: &str, mut req: Value) -> Result<Value> {
         .with_context(|| format!("the running VM {vm:?} refused"))
 }
 
+impl CheckpointCommand {
+    fn vm(&self) -> &str {
+        match self {
+            CheckpointCommand::Create(a) => &a.vm,
+            CheckpointCommand::List(a) => &a.vm,
+            CheckpointCommand::Apply(a) => &a.vm,
+            CheckpointCommand::Delete(a) => &a.vm,
+            CheckpointCommand::Rename(a) => &a.vm,
+            CheckpointCommand::Export(a) => &a.vm,
+        }
+    }
+}
+
 pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
     let store = store.open()?;
-    match cmd {
-        CheckpointCommand::Create(a) if running(&store, &a.vm).is_some() => {
-            let dir = running(&store, &a.vm).expect("checked");
+    let live = running(&store, cmd.vm());
+    match (cmd, live) {
+        (CheckpointCommand::Create(a), Some(dir)) => {
             let reply = live_request(&dir, &a.vm, json!({"op": "create", "name": a.name}))
                 .with_context(|| format!("cannot checkpoint VM {:?}", a.vm))?;
             let (dir, s, _) = store.read_vm(&a.vm)?;
@@ -157,7 +170,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        CheckpointCommand::Create(a) => {
+        (CheckpointCommand::Create(a), None) => {
             let mut vm = open(&store, &a.vm, "checkpoint create")?;
             let id = vm
                 .create_checkpoint(a.name.as_deref())
@@ -171,10 +184,9 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        CheckpointCommand::List(a) => list(&store, &a.vm, a.json),
-        CheckpointCommand::Apply(a) => apply(&store, a),
-        CheckpointCommand::Delete(a) if running(&store, &a.vm).is_some() => {
-            let dir = running(&store, &a.vm).expect("checked");
+        (CheckpointCommand::List(a), _) => list(&store, &a.vm, a.json),
+        (CheckpointCommand::Apply(a), live) => apply(&store, a, live),
+        (CheckpointCommand::Delete(a), Some(dir)) => {
             let reply = live_request(
                 &dir,
                 &a.vm,
@@ -222,8 +234,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
             }
             report_failed_merge(&a.vm, &r)
         }
-        CheckpointCommand::Rename(a) if running(&store, &a.vm).is_some() => {
-            let dir = running(&store, &a.vm).expect("checked");
+        (CheckpointCommand::Rename(a), Some(dir)) => {
             let reply = live_request(
                 &dir,
                 &a.vm,
@@ -237,8 +248,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        CheckpointCommand::Export(a) if running(&store, &a.vm).is_some() => {
-            let dir = running(&store, &a.vm).expect("checked");
+        (CheckpointCommand::Export(a), Some(dir)) => {
             let dest = std::path::absolute(&a.dir)?;
             let reply = live_request(
                 &dir,
@@ -253,7 +263,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        CheckpointCommand::Delete(a) => {
+        (CheckpointCommand::Delete(a), None) => {
             let mut vm = open(&store, &a.vm, "checkpoint delete")?;
             let id = vm.find_checkpoint(&a.checkpoint)?;
             let name = vm.state().checkpoint(id).expect("found").name.clone();
@@ -285,7 +295,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
             }
             report_failed_merge(&a.vm, &r)
         }
-        CheckpointCommand::Rename(a) => {
+        (CheckpointCommand::Rename(a), None) => {
             let mut vm = open(&store, &a.vm, "checkpoint rename")?;
             let id = vm
                 .rename_checkpoint(&a.checkpoint, &a.new_name)
@@ -293,7 +303,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
             println!("renamed checkpoint {id} to {:?}", a.new_name);
             Ok(ExitCode::SUCCESS)
         }
-        CheckpointCommand::Export(a) => {
+        (CheckpointCommand::Export(a), None) => {
             let mut vm = open(&store, &a.vm, "checkpoint export")?;
             let bar = progress_bar("flattening");
             let b = bar.clone();
@@ -496,22 +506,16 @@ fn branch(parent: Option<Uuid>, last: bool, prefix: &str) -> (String, String) {
 /// checkpoint is applied as for a stopped VM. A checkpoint with memory leaves the VM
 /// saved as of the checkpoint; a VM that was running is started again, so it comes back
 /// running from the checkpoint's instant. `--start` starts it in every case.
-fn apply(store: &Store, a: ApplyArgs) -> Result<ExitCode> {
+fn apply(store: &Store, a: ApplyArgs, live: Option<PathBuf>) -> Result<ExitCode> {
     let mut was_running = None;
     let mut saved_live = None;
     let last_accel = |dir: &Path| {
         crate::worker::run_state(dir)
             .1
             .and_then(|r| r.accel)
-            .map(|a| {
-                if a == "kvm" {
-                    qemu::Accel::Kvm
-                } else {
-                    qemu::Accel::Tcg
-                }
-            })
+            .and_then(|a| qemu::Accel::from_name(&a))
     };
-    if let Some(dir) = running(store, &a.vm) {
+    if let Some(dir) = live {
         // A typo must not turn the VM off.
         let (_, s, _) = store.read_vm(&a.vm)?;
         vm::vm::find_checkpoint(&s, &a.checkpoint)?;

@@ -18,10 +18,11 @@ fn vm_dir(store: &Store, name: &str) -> Result<std::path::PathBuf> {
 /// The accelerator when none is named: `SNAPVISOR_ACCEL` (`kvm` or `tcg`), else KVM
 /// where `/dev/kvm` opens, else TCG.
 pub fn default_accel() -> qemu::Accel {
-    match std::env::var("SNAPVISOR_ACCEL").as_deref() {
-        Ok("tcg") => return qemu::Accel::Tcg,
-        Ok("kvm") => return qemu::Accel::Kvm,
-        _ => {}
+    if let Some(a) = std::env::var("SNAPVISOR_ACCEL")
+        .ok()
+        .and_then(|v| qemu::Accel::from_name(&v))
+    {
+        return a;
     }
     let usable = std::fs::OpenOptions::new()
         .read(true)
@@ -76,10 +77,7 @@ pub fn start_quiet(
         .arg("--store")
         .arg(store.root())
         .args(["vm", "worker", name, "--accel"])
-        .arg(match accel {
-            qemu::Accel::Kvm => "kvm",
-            qemu::Accel::Tcg => "tcg",
-        })
+        .arg(accel.as_str())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

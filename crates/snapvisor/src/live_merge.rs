@@ -102,7 +102,7 @@ fn merge_one(
     };
     let started = Instant::now();
     let planned = shared.vm().plan_merge(layer, direction)?;
-    let token = vm::Vm::merge_token(&planned);
+    let token = planned.token();
     if !is_top {
         // Still timed: the switch holds writes back.
         served.begin_merge(None);
@@ -458,10 +458,8 @@ fn copy_blocks(
             *f += 1;
         }
         let below = (*f * block).min(size);
-        served.with_range_locked(0, 0, |c, m| match m {
-            Some(m) => m.flush(),
-            None => c.flush(),
-        })??;
+        // The chain and, during a merge into the parent, the mirror.
+        disk::Disk::flush(served)?;
         if let Some(d) = durable {
             d(below);
         }

@@ -164,40 +164,34 @@ impl ServedDisk {
     }
 
     /// A change: to the chain, then (during a merge into the parent) to the mirror, under
-    /// the range's stripes while a merge runs.
+    /// the range's stripes while a merge runs. Only writes that meet a merge are timed
+    /// (waits for the switch included), so the hot path pays one atomic load.
     fn change(
         &self,
         offset: u64,
         len: u64,
         op: &dyn Fn(&vhdx::Chain) -> vhdx::Result<()>,
     ) -> disk::Result<()> {
-        let t = Instant::now();
-        let result = self.change_timed(offset, len, op);
-        self.longest_write_us
-            .fetch_max(t.elapsed().as_micros() as u64, Ordering::SeqCst);
-        result
-    }
-
-    fn change_timed(
-        &self,
-        offset: u64,
-        len: u64,
-        op: &dyn Fn(&vhdx::Chain) -> vhdx::Result<()>,
-    ) -> disk::Result<()> {
+        let started = self.merging.load(Ordering::SeqCst).then(Instant::now);
         let slot = self.chain.read().unwrap_or_else(|p| p.into_inner());
         let d = slot.as_ref().ok_or_else(detached)?;
         if !self.merging.load(Ordering::SeqCst) {
-            return Ok(op(d.chain())?);
+            op(d.chain())?;
+        } else {
+            let _held = self.lock_stripes(offset, len);
+            op(d.chain())?;
+            if let Some(m) = self
+                .mirror
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                op(m)?;
+            }
         }
-        let _held = self.lock_stripes(offset, len);
-        op(d.chain())?;
-        if let Some(m) = self
-            .mirror
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            op(m)?;
+        if let Some(t) = started {
+            self.longest_write_us
+                .fetch_max(t.elapsed().as_micros() as u64, Ordering::SeqCst);
         }
         Ok(())
     }

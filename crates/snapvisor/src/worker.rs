@@ -127,13 +127,7 @@ pub fn run(store: &vm::Store, name: &str, opts: StartOptions) -> Result<()> {
         qemu_pid: None,
         error: None,
         started,
-        accel: Some(
-            match opts.accel {
-                qemu::Accel::Kvm => "kvm",
-                qemu::Accel::Tcg => "tcg",
-            }
-            .into(),
-        ),
+        accel: Some(opts.accel.as_str().into()),
     };
     write_state(&dir, &record)?;
     // Hyper-V's automatic checkpoints: one at start when there is none, taken before the

@@ -67,6 +67,13 @@ pub struct PlannedMerge {
     pub done: MergeDone,
 }
 
+impl PlannedMerge {
+    /// What names its journal in progress records ([`crate::journal::record_merge_progress`]).
+    pub fn token(&self) -> String {
+        self.journal.token()
+    }
+}
+
 /// What a running VM's worker captured for a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Taken {
@@ -758,11 +765,6 @@ impl Vm {
         // Its progress record would be wrong once the child is written again.
         fsutil::remove_file(&self.dir.join(crate::journal::MERGE_PROGRESS_FILE))?;
         fsutil::remove_file(&self.dir.join(JOURNAL_FILE))
-    }
-
-    /// The token of a planned merge's journal, for its progress records.
-    pub fn merge_token(planned: &PlannedMerge) -> String {
-        planned.journal.token()
     }
 
     fn merge_plan(&self, layer: &str, direction: Direction) -> (Journal, MergeDone) {
