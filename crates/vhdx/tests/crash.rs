@@ -249,34 +249,60 @@ fn crash_worker() {
 fn write_worker(path: &Path, journal: &mut Journal, seed: u64) {
     let chain = Chain::open(path, true).unwrap();
     journal.durable("open");
+    let started = Instant::now();
+    // Runs until killed; stops by itself only if the machine is very slow.
+    write_session(
+        &chain,
+        seed,
+        &mut |line, durable| {
+            if durable {
+                journal.durable(line)
+            } else {
+                journal.line(line)
+            }
+        },
+        &mut |_| started.elapsed() < Duration::from_secs(20),
+    );
+    chain.close().unwrap();
+}
+
+/// The writes of one worker session: random writes and write-zeroes with a flush every
+/// few operations, each journaled before it starts (`W`/`Z seq off len`), each flush after
+/// it returns (`F seq`: operations before `seq` are durable; `durable` is true for these
+/// lines). Runs while `more(seq)` says so, then flushes once more.
+fn write_session(
+    chain: &Chain,
+    seed: u64,
+    journal: &mut dyn FnMut(&str, bool),
+    more: &mut dyn FnMut(u64) -> bool,
+) {
     let size = chain.virtual_size();
     let sector = u64::from(chain.logical_sector_size());
     let mut rng = StdRng::seed_from_u64(seed);
     let mut seq = 0u64;
     let mut until_flush = rng.random_range(1..=12);
-    let started = Instant::now();
-    // Runs until killed; stops by itself only if the machine is very slow.
-    while started.elapsed() < Duration::from_secs(20) {
+    while more(seq) {
         if until_flush == 0 {
+            journal("flush", false);
             chain.flush().unwrap();
-            journal.durable(&format!("F {seq}"));
+            journal(&format!("F {seq}"), true);
             until_flush = rng.random_range(1..=12);
             continue;
         }
         until_flush -= 1;
         let (off, len) = random_range(&mut rng, size, sector, 2 * MIB);
         if rng.random_bool(0.12) {
-            journal.line(&format!("Z {seq} {off} {len}"));
+            journal(&format!("Z {seq} {off} {len}"), false);
             chain.write_zeroes(off, len).unwrap();
         } else {
-            journal.line(&format!("W {seq} {off} {len}"));
+            journal(&format!("W {seq} {off} {len}"), false);
             chain.write_at(&pattern(seed, seq, len), off).unwrap();
         }
         seq += 1;
     }
+    journal("flush", false);
     chain.flush().unwrap();
-    journal.durable(&format!("F {seq}"));
-    chain.close().unwrap();
+    journal(&format!("F {seq}"), true);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -527,6 +553,203 @@ fn sigkill_during_writes() {
         stats.0,
         stats.1,
         stats.2,
+        started.elapsed()
+    );
+}
+
+// ----------------------------------------------------------------------------------------
+// Every crash point of a session
+// ----------------------------------------------------------------------------------------
+
+/// A mutating call on a file.
+#[derive(Debug)]
+enum Recorded {
+    Write(u64, Vec<u8>),
+    SetLen(u64),
+}
+
+impl Recorded {
+    fn apply(&self, image: &mut Vec<u8>) {
+        match self {
+            Recorded::Write(offset, data) => {
+                let (start, end) = (*offset as usize, *offset as usize + data.len());
+                if image.len() < end {
+                    image.resize(end, 0);
+                }
+                image[start..end].copy_from_slice(data);
+            }
+            Recorded::SetLen(len) => image.resize(*len as usize, 0),
+        }
+    }
+}
+
+/// A real file whose mutating calls are recorded in order, so that the file a SIGKILL
+/// would leave at any instant (every call before it, none after: the page cache outlives
+/// the process) can be rebuilt, and every such instant checked.
+#[derive(Debug)]
+struct RecordingIo {
+    file: File,
+    calls: std::sync::Mutex<Vec<Recorded>>,
+}
+
+impl RecordingIo {
+    fn count(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+}
+
+impl vhdx::FileIo for RecordingIo {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        vhdx::FileIo::read_at(&self.file, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut calls = self.calls.lock().unwrap();
+        vhdx::FileIo::write_at(&self.file, buf, offset)?;
+        calls.push(Recorded::Write(offset, buf.to_vec()));
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        vhdx::FileIo::len(&self.file)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let mut calls = self.calls.lock().unwrap();
+        self.file.set_len(len)?;
+        calls.push(Recorded::SetLen(len));
+        Ok(())
+    }
+}
+
+/// Checks the file a kill after every mutating call of one in-process write session would
+/// leave (and, for a call that spans pages, the same call torn between two of them),
+/// and returns the number of instants checked. `every` > 1 checks only every `every`th
+/// instant outside flushes (inside a flush every instant is checked).
+fn explore_crash_points(seed: u64, ops: u64, every: usize) -> usize {
+    let dir = tempfile::Builder::new()
+        .prefix("vhdx-crash-points-")
+        .tempdir()
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let sector = if rng.random_bool(0.3) { 4096 } else { 512 };
+    let layers = rng.random_range(1..=3);
+    let (paths, images) = build_chain(dir.path(), &mut rng, WRITE_DISK, layers, sector, 2 * MIB);
+    let top = paths.last().unwrap().clone();
+    let ctx = format!("crash points of seed {seed} ({layers} files, {sector}-byte sectors)");
+    let initial = std::fs::read(&top).unwrap();
+    let baseline = images.last().unwrap().clone();
+    let worker_seed = seed.wrapping_mul(31);
+
+    // The session, with each journal line stamped with the calls made before it.
+    let io = std::sync::Arc::new(RecordingIo {
+        file: OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&top)
+            .unwrap(),
+        calls: Default::default(),
+    });
+    let writable = vhdx::OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let file = vhdx::VhdxFile::open_io(io.clone(), &top, writable.clone()).unwrap();
+    let chain = Chain::from_top(file).unwrap();
+    let mut stamped: Vec<(usize, String)> = Vec::new();
+    write_session(
+        &chain,
+        worker_seed,
+        &mut |line, _| stamped.push((io.count(), line.to_owned())),
+        &mut |seq| seq < ops,
+    );
+    chain.close().unwrap();
+    let calls = std::mem::take(&mut *io.calls.lock().unwrap());
+    drop(io);
+
+    // Instants inside a flush: from its "flush" line to its "F" line.
+    let mut in_flush = vec![false; calls.len() + 1];
+    let mut start = None;
+    for (at, line) in &stamped {
+        if line == "flush" {
+            start = Some(*at);
+        } else if line.starts_with('F') {
+            for f in &mut in_flush[start.take().unwrap()..=*at] {
+                *f = true;
+            }
+        }
+    }
+
+    let check_image = |image: Vec<u8>, k: usize, torn: bool| {
+        let lines: Vec<String> = stamped
+            .iter()
+            .filter(|(at, _)| *at <= k)
+            .map(|(_, l)| l.clone())
+            .collect();
+        let exp = expectation(&baseline, &lines, worker_seed, u64::from(sector));
+        let ctx = format!(
+            "{ctx}, killed after call {k} of {}{}: {} of {} journaled operations durable",
+            calls.len(),
+            if torn { " (that call torn)" } else { "" },
+            exp.durable_ops,
+            exp.ops
+        );
+        let mem = std::sync::Arc::new(vhdx::io::MemFile::new(image));
+        let file = vhdx::VhdxFile::open_io(mem, &top, writable.clone())
+            .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {}", vhdx::error_chain(&e)));
+        let chain = Chain::from_top(file).unwrap();
+        verify_against(&read_all(&chain), &exp, u64::from(sector), &ctx);
+    };
+
+    let mut image = initial;
+    let mut checked = 0;
+    for k in 0..=calls.len() {
+        if k > 0 {
+            calls[k - 1].apply(&mut image);
+        }
+        if k % every != 0 && !in_flush[k] {
+            continue;
+        }
+        check_image(image.clone(), k, false);
+        checked += 1;
+        // The next call, cut at the file page boundary nearest its middle: a kill stops a
+        // write between pages of the page cache, never inside one.
+        if let Some(Recorded::Write(offset, data)) = calls.get(k)
+            && let cut = (offset + data.len() as u64 / 2) / 4096 * 4096
+            && cut > *offset
+        {
+            let mut torn = image.clone();
+            Recorded::Write(*offset, data[..(cut - offset) as usize].to_vec()).apply(&mut torn);
+            check_image(torn, k, true);
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// Every instant at which a kill could stop a write session (every mutating call, and
+/// calls torn halfway), checked deterministically: no flushed write is lost at any of them.
+#[test]
+fn every_crash_point_of_write_sessions() {
+    let sessions: u64 = std::env::var("SNAPVISOR_CRASH_POINT_SESSIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let ops: u64 = std::env::var("SNAPVISOR_CRASH_POINT_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let every: usize = std::env::var("SNAPVISOR_CRASH_POINT_EVERY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let started = Instant::now();
+    let mut checked = 0;
+    for i in 0..sessions {
+        checked += explore_crash_points(base_seed() * 1_000_000 + 900_000 + i, ops, every);
+    }
+    eprintln!(
+        "every_crash_point_of_write_sessions: {sessions} sessions, {checked} instants, {:?}",
         started.elapsed()
     );
 }
