@@ -18,7 +18,7 @@ pub mod raw;
 
 pub use convert::{ConvertOptions, OutputFormat, convert};
 pub use raw::RawDisk;
-pub use vhdx::Extent;
+pub use vhdx::{ErrorKind, Extent};
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +60,18 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+}
+
+impl Error {
+    /// What kind of failure this is (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Vhdx(e) => e.kind(),
+            Error::Io { source, .. } => ErrorKind::of_io(source),
+            Error::OutOfRange { .. } | Error::Exists { .. } => ErrorKind::Invalid,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+        }
+    }
 }
 
 /// Result of disk operations.

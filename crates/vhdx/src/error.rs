@@ -343,7 +343,68 @@ pub enum Error {
     },
 }
 
+/// What kind of failure an error is, for the layers that must answer it in their own terms:
+/// the CLI's exit codes, the NBD server's errno, the service's HTTP statuses. Each upper
+/// crate's error has a `kind()` returning this, and each front end maps it in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Something named does not exist (a file, a VM, a checkpoint, a recovery point).
+    NotFound,
+    /// Something is in use: locked by another process or another operation.
+    Busy,
+    /// The request itself is wrong (bad arguments, out of range, misaligned, a conflict
+    /// with what exists); retrying it unchanged fails again.
+    Invalid,
+    /// Stored data is damaged or not in the expected format.
+    Corrupt,
+    /// The storage is full.
+    NoSpace,
+    /// A write was asked of something read-only.
+    ReadOnly,
+    /// The request is understood but not supported for this object.
+    Unsupported,
+    /// Access was denied by the operating system.
+    PermissionDenied,
+    /// Any other failure of the operating system or a device.
+    Io,
+}
+
+impl ErrorKind {
+    /// The kind of an operating-system error, from its own kind (never from parsing text).
+    pub fn of_io(e: &io::Error) -> ErrorKind {
+        match e.kind() {
+            io::ErrorKind::NotFound => ErrorKind::NotFound,
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => ErrorKind::NoSpace,
+            io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+            io::ErrorKind::ReadOnlyFilesystem => ErrorKind::ReadOnly,
+            io::ErrorKind::AlreadyExists | io::ErrorKind::InvalidInput => ErrorKind::Invalid,
+            io::ErrorKind::ResourceBusy | io::ErrorKind::WouldBlock => ErrorKind::Busy,
+            io::ErrorKind::Unsupported => ErrorKind::Unsupported,
+            _ => ErrorKind::Io,
+        }
+    }
+}
+
 impl Error {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { source, .. } => ErrorKind::of_io(source),
+            Error::Corrupt { .. } | Error::Poisoned { .. } => ErrorKind::Corrupt,
+            Error::Locked { .. } => ErrorKind::Busy,
+            Error::ParentNotFound { .. } => ErrorKind::NotFound,
+            Error::ParentLinkageMismatch { .. }
+            | Error::ParentMismatch { .. }
+            | Error::BadChain { .. } => ErrorKind::Corrupt,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+            Error::OutOfRange { .. } | Error::Unaligned { .. } | Error::InvalidParameters(_) => {
+                ErrorKind::Invalid
+            }
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+        }
+    }
+
     pub(crate) fn io(path: &std::path::Path, source: io::Error) -> Error {
         Error::Io {
             path: path.to_owned(),

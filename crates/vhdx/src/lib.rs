@@ -86,7 +86,7 @@ pub mod merge;
 
 pub use chain::{Chain, Extent};
 pub use create::{CreateParams, create, create_differencing};
-pub use error::{Corruption, Error, Result};
+pub use error::{Corruption, Error, ErrorKind, Result};
 pub use file::{DiskKind, Geometry, OpenOptions, Segment, VhdxFile};
 pub use io::FileIo;
 pub use merge::{MergeDirection, MergeOutcome, merge};
