@@ -1,13 +1,13 @@
 #!/bin/sh
 # Fills the corpus of the `open` fuzz target with its seeds: the VHDX sample images from
-# shared/reference/vhdx-samples, decompressed, plus small files made by qemu-img when it is
-# installed. The corpus (fuzz/corpus/, git-ignored) is never committed; the samples stay
-# in shared/ (see their README for licensing).
+# crates/vhdx/tests/data/samples, decompressed, plus small files made by qemu-img when it is
+# installed. The corpus (fuzz/corpus/, git-ignored) is never committed (see the samples
+# README for their origin and licence).
 #
 #   fuzz/seeds/make-seeds.sh            # then: cargo +nightly fuzz run open
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-samples=${VHDX_SAMPLES:-$here/../../../shared/reference/vhdx-samples}
+samples=${VHDX_SAMPLES:-$here/../../crates/vhdx/tests/data/samples}
 corpus=$here/../corpus/open
 mkdir -p "$corpus"
 if [ ! -f "$samples/README.md" ]; then

@@ -1,7 +1,7 @@
 //! Cross-validation with QEMU (`qemu-img`, `qemu-io`): files QEMU makes must read here
 //! exactly as QEMU reads them, files we make and write must pass `qemu-img check` and
 //! compare equal to a raw oracle, differencing chains and merges must match an oracle
-//! built from the same writes, and the sample images in `shared/reference/vhdx-samples`
+//! built from the same writes, and the sample images in `crates/vhdx/tests/data/samples`
 //! must read as their README says.
 
 mod common;

@@ -1,15 +1,14 @@
-//! Helpers shared by the integration tests: the VHDX sample images in
-//! `shared/reference/vhdx-samples/` (beside the clone; CI always provides them).
+//! Helpers shared by the integration tests: the VHDX sample images made by Windows, QEMU
+//! and Disk2VHD, kept in `tests/data/samples/` (origin and licence in its README).
 
 use std::path::{Path, PathBuf};
 
 /// The samples folder; fails the test with a clear message when it is missing.
 pub fn samples_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/vhdx-samples");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/samples");
     assert!(
         dir.join("README.md").exists(),
-        "the VHDX sample images are missing: expected {} (shared/reference/vhdx-samples beside \
-         the clone; CI always provides it)",
+        "the VHDX sample images are missing: expected {}",
         dir.display()
     );
     dir
