@@ -6,10 +6,13 @@
 //! all sides pay for durability equally.
 //!
 //! Usage: `snapvisor-bench [--dir DIR] [--runs N] [--only NAME]...` where NAME is one of
-//! `create-child`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`, `nbd`, `vm`.
+//! `create-child`, `scale`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`, `nbd`,
+//! `vm`, `live`, `live-merge`.
 //!
 //! The checkpoint figures run the `snapvisor` binary as a user does (process start
 //! included) on a store under `--dir`.
+
+mod scale;
 
 use anyhow::{Context, Result, bail, ensure};
 use disk::{Disk, VhdxDisk};
@@ -62,6 +65,9 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     if want("create-child") {
         rows.extend(bench_create_child(&opts)?);
+    }
+    if want("scale") {
+        rows.extend(scale::bench_scale(&opts)?);
     }
     if want("seq-write") {
         rows.extend(bench_seq_write(&opts)?);

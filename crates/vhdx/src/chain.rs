@@ -1,11 +1,18 @@
 //! A differencing chain: the top file and every parent down to a base file, read as one
 //! virtual disk.
 //!
-//! Reads cost the same at any depth: a map with one entry per *unit* (the smallest block
-//! size in the chain) records the highest layer that holds anything in that unit, so a read
-//! starts at the layer that answers it instead of walking down from the top. Only units
-//! that a layer holds partly (sector bitmaps) continue to the layers below. Writes go to
-//! the top file only and set their units to the top layer. Parents are opened read-only.
+//! Reads cost the same at any depth. A read resolves in the top file first (its BAT is
+//! where every write lands); what the top leaves to its parents continues at the highest
+//! layer below that holds anything in that *unit* (the smallest block size in the chain),
+//! found in a map built at open, instead of walking down layer by layer. Only units that a
+//! layer holds partly (sector bitmaps) continue to the layers below it. Writes go to the
+//! top file only. Parents are opened read-only.
+//!
+//! The map costs what the chain holds: the layers below the top do not change while the
+//! chain is open, so it is an immutable sorted list of runs of units, built from the blocks
+//! each middle layer stores (its sparse BAT, see [`crate::VhdxFile::for_each_block_entry`]);
+//! every unit outside the runs reads from the base. Over a 64 TiB disk an empty map is
+//! empty whatever the depth, and opening costs what the layers store.
 
 use crate::create::absolute;
 use crate::error::{Error, Result};
@@ -15,11 +22,9 @@ use crate::format::{
     PAYLOAD_BLOCK_NOT_PRESENT, ParentLocator, parse_braced_guid,
 };
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU16, Ordering};
 
 /// Deepest chain this implementation opens.
 pub const MAX_CHAIN_DEPTH: usize = 1024;
-const NO_LAYER: u16 = u16::MAX;
 
 /// How a range of the chain reads, for block-status queries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,9 +51,79 @@ impl Extent {
 /// An open chain; `layers()[0]` is the top file.
 pub struct Chain {
     layers: Vec<VhdxFile>,
-    unit_shift: u32,
-    map: Vec<AtomicU16>,
+    lower: LowerMap,
     virtual_size: u64,
+}
+
+/// Below the top: per unit, the highest layer (index 1 up) that holds anything there, as
+/// sorted, disjoint runs; units outside every run read from the base.
+struct LowerMap {
+    unit_shift: u32,
+    /// `(first unit, end unit, layer)`.
+    runs: Vec<(u64, u64, u16)>,
+    base: u16,
+}
+
+impl LowerMap {
+    /// Builds the map of `layers` (top first) from what each middle layer stores.
+    fn build(layers: &[VhdxFile], unit_shift: u32, base: u16) -> LowerMap {
+        let mut units: Vec<(u64, u16)> = Vec::new();
+        for (i, layer) in layers.iter().enumerate().take(base as usize).skip(1) {
+            let g = layer.geometry();
+            let per_block = u64::from(g.block_size) >> unit_shift;
+            layer.for_each_block_entry(|block, e| {
+                if e.state() != PAYLOAD_BLOCK_NOT_PRESENT {
+                    let first = block * per_block;
+                    units.extend((first..first + per_block).map(|u| (u, i as u16)));
+                }
+            });
+        }
+        // Per unit, the smallest index: the highest layer.
+        units.sort_unstable();
+        units.dedup_by_key(|(u, _)| *u);
+        let mut runs: Vec<(u64, u64, u16)> = Vec::new();
+        for (u, layer) in units {
+            match runs.last_mut() {
+                Some((_, end, l)) if *end == u && *l == layer => *end += 1,
+                _ => runs.push((u, u + 1, layer)),
+            }
+        }
+        runs.shrink_to_fit();
+        LowerMap {
+            unit_shift,
+            runs,
+            base,
+        }
+    }
+
+    /// Calls `f(layer, offset, len)` for the pieces of `[offset, offset + len)` by the
+    /// layer they start at.
+    fn for_each_run(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(usize, u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let end = offset + len;
+        let mut pos = offset;
+        let mut i = self
+            .runs
+            .partition_point(|&(_, e, _)| e << self.unit_shift <= offset);
+        while pos < end {
+            let (layer, stop) = match self.runs.get(i) {
+                Some(&(s, e, l)) if s << self.unit_shift <= pos => {
+                    i += 1;
+                    (l, e << self.unit_shift)
+                }
+                Some(&(s, _, _)) => (self.base, s << self.unit_shift),
+                None => (self.base, end),
+            };
+            let stop = stop.min(end);
+            f(usize::from(layer), pos, stop - pos)?;
+            pos = stop;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Chain {
@@ -203,30 +278,14 @@ impl Chain {
             .min()
             .unwrap();
         let unit_shift = unit.trailing_zeros();
-        let units = virtual_size.div_ceil(u64::from(unit));
-        let base = layers.len() - 1;
-        let base_index = u16::try_from(base).map_err(|_| Error::BadChain {
+        let base_index = u16::try_from(layers.len() - 1).map_err(|_| Error::BadChain {
             path: layers[0].path().to_owned(),
             reason: "has too many files".into(),
         })?;
-        let map: Vec<AtomicU16> = (0..units).map(|_| AtomicU16::new(base_index)).collect();
-        for (i, layer) in layers.iter().enumerate().rev().skip(1) {
-            let g = layer.geometry();
-            let per_block = u64::from(g.block_size) >> unit_shift;
-            for block in 0..g.payload_blocks() {
-                if layer.block_entry(block).state() == PAYLOAD_BLOCK_NOT_PRESENT {
-                    continue;
-                }
-                let first = block * per_block;
-                for u in first..(first + per_block).min(units) {
-                    map[u as usize].store(i as u16, Ordering::Relaxed);
-                }
-            }
-        }
+        let lower = LowerMap::build(&layers, unit_shift, base_index);
         Ok(Chain {
             layers,
-            unit_shift,
-            map,
+            lower,
             virtual_size,
         })
     }
@@ -270,42 +329,15 @@ impl Chain {
         Ok(())
     }
 
-    /// Runs of `[offset, offset+len)` that start at the same layer.
-    fn for_each_run(
-        &self,
-        offset: u64,
-        len: u64,
-        mut f: impl FnMut(u16, u64, u64) -> Result<()>,
-    ) -> Result<()> {
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let u = pos >> self.unit_shift;
-            let layer = self.map[u as usize].load(Ordering::Acquire);
-            let mut next = (u + 1) << self.unit_shift;
-            while next < end
-                && self.map[(next >> self.unit_shift) as usize].load(Ordering::Acquire) == layer
-            {
-                next += 1 << self.unit_shift;
-            }
-            let stop = next.min(end);
-            f(layer, pos, stop - pos)?;
-            pos = stop;
-        }
-        Ok(())
-    }
-
     /// Reads the virtual disk.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        self.for_each_run(offset, buf.len() as u64, |layer, pos, n| {
-            let start = (pos - offset) as usize;
-            self.read_from(layer as usize, &mut buf[start..start + n as usize], pos)
-        })
+        self.read_from(0, buf, offset)
     }
 
+    /// Reads through layer `layer` and what it leaves to the layers below.
     fn read_from(&self, layer: usize, buf: &mut [u8], offset: u64) -> Result<()> {
-        if layer >= self.layers.len() || layer == NO_LAYER as usize {
+        if layer >= self.layers.len() {
             buf.fill(0);
             return Ok(());
         }
@@ -317,20 +349,31 @@ impl Chain {
             match seg {
                 Segment::Data { file_offset, .. } => file.read_stored(part, file_offset)?,
                 Segment::Zero { .. } => part.fill(0),
-                Segment::Parent { .. } => self.read_from(layer + 1, part, offset + at as u64)?,
+                Segment::Parent { .. } => self.read_below(layer, part, offset + at as u64)?,
             }
             at += n;
             Ok(())
         })
     }
 
+    /// Reads what `layer` leaves to its parents: below the top, from the layer the map
+    /// names; further down, from the next layer.
+    fn read_below(&self, layer: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        if layer > 0 {
+            return self.read_from(layer + 1, buf, offset);
+        }
+        self.lower
+            .for_each_run(offset, buf.len() as u64, |layer, pos, n| {
+                let start = (pos - offset) as usize;
+                self.read_from(layer, &mut buf[start..start + n as usize], pos)
+            })
+    }
+
     /// Which parts of a range hold data and which read as zeros.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
         let mut out: Vec<Extent> = Vec::new();
-        self.for_each_run(offset, len, |layer, pos, n| {
-            self.status_from(layer as usize, pos, n, &mut out)
-        })?;
+        self.status_from(0, offset, len, &mut out)?;
         Ok(out)
     }
 
@@ -356,6 +399,10 @@ impl Chain {
             match seg {
                 Segment::Data { len, .. } => push(out, Extent::Data(len)),
                 Segment::Zero { len } => push(out, Extent::Zero(len)),
+                Segment::Parent { len } if layer == 0 => {
+                    self.lower
+                        .for_each_run(at, len, |l, p, n| self.status_from(l, p, n, out))?
+                }
                 Segment::Parent { len } => self.status_from(layer + 1, at, len, out)?,
             }
             at += seg.len();
@@ -363,28 +410,56 @@ impl Chain {
         })
     }
 
-    fn mark_top(&self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = offset >> self.unit_shift;
-        let last = (offset + len - 1) >> self.unit_shift;
-        for u in first..=last {
-            self.map[u as usize].store(0, Ordering::Release);
-        }
-    }
-
     /// Writes into the top file.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_parts(offset, buf.len() as u64, Some(buf))?;
-        self.mark_top(offset, buf.len() as u64);
-        Ok(())
+        self.write_parts(offset, buf.len() as u64, Some(buf))
     }
 
     /// Makes a range read as zeros (discard / write-zeroes) in the top file.
+    ///
+    /// What already reads as zeros needs nothing: ranges the top file itself keeps zeroed,
+    /// and ranges it leaves to a base that reads as zeros there with no layer between
+    /// holding anything. So a guest that discards a fresh 64 TiB disk (`mkfs` does) adds
+    /// nothing to the top file's BAT.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_parts(offset, len, None)?;
-        self.mark_top(offset, len);
+        self.check_range(offset, len)?;
+        let base = self.layers.len() - 1;
+        let mut todo: Vec<(u64, u64)> = Vec::new();
+        let mut add = |pos: u64, n: u64| match todo.last_mut() {
+            Some((p, l)) if *p + *l == pos => *l += n,
+            _ => todo.push((pos, n)),
+        };
+        let mut below = Vec::new();
+        let mut at = offset;
+        self.top().resolve(offset, len, &mut |seg| {
+            match seg {
+                Segment::Data { len, .. } => add(at, len),
+                Segment::Zero { .. } => {}
+                Segment::Parent { len } => below.push((at, len)),
+            }
+            at += seg.len();
+            Ok(())
+        })?;
+        for (pos, n) in below {
+            self.lower.for_each_run(pos, n, |layer, pos, n| {
+                if layer == base {
+                    let mut all_zero = true;
+                    self.layers[base].resolve(pos, n, &mut |seg| {
+                        all_zero &= matches!(seg, Segment::Zero { .. });
+                        Ok(())
+                    })?;
+                    if all_zero {
+                        return Ok(());
+                    }
+                }
+                add(pos, n);
+                Ok(())
+            })?;
+        }
+        todo.sort_unstable();
+        for (pos, n) in todo {
+            self.write_parts(pos, n, None)?;
+        }
         Ok(())
     }
 

@@ -4,14 +4,15 @@
 //! A [`VhdxFile`] knows nothing of its parent: a read of a range a differencing file does
 //! not hold resolves to [`Segment::Parent`], and the [`crate::Chain`] continues there.
 
+use crate::bat::{Bat, PAGE_ENTRIES};
 use crate::error::{Corruption, Error, Result};
 use crate::format::*;
 use crate::io::FileIo;
 use crate::log::{self, ActiveSequence, ReplayOverlay};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions as FsOpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use uuid::Uuid;
 
@@ -205,7 +206,8 @@ pub struct VhdxFile {
     metadata_offset: u64,
     metadata_length: u64,
     regions: Vec<RegionEntry>,
-    bat: Vec<AtomicU64>,
+    /// The BAT, holding only pages with a non-zero entry (see [`crate::bat`]).
+    bat: Bat,
     /// Sector bitmaps of payload blocks that are (or were, this session) partially present.
     bitmaps: RwLock<HashMap<u64, Box<[u8]>>>,
     data_guid_done: AtomicBool,
@@ -230,7 +232,8 @@ struct State {
     forced_data_write_guid: Option<Uuid>,
     file_end: u64,
     dirty_bat: BTreeSet<u64>,
-    dirty_bitmap: BTreeSet<u64>,
+    /// Dirty sector-bitmap sectors (file offset) and the chunk whose bitmap block holds each.
+    dirty_bitmap: BTreeMap<u64, u64>,
     metadata: Vec<MetadataItem>,
     parent_locator: Option<ParentLocator>,
     params: FileParameters,
@@ -385,15 +388,7 @@ impl VhdxFile {
                 need,
             }));
         }
-        let mut bat_bytes = vec![0u8; need as usize];
-        io.read_at(&mut bat_bytes, bat_region.file_offset)
-            .map_err(ioerr)?;
-        let bat: Vec<AtomicU64> = bat_bytes
-            .chunks_exact(8)
-            .map(|c| AtomicU64::new(le_u64(c, 0)))
-            .collect();
-        drop(bat_bytes);
-
+        let bat = read_bat(io.as_ref(), bat_region.file_offset, entries).map_err(ioerr)?;
         let log_offset = header.log_offset;
         let log_length = u64::from(header.log_length);
         let structures_end = validate_layout(
@@ -440,7 +435,7 @@ impl VhdxFile {
                 // the file, and unknown regions may lie beyond it.
                 file_end: file_len.max(structures_end).next_multiple_of(MIB),
                 dirty_bat: BTreeSet::new(),
-                dirty_bitmap: BTreeSet::new(),
+                dirty_bitmap: BTreeMap::new(),
                 metadata,
                 parent_locator: parsed.parent_locator,
                 params: parsed.params,
@@ -458,19 +453,21 @@ impl VhdxFile {
         }
         let g = &self.geometry;
         let per_block = g.bitmap_bytes_per_block();
+        let mut partial = Vec::new();
+        self.for_each_block_entry(|block, e| {
+            if e.state() == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
+                partial.push(block);
+            }
+        });
         let mut maps = self.bitmaps.write().unwrap();
         let mut chunk_buf: Option<(u64, Vec<u8>)> = None;
-        for block in 0..g.payload_blocks() {
-            let e = self.entry(g.payload_index(block));
-            if e.state() != PAYLOAD_BLOCK_PARTIALLY_PRESENT {
-                continue;
-            }
+        for block in partial {
             let chunk = block / g.chunk_ratio();
             let sb = self.entry(g.bitmap_index(chunk));
             if sb.state() != SB_BLOCK_PRESENT {
                 return Err(self.corrupt(Corruption::BadBatState {
                     index: g.payload_index(block),
-                    state: e.state(),
+                    state: PAYLOAD_BLOCK_PARTIALLY_PRESENT,
                 }));
             }
             if chunk_buf.as_ref().is_none_or(|(c, _)| *c != chunk) {
@@ -490,6 +487,60 @@ impl VhdxFile {
             );
         }
         Ok(())
+    }
+
+    /// Calls `f(block, entry)` for every payload block whose entry is not zero
+    /// (`NOT_PRESENT` at offset 0), in block order. Costs what the BAT holds, not the
+    /// number of blocks.
+    pub fn for_each_block_entry(&self, mut f: impl FnMut(u64, BatEntry)) {
+        let g = self.geometry;
+        let ratio = g.chunk_ratio();
+        let blocks = g.payload_blocks();
+        self.bat.for_each_nonzero(|index, e| {
+            if index % (ratio + 1) == ratio {
+                return;
+            }
+            let block = index - index / (ratio + 1);
+            if block < blocks {
+                f(block, e);
+            }
+        });
+    }
+
+    /// Like [`VhdxFile::for_each_block_entry`], for blocks `[first, end)` only.
+    pub fn for_each_block_entry_in(&self, first: u64, end: u64, mut f: impl FnMut(u64, BatEntry)) {
+        let g = self.geometry;
+        let ratio = g.chunk_ratio();
+        let end = end.min(g.payload_blocks());
+        if first >= end {
+            return;
+        }
+        self.bat.for_each_nonzero_in(
+            g.payload_index(first),
+            g.payload_index(end - 1) + 1,
+            |index, e| {
+                if index % (ratio + 1) != ratio {
+                    f(index - index / (ratio + 1), e);
+                }
+            },
+        );
+    }
+
+    /// The first block after `block` whose BAT entry may be non-zero: the BAT keeps no
+    /// leaf for long runs of `NOT_PRESENT` entries, and they are skipped whole.
+    fn next_possible_block(&self, block: u64) -> u64 {
+        let g = self.geometry;
+        let next_index = self.bat.absent_until(g.payload_index(block));
+        let ratio = g.chunk_ratio();
+        // The first block whose payload index reaches `next_index`.
+        let mut b = (next_index * ratio / (ratio + 1)).max(block + 1);
+        while b > block + 1 && g.payload_index(b - 1) >= next_index {
+            b -= 1;
+        }
+        while g.payload_index(b) < next_index {
+            b += 1;
+        }
+        b
     }
 
     // ------------------------------------------------------------------------------------
@@ -562,11 +613,11 @@ impl VhdxFile {
     }
     /// The BAT entry at `index`.
     pub fn entry(&self, index: u64) -> BatEntry {
-        BatEntry(self.bat[index as usize].load(Ordering::Acquire))
+        self.bat.get(index)
     }
     /// Number of BAT entries in use.
     pub fn bat_len(&self) -> u64 {
-        self.bat.len() as u64
+        self.bat.len()
     }
     /// State and entry of payload block `block`.
     pub fn block_entry(&self, block: u64) -> BatEntry {
@@ -582,26 +633,24 @@ impl VhdxFile {
         let mut a = Allocation::default();
         let sector = u64::from(g.logical_sector_size);
         let maps = self.bitmaps.read().unwrap();
-        for block in 0..g.payload_blocks() {
-            match self.block_entry(block).state() {
-                PAYLOAD_BLOCK_FULLY_PRESENT => {
-                    a.full_blocks += 1;
-                    a.stored_bytes += g.block_len(block);
-                }
-                PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
-                    a.partial_blocks += 1;
-                    if let Some(bits) = maps.get(&block) {
-                        let set: u64 = bits.iter().map(|b| u64::from(b.count_ones())).sum();
-                        a.stored_bytes += (set * sector).min(g.block_len(block));
-                    }
-                }
-                PAYLOAD_BLOCK_ZERO
-                | PAYLOAD_BLOCK_UNMAPPED
-                | PAYLOAD_BLOCK_UNDEFINED
-                | PAYLOAD_BLOCK_UNMAPPED_V095 => a.zero_blocks += 1,
-                _ => {}
+        self.for_each_block_entry(|block, e| match e.state() {
+            PAYLOAD_BLOCK_FULLY_PRESENT => {
+                a.full_blocks += 1;
+                a.stored_bytes += g.block_len(block);
             }
-        }
+            PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
+                a.partial_blocks += 1;
+                if let Some(bits) = maps.get(&block) {
+                    let set: u64 = bits.iter().map(|b| u64::from(b.count_ones())).sum();
+                    a.stored_bytes += (set * sector).min(g.block_len(block));
+                }
+            }
+            PAYLOAD_BLOCK_ZERO
+            | PAYLOAD_BLOCK_UNMAPPED
+            | PAYLOAD_BLOCK_UNDEFINED
+            | PAYLOAD_BLOCK_UNMAPPED_V095 => a.zero_blocks += 1,
+            _ => {}
+        });
         a
     }
 
@@ -677,8 +726,13 @@ impl VhdxFile {
         while pos < end {
             let block = pos / bs;
             let in_block = pos % bs;
-            let n = (end - pos).min(bs - in_block);
+            let mut n = (end - pos).min(bs - in_block);
             let e = self.block_entry(block);
+            if e.0 == 0 {
+                // Blocks whose BAT page does not exist are all NOT_PRESENT: one segment.
+                let next = self.next_possible_block(block);
+                n = (end - pos).min(next * bs - pos);
+            }
             match e.state() {
                 PAYLOAD_BLOCK_FULLY_PRESENT => emit(
                     Segment::Data {
@@ -940,7 +994,7 @@ impl VhdxFile {
     }
 
     fn set_entry(&self, st: &mut State, index: u64, entry: BatEntry) {
-        self.bat[index as usize].store(entry.0, Ordering::Release);
+        self.bat.set(index, entry);
         st.dirty_bat.insert(index * BAT_ENTRY_SIZE / SECTOR);
     }
 
@@ -980,7 +1034,7 @@ impl VhdxFile {
         let first = (base + from) / SECTOR;
         let last = (base + to - 1) / SECTOR;
         for s in first..=last {
-            st.dirty_bitmap.insert(s * SECTOR);
+            st.dirty_bitmap.insert(s * SECTOR, chunk);
         }
     }
 
@@ -1081,8 +1135,8 @@ impl VhdxFile {
     fn snapshot_dirty(&self, st: &mut State) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut sectors: Vec<(u64, Vec<u8>)> = Vec::new();
         let bitmap_sectors = std::mem::take(&mut st.dirty_bitmap);
-        for s in bitmap_sectors {
-            sectors.push((s, self.bitmap_sector(s)?));
+        for (s, chunk) in bitmap_sectors {
+            sectors.push((s, self.bitmap_sector(s, chunk)?));
         }
         let bat_sectors = std::mem::take(&mut st.dirty_bat);
         for s in bat_sectors.into_iter().rev() {
@@ -1105,39 +1159,35 @@ impl VhdxFile {
         Ok(sectors)
     }
 
-    /// Builds the current contents of the bitmap sector at file offset `s`.
-    fn bitmap_sector(&self, s: u64) -> Result<Vec<u8>> {
+    /// Builds the current contents of the bitmap sector at file offset `s`, which lies in
+    /// the sector-bitmap block of `chunk`.
+    fn bitmap_sector(&self, s: u64, chunk: u64) -> Result<Vec<u8>> {
         let g = self.geometry;
         let mut buf = vec![0u8; LOG_SECTOR_SIZE];
         self.io.read_at(&mut buf, s).map_err(|e| self.ioerr(e))?;
-        // Which chunk's bitmap block holds this sector?
         let per_block = g.bitmap_bytes_per_block();
         let maps = self.bitmaps.read().unwrap();
-        for chunk in 0..g.sector_bitmap_blocks() {
-            let sb = self.entry(g.bitmap_index(chunk));
-            if sb.state() != SB_BLOCK_PRESENT
-                || s < sb.file_offset()
-                || s >= sb.file_offset() + SECTOR_BITMAP_BLOCK_SIZE
-            {
+        let sb = self.entry(g.bitmap_index(chunk));
+        debug_assert!(
+            sb.state() == SB_BLOCK_PRESENT
+                && s >= sb.file_offset()
+                && s < sb.file_offset() + SECTOR_BITMAP_BLOCK_SIZE
+        );
+        let in_sb = s - sb.file_offset();
+        let first_block = chunk * g.chunk_ratio() + in_sb / per_block;
+        let last_block = chunk * g.chunk_ratio() + (in_sb + SECTOR - 1) / per_block;
+        for block in first_block..=last_block {
+            let Some(bits) = maps.get(&block) else {
                 continue;
+            };
+            let slice_start = (block % g.chunk_ratio()) * per_block;
+            let s0 = slice_start.max(in_sb);
+            let s1 = (slice_start + per_block).min(in_sb + SECTOR);
+            if s0 < s1 {
+                buf[(s0 - in_sb) as usize..(s1 - in_sb) as usize].copy_from_slice(
+                    &bits[(s0 - slice_start) as usize..(s1 - slice_start) as usize],
+                );
             }
-            let in_sb = s - sb.file_offset();
-            let first_block = chunk * g.chunk_ratio() + in_sb / per_block;
-            let last_block = chunk * g.chunk_ratio() + (in_sb + SECTOR - 1) / per_block;
-            for block in first_block..=last_block {
-                let Some(bits) = maps.get(&block) else {
-                    continue;
-                };
-                let slice_start = (block % g.chunk_ratio()) * per_block;
-                let s0 = slice_start.max(in_sb);
-                let s1 = (slice_start + per_block).min(in_sb + SECTOR);
-                if s0 < s1 {
-                    buf[(s0 - in_sb) as usize..(s1 - in_sb) as usize].copy_from_slice(
-                        &bits[(s0 - slice_start) as usize..(s1 - slice_start) as usize],
-                    );
-                }
-            }
-            break;
         }
         Ok(buf)
     }
@@ -1321,19 +1371,27 @@ impl VhdxFile {
         {
             let mut st = self.lock();
             self.check_poisoned(&st)?;
-            for block in 0..g.payload_blocks() {
-                if self.block_entry(block).state() == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
-                    return Err(Error::Unsupported {
-                        path: self.path.clone(),
-                        reason: format!("block {block} still reads from the parent"),
-                    });
+            let mut partial = None;
+            self.for_each_block_entry(|block, e| {
+                if e.state() == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
+                    partial.get_or_insert(block);
                 }
+            });
+            if let Some(block) = partial {
+                return Err(Error::Unsupported {
+                    path: self.path.clone(),
+                    reason: format!("block {block} still reads from the parent"),
+                });
             }
-            for chunk in 0..g.sector_bitmap_blocks() {
-                let index = g.bitmap_index(chunk);
-                if index < self.bat_len() && self.entry(index).state() != SB_BLOCK_NOT_PRESENT {
-                    self.set_entry(&mut st, index, BatEntry(0));
+            let ratio = g.chunk_ratio();
+            let mut present = Vec::new();
+            self.bat.for_each_nonzero(|index, e| {
+                if index % (ratio + 1) == ratio && e.state() != SB_BLOCK_NOT_PRESENT {
+                    present.push(index);
                 }
+            });
+            for index in present {
+                self.set_entry(&mut st, index, BatEntry(0));
             }
         }
         self.flush_with(&mut j)?;
@@ -1382,13 +1440,12 @@ impl VhdxFile {
             push(r.file_offset, u64::from(r.length));
         }
         let ratio = g.chunk_ratio();
-        for index in 0..self.bat_len() {
-            let e = self.entry(index);
+        self.bat.for_each_nonzero(|index, e| {
             if index % (ratio + 1) == ratio {
                 if e.state() == SB_BLOCK_PRESENT {
                     push(e.file_offset(), SECTOR_BITMAP_BLOCK_SIZE);
                 }
-                continue;
+                return;
             }
             let block = index - index / (ratio + 1);
             if block < g.payload_blocks()
@@ -1399,7 +1456,7 @@ impl VhdxFile {
             {
                 push(e.file_offset(), u64::from(g.block_size));
             }
-        }
+        });
         spans
     }
 
@@ -1689,7 +1746,7 @@ pub(crate) fn parse_known_metadata(items: &[MetadataItem]) -> Result<KnownMetada
 fn validate_layout(
     g: &Geometry,
     kind: DiskKind,
-    bat: &[AtomicU64],
+    bat: &Bat,
     regions: &[RegionEntry],
     log_offset: u64,
     log_length: u64,
@@ -1741,61 +1798,72 @@ fn validate_layout(
         ));
     }
     let payload_blocks = g.payload_blocks();
-    for (index, raw) in bat.iter().enumerate() {
-        let index = index as u64;
-        let e = BatEntry(raw.load(Ordering::Relaxed));
+    let mut bad: Option<Corruption> = None;
+    bat.for_each_nonzero(|index, e| {
+        if bad.is_some() {
+            return;
+        }
         let is_bitmap = index % (chunk_ratio + 1) == chunk_ratio;
         let state = e.state();
         if is_bitmap {
             match state {
-                SB_BLOCK_NOT_PRESENT => continue,
+                SB_BLOCK_NOT_PRESENT => return,
                 SB_BLOCK_PRESENT if differencing => {}
-                _ => return Err(Corruption::BadBatState { index, state }),
+                _ => {
+                    bad = Some(Corruption::BadBatState { index, state });
+                    return;
+                }
             }
             if e.file_offset() < HEADER_SECTION_SIZE || e.file_offset() >= file_len {
-                return Err(Corruption::BlockOutOfBounds {
+                bad = Some(Corruption::BlockOutOfBounds {
                     index,
                     offset: e.file_offset(),
                 });
+                return;
             }
             spans.push((
                 e.file_offset(),
                 e.file_offset() + SECTOR_BITMAP_BLOCK_SIZE,
                 index,
             ));
-            continue;
+            return;
         }
         let block = index - index / (chunk_ratio + 1);
         if block >= payload_blocks {
-            continue;
+            return;
         }
         match state {
             PAYLOAD_BLOCK_NOT_PRESENT
             | PAYLOAD_BLOCK_UNDEFINED
             | PAYLOAD_BLOCK_ZERO
             | PAYLOAD_BLOCK_UNMAPPED
-            | PAYLOAD_BLOCK_UNMAPPED_V095 => continue,
+            | PAYLOAD_BLOCK_UNMAPPED_V095 => return,
             PAYLOAD_BLOCK_FULLY_PRESENT => {}
             PAYLOAD_BLOCK_PARTIALLY_PRESENT if differencing => {
-                let sb = BatEntry(
-                    bat[(block / chunk_ratio * (chunk_ratio + 1) + chunk_ratio) as usize]
-                        .load(Ordering::Relaxed),
-                );
+                let sb = bat.get(block / chunk_ratio * (chunk_ratio + 1) + chunk_ratio);
                 if sb.state() != SB_BLOCK_PRESENT {
-                    return Err(Corruption::BadBatState { index, state });
+                    bad = Some(Corruption::BadBatState { index, state });
+                    return;
                 }
             }
-            _ => return Err(Corruption::BadBatState { index, state }),
+            _ => {
+                bad = Some(Corruption::BadBatState { index, state });
+                return;
+            }
         }
         let start = e.file_offset();
         let last = block + 1 == payload_blocks;
         if start < HEADER_SECTION_SIZE || start >= file_len || (!last && start + bs > file_len) {
-            return Err(Corruption::BlockOutOfBounds {
+            bad = Some(Corruption::BlockOutOfBounds {
                 index,
                 offset: start,
             });
+            return;
         }
         spans.push((start, start + bs, index));
+    });
+    if let Some(c) = bad {
+        return Err(c);
     }
     spans.sort_unstable();
     let describe = |what: u64| -> String {
@@ -1818,4 +1886,30 @@ fn validate_layout(
         }
     }
     Ok(spans.iter().map(|s| s.1).max().unwrap_or(0))
+}
+
+/// Reads the BAT region's stored parts into a sparse [`Bat`] of `entries` entries: holes
+/// of a sparse file are never read, and pages with no non-zero entry are not kept.
+fn read_bat(io: &dyn FileIo, bat_offset: u64, entries: u64) -> std::io::Result<Bat> {
+    const PAGE_BYTES: u64 = PAGE_ENTRIES * BAT_ENTRY_SIZE;
+    const READ_BYTES: u64 = 4 * MIB;
+    let bat = Bat::new(entries);
+    let need = entries * BAT_ENTRY_SIZE;
+    let mut buf = Vec::new();
+    for (start, len) in io.data_extents(bat_offset, need)? {
+        // Whole pages, relative to the region's start.
+        let mut rel = (start - bat_offset) / PAGE_BYTES * PAGE_BYTES;
+        let rel_end = (start + len - bat_offset).min(need);
+        while rel < rel_end {
+            let n = (rel_end - rel)
+                .min(READ_BYTES)
+                .next_multiple_of(PAGE_BYTES)
+                .min(need - rel);
+            buf.resize(n as usize, 0);
+            io.read_at(&mut buf, bat_offset + rel)?;
+            bat.load(rel / BAT_ENTRY_SIZE, &buf);
+            rel += n;
+        }
+    }
+    Ok(bat)
 }

@@ -26,6 +26,29 @@ pub trait FileIo: Send + Sync + std::fmt::Debug {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// The parts of `[offset, offset + len)` the file stores, in order, as `(start, len)`;
+    /// the rest are holes that read as zeros. Lets an open skip the unwritten parts of a
+    /// large table. The default says everything is stored.
+    fn data_extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        Ok(if len == 0 {
+            Vec::new()
+        } else {
+            vec![(offset, len)]
+        })
+    }
+}
+
+/// Merges sorted, possibly overlapping `(start, len)` ranges.
+pub(crate) fn merge_extents(mut extents: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    extents.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(extents.len());
+    for (s, l) in extents {
+        match out.last_mut() {
+            Some((ps, pl)) if s <= *ps + *pl => *pl = (*pl).max(s + l - *ps),
+            _ => out.push((s, l)),
+        }
+    }
+    out
 }
 
 impl FileIo for File {
@@ -57,6 +80,35 @@ impl FileIo for File {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+    fn data_extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        use rustix::fs::{SeekFrom, seek};
+        let end = offset.saturating_add(len);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let start = match seek(self, SeekFrom::Data(pos)) {
+                Ok(s) => s,
+                // No data at or after `pos`.
+                Err(rustix::io::Errno::NXIO) => break,
+                // A file system without SEEK_DATA: everything is data.
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
+                    return Ok(vec![(offset, len)]);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if start >= end {
+                break;
+            }
+            let stop = match seek(self, SeekFrom::Hole(start)) {
+                Ok(h) => h.min(end),
+                Err(rustix::io::Errno::NXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            out.push((start, stop - start));
+            pos = stop;
+        }
+        Ok(out)
     }
 }
 
@@ -176,6 +228,9 @@ impl<F: FileIo> FileIo for FaultyIo<F> {
     }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
+    }
+    fn data_extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        self.inner.data_extents(offset, len)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         let grows = len > self.inner.len()?;
@@ -307,5 +362,8 @@ impl<T: FileIo + ?Sized> FileIo for std::sync::Arc<T> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn data_extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        (**self).data_extents(offset, len)
     }
 }

@@ -74,6 +74,7 @@
 // only on 64-bit hosts, which is all Snapvisor supports.
 const _: () = assert!(usize::BITS == 64, "snapvisor needs a 64-bit host");
 
+mod bat;
 pub mod chain;
 pub mod check;
 pub mod create;

@@ -364,6 +364,16 @@ impl<F: FileIo> FileIo for ReplayOverlay<F> {
             "read-only log overlay",
         ))
     }
+    fn data_extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        let end = offset.saturating_add(len);
+        let mut extents = self.inner.data_extents(offset, len)?;
+        let first = offset - offset % SECTOR;
+        extents.extend(self.sectors.range(first..end).map(|(&so, _)| {
+            let s = so.max(offset);
+            (s, (so + SECTOR).min(end) - s)
+        }));
+        Ok(crate::io::merge_extents(extents))
+    }
 }
 
 /// Most data sectors one entry of a ring of `log_length` bytes may carry (entries are at

@@ -188,59 +188,107 @@ pub fn estimate(child: &Path) -> Result<MergeEstimate> {
     estimate_open(&child, &parent)
 }
 
-/// [`estimate`] on files already open (a running VM's worker has its chain open).
+/// [`estimate`] on files already open (a running VM's worker has its chain open). Costs
+/// what the two files hold, not the disk's size.
 pub fn estimate_open(child: &VhdxFile, parent: &VhdxFile) -> Result<MergeEstimate> {
     let mut into_parent = 0;
-    let mut into_child = 0;
     for_each_child_range(child, |range| {
-        match range {
-            ChildRange::Stored { len, .. } | ChildRange::Zero { len, .. } => into_parent += len,
-            ChildRange::FromParent { offset, len } => {
-                parent.resolve(offset, len, &mut |seg| {
-                    if let Segment::Data { len, .. } = seg {
-                        into_child += len;
-                    }
-                    Ok(())
-                })?;
-            }
-        }
+        let (ChildRange::Stored { len, .. } | ChildRange::Zero { len, .. }) = range;
+        into_parent += len;
         Ok(())
     })?;
+    let mut into_child = 0;
+    let g = child.geometry();
+    let bs = u64::from(g.block_size);
+    for block in into_child_blocks(child, parent) {
+        let start = block * bs;
+        let mut at = start;
+        let mut holes = Vec::new();
+        child.resolve(start, g.block_len(block), &mut |seg| {
+            if let Segment::Parent { len } = seg {
+                holes.push((at, len));
+            }
+            at += seg.len();
+            Ok(())
+        })?;
+        for (offset, len) in holes {
+            parent.resolve(offset, len, &mut |seg| {
+                if let Segment::Data { len, .. } = seg {
+                    into_child += len;
+                }
+                Ok(())
+            })?;
+        }
+    }
     Ok(MergeEstimate {
         into_parent,
         into_child,
     })
 }
 
+/// The child's blocks an into-child merge must visit, in order: those it stores partly
+/// (their holes are filled from the parent, or with zeros when the parent is the base)
+/// and those that overlap anything the parent's BAT records. Every other block is either
+/// stored whole by the child or absent from both, and stays as it is.
+fn into_child_blocks(child: &VhdxFile, parent: &VhdxFile) -> Vec<u64> {
+    let cbs = u64::from(child.geometry().block_size);
+    let pg = parent.geometry();
+    let pbs = u64::from(pg.block_size);
+    let mut blocks = std::collections::BTreeSet::new();
+    child.for_each_block_entry(|block, e| {
+        if e.state() == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
+            blocks.insert(block);
+        }
+    });
+    parent.for_each_block_entry(|block, e| {
+        if e.state() == PAYLOAD_BLOCK_NOT_PRESENT {
+            return;
+        }
+        let start = block * pbs;
+        let end = start + pg.block_len(block);
+        blocks.extend(start / cbs..end.div_ceil(cbs));
+    });
+    blocks
+        .into_iter()
+        .filter(|&b| {
+            let state = child.block_entry(b).state();
+            state == PAYLOAD_BLOCK_NOT_PRESENT || state == PAYLOAD_BLOCK_PARTIALLY_PRESENT
+        })
+        .collect()
+}
+
 enum ChildRange {
     Stored { offset: u64, len: u64 },
     Zero { offset: u64, len: u64 },
-    FromParent { offset: u64, len: u64 },
 }
 
-/// Visits the child's ranges block by block, skipping blocks it leaves wholly to the parent
-/// only when asked (they matter to an into-child merge).
+/// Visits what the child stores or zeroes, block by block in order; ranges it leaves to
+/// the parent are skipped. Costs what the child's BAT holds.
 fn for_each_child_range(
     child: &VhdxFile,
     mut f: impl FnMut(ChildRange) -> Result<()>,
 ) -> Result<()> {
     let g = child.geometry();
     let bs = u64::from(g.block_size);
-    for block in 0..g.payload_blocks() {
+    let mut blocks = Vec::new();
+    child.for_each_block_entry(|block, e| blocks.push((block, e.state())));
+    for (block, state) in blocks {
         let start = block * bs;
         let len = g.block_len(block);
-        match child.block_entry(block).state() {
-            PAYLOAD_BLOCK_NOT_PRESENT => f(ChildRange::FromParent { offset: start, len })?,
+        match state {
+            PAYLOAD_BLOCK_NOT_PRESENT => {}
             PAYLOAD_BLOCK_FULLY_PRESENT => f(ChildRange::Stored { offset: start, len })?,
             PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
                 let mut at = start;
                 let mut ranges = Vec::new();
                 child.resolve(start, len, &mut |seg| {
-                    ranges.push(match seg {
-                        Segment::Data { len, .. } => ChildRange::Stored { offset: at, len },
-                        Segment::Zero { len } => ChildRange::Zero { offset: at, len },
-                        Segment::Parent { len } => ChildRange::FromParent { offset: at, len },
-                    });
+                    match seg {
+                        Segment::Data { len, .. } => {
+                            ranges.push(ChildRange::Stored { offset: at, len })
+                        }
+                        Segment::Zero { len } => ranges.push(ChildRange::Zero { offset: at, len }),
+                        Segment::Parent { .. } => {}
+                    }
                     at += seg.len();
                     Ok(())
                 })?;
@@ -456,13 +504,9 @@ fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Resu
     let g = child.geometry();
     let bs = u64::from(g.block_size);
     let mut jobs = Vec::new();
-    for block in 0..g.payload_blocks() {
+    for block in into_child_blocks(&child, &parent) {
         let start = block * bs;
         let len = g.block_len(block);
-        let state = child.block_entry(block).state();
-        if state != PAYLOAD_BLOCK_NOT_PRESENT && state != PAYLOAD_BLOCK_PARTIALLY_PRESENT {
-            continue;
-        }
         let (pieces, fill_zeros) = into_child_pieces(&child, &parent, start, len)?;
         for (offset, seg) in pieces {
             match seg {

@@ -38,8 +38,16 @@
 //!   the old parent, left in place, still reads as it did;
 //! * virtual size, sector size and block sizes are kept.
 //!
+//! **Every crash point** (`every_crash_point_of_write_sessions`): the same write sessions
+//! run in-process on a file whose every mutating call is recorded; the file a kill would
+//! leave after each call (and with each call torn between two pages) is rebuilt, reopened
+//! as the next writer would, and checked as above. Deterministic: no timing decides what
+//! is explored. Sessions of three rounds, each starting from one crash point of the last.
+//!
 //! `SNAPVISOR_SOAK_TRIALS=<n>` runs n write kills (default 50) and max(24, n/2) merge
-//! kills; `SNAPVISOR_CRASH_BASE_SEED` changes the seeds.
+//! kills; `SNAPVISOR_CRASH_POINT_SESSIONS`, `_OPS` and `_EVERY` size the crash-point
+//! exploration (default 2 sessions of 40 operations, every instant). Each run starts from
+//! a fresh random base seed, printed first; `SNAPVISOR_CRASH_BASE_SEED=<seed>` replays one.
 
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -175,11 +183,24 @@ fn trials_from_env() -> Option<usize> {
         .and_then(|s| s.parse().ok())
 }
 
+/// The base of every seed of a run: `SNAPVISOR_CRASH_BASE_SEED` when set (to replay a
+/// failure), else a fresh random one, so that every run explores new chains and kill
+/// times. Printed by each test, and part of every failure message through the seeds.
 fn base_seed() -> u64 {
-    std::env::var("SNAPVISOR_CRASH_BASE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1)
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| {
+        let seed = std::env::var("SNAPVISOR_CRASH_BASE_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap();
+                (t.as_nanos() as u64 ^ u64::from(std::process::id()) << 20) % 1_000_000_000
+            });
+        eprintln!("crash tests: base seed {seed} (replay with SNAPVISOR_CRASH_BASE_SEED={seed})");
+        seed
+    })
 }
 
 /// Starts the worker, lets it run for `delay` (until it ends when `None`), kills it.
@@ -622,11 +643,13 @@ impl vhdx::FileIo for RecordingIo {
     }
 }
 
-/// Checks the file a kill after every mutating call of one in-process write session would
-/// leave (and, for a call that spans pages, the same call torn between two of them),
-/// and returns the number of instants checked. `every` > 1 checks only every `every`th
-/// instant outside flushes (inside a flush every instant is checked).
-fn explore_crash_points(seed: u64, ops: u64, every: usize) -> usize {
+/// Checks the file a kill after every mutating call of in-process write sessions would
+/// leave (and, for a call that spans pages, the same call torn between two of them), and
+/// returns the number of instants checked. Each of `rounds` sessions starts from the file a
+/// kill at one random instant of the previous session left, replayed as the next writer
+/// would replay it. `every` > 1 checks only every `every`th instant outside flushes (inside
+/// a flush every instant is checked).
+fn explore_crash_points(seed: u64, ops: u64, every: usize, rounds: usize) -> usize {
     let dir = tempfile::Builder::new()
         .prefix("vhdx-crash-points-")
         .tempdir()
@@ -636,93 +659,108 @@ fn explore_crash_points(seed: u64, ops: u64, every: usize) -> usize {
     let layers = rng.random_range(1..=3);
     let (paths, images) = build_chain(dir.path(), &mut rng, WRITE_DISK, layers, sector, 2 * MIB);
     let top = paths.last().unwrap().clone();
-    let ctx = format!("crash points of seed {seed} ({layers} files, {sector}-byte sectors)");
-    let initial = std::fs::read(&top).unwrap();
-    let baseline = images.last().unwrap().clone();
-    let worker_seed = seed.wrapping_mul(31);
-
-    // The session, with each journal line stamped with the calls made before it.
-    let io = std::sync::Arc::new(RecordingIo {
-        file: OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&top)
-            .unwrap(),
-        calls: Default::default(),
-    });
+    let mut baseline = images.last().unwrap().clone();
     let writable = vhdx::OpenOptions {
         writable: true,
         ..Default::default()
     };
-    let file = vhdx::VhdxFile::open_io(io.clone(), &top, writable.clone()).unwrap();
-    let chain = Chain::from_top(file).unwrap();
-    let mut stamped: Vec<(usize, String)> = Vec::new();
-    write_session(
-        &chain,
-        worker_seed,
-        &mut |line, _| stamped.push((io.count(), line.to_owned())),
-        &mut |seq| seq < ops,
-    );
-    chain.close().unwrap();
-    let calls = std::mem::take(&mut *io.calls.lock().unwrap());
-    drop(io);
+    let mut checked = 0;
+    for round in 0..rounds {
+        let ctx = format!(
+            "crash points of seed {seed} round {round} ({layers} files, {sector}-byte sectors)"
+        );
+        let initial = std::fs::read(&top).unwrap();
+        let worker_seed = seed.wrapping_mul(31).wrapping_add(round as u64);
 
-    // Instants inside a flush: from its "flush" line to its "F" line.
-    let mut in_flush = vec![false; calls.len() + 1];
-    let mut start = None;
-    for (at, line) in &stamped {
-        if line == "flush" {
-            start = Some(*at);
-        } else if line.starts_with('F') {
-            for f in &mut in_flush[start.take().unwrap()..=*at] {
-                *f = true;
+        // The session, with each journal line stamped with the calls made before it.
+        let io = std::sync::Arc::new(RecordingIo {
+            file: OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&top)
+                .unwrap(),
+            calls: Default::default(),
+        });
+        let file = vhdx::VhdxFile::open_io(io.clone(), &top, writable.clone()).unwrap();
+        let chain = Chain::from_top(file).unwrap();
+        let mut stamped: Vec<(usize, String)> = Vec::new();
+        write_session(
+            &chain,
+            worker_seed,
+            &mut |line, _| stamped.push((io.count(), line.to_owned())),
+            &mut |seq| seq < ops,
+        );
+        chain.close().unwrap();
+        let calls = std::mem::take(&mut *io.calls.lock().unwrap());
+        drop(io);
+
+        // Instants inside a flush: from its "flush" line to its "F" line.
+        let mut in_flush = vec![false; calls.len() + 1];
+        let mut start = None;
+        for (at, line) in &stamped {
+            if line == "flush" {
+                start = Some(*at);
+            } else if line.starts_with('F') {
+                for f in &mut in_flush[start.take().unwrap()..=*at] {
+                    *f = true;
+                }
             }
         }
-    }
 
-    let check_image = |image: Vec<u8>, k: usize, torn: bool| {
-        let lines: Vec<String> = stamped
-            .iter()
-            .filter(|(at, _)| *at <= k)
-            .map(|(_, l)| l.clone())
-            .collect();
-        let exp = expectation(&baseline, &lines, worker_seed, u64::from(sector));
-        let ctx = format!(
-            "{ctx}, killed after call {k} of {}{}: {} of {} journaled operations durable",
-            calls.len(),
-            if torn { " (that call torn)" } else { "" },
-            exp.durable_ops,
-            exp.ops
-        );
-        let mem = std::sync::Arc::new(vhdx::io::MemFile::new(image));
-        let file = vhdx::VhdxFile::open_io(mem, &top, writable.clone())
-            .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {}", vhdx::error_chain(&e)));
-        let chain = Chain::from_top(file).unwrap();
-        verify_against(&read_all(&chain), &exp, u64::from(sector), &ctx);
-    };
+        // Opens the image as the next writer would (replaying its log) and checks it.
+        let check_image = |image: Vec<u8>, k: usize, torn: bool| -> Vec<u8> {
+            let lines: Vec<String> = stamped
+                .iter()
+                .filter(|(at, _)| *at <= k)
+                .map(|(_, l)| l.clone())
+                .collect();
+            let exp = expectation(&baseline, &lines, worker_seed, u64::from(sector));
+            let ctx = format!(
+                "{ctx}, killed after call {k} of {}{}: {} of {} journaled operations durable",
+                calls.len(),
+                if torn { " (that call torn)" } else { "" },
+                exp.durable_ops,
+                exp.ops
+            );
+            let mem = std::sync::Arc::new(vhdx::io::MemFile::new(image));
+            let file = vhdx::VhdxFile::open_io(mem.clone(), &top, writable.clone())
+                .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {}", vhdx::error_chain(&e)));
+            let chain = Chain::from_top(file).unwrap();
+            verify_against(&read_all(&chain), &exp, u64::from(sector), &ctx);
+            chain.close().unwrap();
+            mem.contents()
+        };
 
-    let mut image = initial;
-    let mut checked = 0;
-    for k in 0..=calls.len() {
-        if k > 0 {
-            calls[k - 1].apply(&mut image);
+        let next_start = rng.random_range(0..=calls.len());
+        let mut image = initial;
+        for k in 0..=calls.len() {
+            if k > 0 {
+                calls[k - 1].apply(&mut image);
+            }
+            if k == next_start {
+                // The next round starts from this instant, replayed and closed.
+                let replayed = check_image(image.clone(), k, false);
+                std::fs::write(&top, &replayed).unwrap();
+                checked += 1;
+            } else if k % every == 0 || in_flush[k] {
+                check_image(image.clone(), k, false);
+                checked += 1;
+            }
+            // The next call, cut at the file page boundary nearest its middle: a kill stops
+            // a write between pages of the page cache, never inside one.
+            if (k % every == 0 || in_flush[k])
+                && let Some(Recorded::Write(offset, data)) = calls.get(k)
+                && let cut = (offset + data.len() as u64 / 2) / 4096 * 4096
+                && cut > *offset
+            {
+                let mut torn = image.clone();
+                Recorded::Write(*offset, data[..(cut - offset) as usize].to_vec()).apply(&mut torn);
+                check_image(torn, k, true);
+                checked += 1;
+            }
         }
-        if k % every != 0 && !in_flush[k] {
-            continue;
-        }
-        check_image(image.clone(), k, false);
-        checked += 1;
-        // The next call, cut at the file page boundary nearest its middle: a kill stops a
-        // write between pages of the page cache, never inside one.
-        if let Some(Recorded::Write(offset, data)) = calls.get(k)
-            && let cut = (offset + data.len() as u64 / 2) / 4096 * 4096
-            && cut > *offset
-        {
-            let mut torn = image.clone();
-            Recorded::Write(*offset, data[..(cut - offset) as usize].to_vec()).apply(&mut torn);
-            check_image(torn, k, true);
-            checked += 1;
-        }
+        let chain = Chain::open(&top, false).unwrap();
+        baseline = read_all(&chain);
     }
     checked
 }
@@ -734,11 +772,11 @@ fn every_crash_point_of_write_sessions() {
     let sessions: u64 = std::env::var("SNAPVISOR_CRASH_POINT_SESSIONS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(2);
     let ops: u64 = std::env::var("SNAPVISOR_CRASH_POINT_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(40);
     let every: usize = std::env::var("SNAPVISOR_CRASH_POINT_EVERY")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -746,7 +784,7 @@ fn every_crash_point_of_write_sessions() {
     let started = Instant::now();
     let mut checked = 0;
     for i in 0..sessions {
-        checked += explore_crash_points(base_seed() * 1_000_000 + 900_000 + i, ops, every);
+        checked += explore_crash_points(base_seed() * 1_000_000 + 900_000 + i, ops, every, 3);
     }
     eprintln!(
         "every_crash_point_of_write_sessions: {sessions} sessions, {checked} instants, {:?}",
