@@ -364,10 +364,21 @@ impl VhdxFile {
             }));
         }
 
-        let mut region_bytes = vec![0u8; meta_region.length as usize];
+        // The table first, then only as far as its items reach.
+        let region_len = u64::from(meta_region.length);
+        let mut region_bytes = vec![0u8; METADATA_TABLE_SIZE];
         io.read_at(&mut region_bytes, meta_region.file_offset)
             .map_err(ioerr)?;
-        let metadata = parse_metadata_region(&region_bytes).map_err(corrupt)?;
+        let prefix = metadata_prefix_len(&region_bytes, region_len);
+        if prefix > METADATA_TABLE_SIZE as u64 {
+            region_bytes.resize(prefix as usize, 0);
+            io.read_at(
+                &mut region_bytes[METADATA_TABLE_SIZE..],
+                meta_region.file_offset + METADATA_TABLE_SIZE as u64,
+            )
+            .map_err(ioerr)?;
+        }
+        let metadata = parse_metadata_prefix(&region_bytes, region_len).map_err(corrupt)?;
         let parsed = parse_known_metadata(&metadata).map_err(corrupt)?;
         let geometry = parsed.geometry;
         geometry.validate().map_err(corrupt)?;

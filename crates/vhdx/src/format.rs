@@ -365,6 +365,34 @@ impl MetadataItem {
 
 /// Parses the metadata table and reads each item's data out of the region bytes.
 pub fn parse_metadata_region(region: &[u8]) -> Result<Vec<MetadataItem>, Corruption> {
+    parse_metadata_prefix(region, region.len() as u64)
+}
+
+/// How many bytes from the start of a metadata region hold its table and every item the
+/// table names (at least the table): what [`parse_metadata_prefix`] needs. `table` is the
+/// region's first [`METADATA_TABLE_SIZE`] bytes; items past `region_len` count up to it.
+pub fn metadata_prefix_len(table: &[u8], region_len: u64) -> u64 {
+    let count = if table.len() >= METADATA_TABLE_SIZE {
+        usize::from(le_u16(table, 10)).min(usize::from(MAX_METADATA_ENTRIES))
+    } else {
+        0
+    };
+    (0..count)
+        .map(|i| {
+            let at = 32 + 32 * i;
+            u64::from(le_u32(table, at + 16)) + u64::from(le_u32(table, at + 20))
+        })
+        .fold(METADATA_TABLE_SIZE as u64, u64::max)
+        .min(region_len)
+}
+
+/// Parses a metadata region of `region_len` bytes from its first bytes `region`, which must
+/// cover the table and the items ([`metadata_prefix_len`]): a region is 1 MiB, its items
+/// a few hundred bytes, and an open should not read the rest.
+pub fn parse_metadata_prefix(
+    region: &[u8],
+    region_len: u64,
+) -> Result<Vec<MetadataItem>, Corruption> {
     let bad = |reason| Corruption::BadMetadataTable { reason };
     if region.len() < METADATA_TABLE_SIZE || &region[..8] != METADATA_TABLE_SIGNATURE {
         return Err(bad("bad signature"));
@@ -389,7 +417,7 @@ pub fn parse_metadata_region(region: &[u8]) -> Result<Vec<MetadataItem>, Corrupt
         } else {
             let start = u64::from(offset);
             let end = start + u64::from(length);
-            if start < METADATA_TABLE_SIZE as u64 || end > region.len() as u64 {
+            if start < METADATA_TABLE_SIZE as u64 || end > region_len.min(region.len() as u64) {
                 return Err(Corruption::MetadataItemOutOfBounds { id });
             }
             if ranges.iter().any(|&(s, e)| start < e && s < end) {
