@@ -14,7 +14,7 @@
 //! | [`io`] | [`FileIo`]: positional reads and writes; memory, fault-injecting and crash-simulating files |
 //! | [`log`](mod@log) | the metadata log: active-sequence search, replay in place or in memory, entry building |
 //! | [`file`](mod@file) | [`VhdxFile`]: one file: validation at open, read resolution, write paths, commits |
-//! | [`chain`] | [`Chain`]: a file and its parents read as one disk, with an O(1) block-to-layer map |
+//! | [`chain`] | [`Chain`]: a file and its parents read as one disk; reads start at the layer that answers them |
 //! | [`create`](mod@create) | new fixed, dynamic and differencing files |
 //! | [`merge`](mod@merge) | child into parent, parent into child, restartable |
 //! | [`check`](mod@check) | structure report and repair |
@@ -25,6 +25,10 @@
 //!   current header by sequence number, required regions and metadata items, sizes, every
 //!   BAT state for the kind of file, every block inside the file, no two structures
 //!   overlapping. Damage is reported as a precise [`Corruption`], never a panic.
+//! * **Cost follows what a file holds.** The BAT is read only where the file system
+//!   stores it (`SEEK_DATA`) and kept only where an entry is non-zero (`bat`, a radix tree
+//!   of 64-entry leaves); every walk over it visits only what exists. A 64 TiB disk opens
+//!   in milliseconds and a few megabytes whatever the depth of its chain.
 //! * **Logs are replayed.** A file whose header names a log is replayed in place when opened
 //!   writable, and in memory when opened read-only (the file is then not written).
 //! * **Positional, concurrent I/O.** All methods take `&self`; there is no seek cursor.
