@@ -60,6 +60,31 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+    /// The file is an image in a format Snapvisor does not read (it would otherwise be
+    /// taken for a raw image of its own metadata).
+    #[error(
+        "{} is a {} image; snapvisor reads vhdx and raw images: convert it first with `qemu-img convert -O vhdx {} {}`",
+        path.display(), format.name(), shell_quote(path), shell_quote(&path.with_extension("vhdx"))
+    )]
+    ForeignFormat {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        format: ForeignFormat,
+    },
+}
+
+/// Quotes a path for a POSIX shell when it needs it, for commands suggested in messages.
+pub fn shell_quote(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:,@%=".contains(&b))
+    {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 impl Error {
@@ -70,6 +95,7 @@ impl Error {
             Error::Io { source, .. } => ErrorKind::of_io(source),
             Error::OutOfRange { .. } | Error::Exists { .. } => ErrorKind::Invalid,
             Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+            Error::ForeignFormat { .. } => ErrorKind::Unsupported,
         }
     }
 }
@@ -171,48 +197,186 @@ impl Disk for VhdxDisk {
     }
 }
 
-/// Image formats [`open`] recognises.
+/// Image formats [`probe`] recognises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// Raw bytes.
     Raw,
     /// VHDX.
     Vhdx,
+    /// A format of another tool, recognised by its signature so that it is never read as
+    /// a raw image.
+    Foreign(ForeignFormat),
+}
+
+/// Image formats of other tools, recognised so that they are refused with what to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForeignFormat {
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+    /// QEMU copy-on-write v1.
+    Qcow,
+    /// QEMU enhanced disk.
+    Qed,
+    /// Virtual PC / Hyper-V's older VHD (qemu-img's `vpc`).
+    Vhd,
+    /// VMware.
+    Vmdk,
+    /// VirtualBox.
+    Vdi,
+    /// LUKS-encrypted volume.
+    Luks,
+}
+
+impl ForeignFormat {
+    /// The name qemu-img uses for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForeignFormat::Qcow2 => "qcow2",
+            ForeignFormat::Qcow => "qcow",
+            ForeignFormat::Qed => "qed",
+            ForeignFormat::Vhd => "vhd (vpc)",
+            ForeignFormat::Vmdk => "vmdk",
+            ForeignFormat::Vdi => "vdi",
+            ForeignFormat::Luks => "luks",
+        }
+    }
+
+    /// The format name to give `qemu-img -f`.
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            ForeignFormat::Vhd => "vpc",
+            other => other.name(),
+        }
+    }
+}
+
+impl Format {
+    /// The lowercase name shown to users (`raw`, `vhdx`, `qcow2`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Vhdx => "vhdx",
+            Format::Foreign(f) => f.name(),
+        }
+    }
+}
+
+/// Recognises the format of a file's first bytes (and of its last 512 bytes, where a
+/// fixed VHD keeps its only footer).
+fn signature_format(head: &[u8], tail: &[u8]) -> Format {
+    let at = |off: usize, sig: &[u8]| head.get(off..off + sig.len()) == Some(sig);
+    if at(0, vhdx::format::FILE_IDENTIFIER_SIGNATURE) {
+        Format::Vhdx
+    } else if at(0, b"QFI\xfb") {
+        let version = head
+            .get(4..8)
+            .map(|v| u32::from_be_bytes(v.try_into().unwrap()));
+        Format::Foreign(if version == Some(1) {
+            ForeignFormat::Qcow
+        } else {
+            ForeignFormat::Qcow2
+        })
+    } else if at(0, b"QED\0") {
+        Format::Foreign(ForeignFormat::Qed)
+    } else if at(0, b"conectix") || tail.starts_with(b"conectix") {
+        Format::Foreign(ForeignFormat::Vhd)
+    } else if at(0, b"KDMV") || at(0, b"COWD") || at(0, b"# Disk DescriptorFile") {
+        Format::Foreign(ForeignFormat::Vmdk)
+    } else if at(0x40, &0xbeda_107f_u32.to_le_bytes()) {
+        Format::Foreign(ForeignFormat::Vdi)
+    } else if at(0, b"LUKS\xba\xbe") {
+        Format::Foreign(ForeignFormat::Luks)
+    } else {
+        Format::Raw
+    }
 }
 
 /// Recognises a file's format: `.vhdx` and `.avhdx` files are VHDX whatever their first
 /// bytes say (so a damaged one is reported as damaged, never written as a raw image);
-/// otherwise the `vhdxfile` signature means VHDX and anything else is raw.
+/// otherwise the signature decides, and a file is raw only when no known signature matches.
 pub fn probe(path: &Path) -> Result<Format> {
-    use std::io::Read;
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase());
     if matches!(ext.as_deref(), Some("vhdx" | "avhdx")) {
         return Ok(Format::Vhdx);
     }
-    let mut f = std::fs::File::open(path).map_err(|e| Error::Io {
+    let io = |e| Error::Io {
         path: path.to_owned(),
         source: e,
-    })?;
-    let mut sig = [0u8; 8];
-    let n = f.read(&mut sig).map_err(|e| Error::Io {
-        path: path.to_owned(),
-        source: e,
-    })?;
-    Ok(
-        if n == 8 && &sig == vhdx::format::FILE_IDENTIFIER_SIGNATURE {
-            Format::Vhdx
-        } else {
-            Format::Raw
-        },
-    )
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut head = vec![0u8; 512];
+    vhdx::FileIo::read_at(&f, &mut head, 0).map_err(io)?;
+    let mut tail = vec![0u8; 512];
+    if len >= 1024 {
+        vhdx::FileIo::read_at(&f, &mut tail, len - 512).map_err(io)?;
+    }
+    Ok(signature_format(&head, &tail))
 }
 
-/// Opens a raw or VHDX disk, recognising the format.
+/// Opens a raw or VHDX disk, recognising the format; an image of another tool is refused
+/// with the command that converts it.
 pub fn open(path: &Path, writable: bool) -> Result<Box<dyn Disk>> {
-    Ok(match probe(path)? {
+    open_as(path, writable, None)
+}
+
+/// [`open`], or with the format the user named (`--format raw` reads any file as raw).
+pub fn open_as(path: &Path, writable: bool, format: Option<Format>) -> Result<Box<dyn Disk>> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    Ok(match format {
         Format::Vhdx => Box::new(VhdxDisk::open(path, writable)?),
         Format::Raw => Box::new(RawDisk::open(path, writable)?),
+        Format::Foreign(format) => {
+            return Err(Error::ForeignFormat {
+                path: path.to_owned(),
+                format,
+            });
+        }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe_bytes(head: &[u8], tail: &[u8]) -> Format {
+        let mut h = head.to_vec();
+        h.resize(512, 0);
+        let mut t = tail.to_vec();
+        t.resize(512, 0);
+        signature_format(&h, &t)
+    }
+
+    #[test]
+    fn signatures() {
+        assert_eq!(probe_bytes(b"vhdxfile", b""), Format::Vhdx);
+        assert_eq!(
+            probe_bytes(b"QFI\xfb\0\0\0\x03", b""),
+            Format::Foreign(ForeignFormat::Qcow2)
+        );
+        assert_eq!(
+            probe_bytes(b"QFI\xfb\0\0\0\x01", b""),
+            Format::Foreign(ForeignFormat::Qcow)
+        );
+        assert_eq!(
+            probe_bytes(b"", b"conectix"),
+            Format::Foreign(ForeignFormat::Vhd)
+        );
+        assert_eq!(
+            probe_bytes(b"KDMV", b""),
+            Format::Foreign(ForeignFormat::Vmdk)
+        );
+        assert_eq!(probe_bytes(b"", b""), Format::Raw);
+        assert_eq!(shell_quote(Path::new("/a/b.vhdx")), "/a/b.vhdx");
+        assert_eq!(
+            shell_quote(Path::new("my disk's.img")),
+            "'my disk'\\''s.img'"
+        );
+    }
 }
