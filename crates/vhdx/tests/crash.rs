@@ -177,6 +177,16 @@ fn canon(paths: &[PathBuf]) -> Vec<PathBuf> {
     paths.iter().map(|p| p.canonicalize().unwrap()).collect()
 }
 
+/// The longest a write worker runs before its kill: 300 ms, or
+/// `SNAPVISOR_CRASH_MAX_DELAY_MS` (a loaded machine needs longer for sessions long enough
+/// to wrap the log ring).
+fn max_write_delay_ms() -> u64 {
+    std::env::var("SNAPVISOR_CRASH_MAX_DELAY_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300)
+}
+
 fn trials_from_env() -> Option<usize> {
     std::env::var("SNAPVISOR_SOAK_TRIALS")
         .ok()
@@ -493,7 +503,7 @@ fn write_trial(seed: u64, max_rounds: usize, stats: &mut (usize, u64, u64)) -> u
         );
         let journal = dir.path().join(format!("journal-{round}"));
         let worker_seed = seed.wrapping_mul(31).wrapping_add(round as u64);
-        let delay = Duration::from_millis(rng.random_range(5..=300));
+        let delay = Duration::from_millis(rng.random_range(5..=max_write_delay_ms()));
         let killed = run_and_kill(
             dir.path(),
             &[
@@ -643,6 +653,123 @@ impl vhdx::FileIo for RecordingIo {
     }
 }
 
+/// A write session run in-process on `top` (the top of a chain), every mutating call on
+/// the file recorded, and each journal line stamped with the number of calls made before
+/// it.
+struct RecordedSession {
+    calls: Vec<Recorded>,
+    stamped: Vec<(usize, String)>,
+}
+
+fn record_session(top: &Path, worker_seed: u64, ops: u64) -> RecordedSession {
+    let io = std::sync::Arc::new(RecordingIo {
+        file: OpenOptions::new().read(true).write(true).open(top).unwrap(),
+        calls: Default::default(),
+    });
+    let file = vhdx::VhdxFile::open_io(io.clone(), top, writable()).unwrap();
+    let chain = Chain::from_top(file).unwrap();
+    let mut stamped: Vec<(usize, String)> = Vec::new();
+    write_session(
+        &chain,
+        worker_seed,
+        &mut |line, _| stamped.push((io.count(), line.to_owned())),
+        &mut |seq| seq < ops,
+    );
+    chain.close().unwrap();
+    let calls = std::mem::take(&mut *io.calls.lock().unwrap());
+    RecordedSession { calls, stamped }
+}
+
+fn writable() -> vhdx::OpenOptions {
+    vhdx::OpenOptions {
+        writable: true,
+        ..Default::default()
+    }
+}
+
+impl RecordedSession {
+    /// Instants inside a flush: from its "flush" line to its "F" line.
+    fn in_flush(&self) -> Vec<bool> {
+        let mut in_flush = vec![false; self.calls.len() + 1];
+        let mut start = None;
+        for (at, line) in &self.stamped {
+            if line == "flush" {
+                start = Some(*at);
+            } else if line.starts_with('F') {
+                for f in &mut in_flush[start.take().unwrap()..=*at] {
+                    *f = true;
+                }
+            }
+        }
+        in_flush
+    }
+
+    /// The journal as a kill after call `k` would leave it.
+    fn lines_at(&self, k: usize) -> Vec<String> {
+        self.stamped
+            .iter()
+            .filter(|(at, _)| *at <= k)
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// Opens `image` (the top file after a kill after call `k`) as the next writer would,
+    /// replaying its log, checks every sector against the journal, and returns the file
+    /// as that writer leaves it after a clean close.
+    fn check(
+        &self,
+        top: &Path,
+        image: Vec<u8>,
+        k: usize,
+        torn: bool,
+        baseline: &[u8],
+        worker_seed: u64,
+        sector: u64,
+        ctx: &str,
+    ) -> Vec<u8> {
+        let exp = expectation(baseline, &self.lines_at(k), worker_seed, sector);
+        let ctx = format!(
+            "{ctx}, killed after call {k} of {}{}: {} of {} journaled operations durable",
+            self.calls.len(),
+            if torn { " (that call torn)" } else { "" },
+            exp.durable_ops,
+            exp.ops
+        );
+        let mem = std::sync::Arc::new(vhdx::io::MemFile::new(image));
+        let file = vhdx::VhdxFile::open_io(mem.clone(), top, writable())
+            .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {}", vhdx::error_chain(&e)));
+        let chain = Chain::from_top(file).unwrap();
+        verify_against(&read_all(&chain), &exp, sector, &ctx);
+        chain.close().unwrap();
+        mem.contents()
+    }
+
+    /// The file after a kill after call `k`, from the file before the session.
+    fn image_at(&self, before: &[u8], k: usize) -> Vec<u8> {
+        let mut image = before.to_vec();
+        for c in &self.calls[..k] {
+            c.apply(&mut image);
+        }
+        image
+    }
+}
+
+/// `image` with `call` torn: cut at the file page boundary nearest its middle (a kill stops
+/// a write between pages of the page cache, never inside one). `None` when the call does not
+/// span pages.
+fn torn(image: &[u8], call: Option<&Recorded>) -> Option<Vec<u8>> {
+    let Some(Recorded::Write(offset, data)) = call else {
+        return None;
+    };
+    let cut = (offset + data.len() as u64 / 2) / 4096 * 4096;
+    if cut <= *offset {
+        return None;
+    }
+    let mut torn = image.to_vec();
+    Recorded::Write(*offset, data[..(cut - offset) as usize].to_vec()).apply(&mut torn);
+    Some(torn)
+}
+
 /// Checks the file a kill after every mutating call of in-process write sessions would
 /// leave (and, for a call that spans pages, the same call torn between two of them), and
 /// returns the number of instants checked. Each of `rounds` sessions starts from the file a
@@ -660,10 +787,6 @@ fn explore_crash_points(seed: u64, ops: u64, every: usize, rounds: usize) -> usi
     let (paths, images) = build_chain(dir.path(), &mut rng, WRITE_DISK, layers, sector, 2 * MIB);
     let top = paths.last().unwrap().clone();
     let mut baseline = images.last().unwrap().clone();
-    let writable = vhdx::OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
     let mut checked = 0;
     for round in 0..rounds {
         let ctx = format!(
@@ -671,91 +794,38 @@ fn explore_crash_points(seed: u64, ops: u64, every: usize, rounds: usize) -> usi
         );
         let initial = std::fs::read(&top).unwrap();
         let worker_seed = seed.wrapping_mul(31).wrapping_add(round as u64);
-
-        // The session, with each journal line stamped with the calls made before it.
-        let io = std::sync::Arc::new(RecordingIo {
-            file: OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&top)
-                .unwrap(),
-            calls: Default::default(),
-        });
-        let file = vhdx::VhdxFile::open_io(io.clone(), &top, writable.clone()).unwrap();
-        let chain = Chain::from_top(file).unwrap();
-        let mut stamped: Vec<(usize, String)> = Vec::new();
-        write_session(
-            &chain,
-            worker_seed,
-            &mut |line, _| stamped.push((io.count(), line.to_owned())),
-            &mut |seq| seq < ops,
-        );
-        chain.close().unwrap();
-        let calls = std::mem::take(&mut *io.calls.lock().unwrap());
-        drop(io);
-
-        // Instants inside a flush: from its "flush" line to its "F" line.
-        let mut in_flush = vec![false; calls.len() + 1];
-        let mut start = None;
-        for (at, line) in &stamped {
-            if line == "flush" {
-                start = Some(*at);
-            } else if line.starts_with('F') {
-                for f in &mut in_flush[start.take().unwrap()..=*at] {
-                    *f = true;
-                }
-            }
-        }
-
-        // Opens the image as the next writer would (replaying its log) and checks it.
-        let check_image = |image: Vec<u8>, k: usize, torn: bool| -> Vec<u8> {
-            let lines: Vec<String> = stamped
-                .iter()
-                .filter(|(at, _)| *at <= k)
-                .map(|(_, l)| l.clone())
-                .collect();
-            let exp = expectation(&baseline, &lines, worker_seed, u64::from(sector));
-            let ctx = format!(
-                "{ctx}, killed after call {k} of {}{}: {} of {} journaled operations durable",
-                calls.len(),
-                if torn { " (that call torn)" } else { "" },
-                exp.durable_ops,
-                exp.ops
-            );
-            let mem = std::sync::Arc::new(vhdx::io::MemFile::new(image));
-            let file = vhdx::VhdxFile::open_io(mem.clone(), &top, writable.clone())
-                .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {}", vhdx::error_chain(&e)));
-            let chain = Chain::from_top(file).unwrap();
-            verify_against(&read_all(&chain), &exp, u64::from(sector), &ctx);
-            chain.close().unwrap();
-            mem.contents()
+        let session = record_session(&top, worker_seed, ops);
+        let in_flush = session.in_flush();
+        let check = |image: Vec<u8>, k: usize, torn: bool| {
+            session.check(
+                &top,
+                image,
+                k,
+                torn,
+                &baseline,
+                worker_seed,
+                u64::from(sector),
+                &ctx,
+            )
         };
-
-        let next_start = rng.random_range(0..=calls.len());
+        let next_start = rng.random_range(0..=session.calls.len());
         let mut image = initial;
-        for k in 0..=calls.len() {
+        for k in 0..=session.calls.len() {
             if k > 0 {
-                calls[k - 1].apply(&mut image);
+                session.calls[k - 1].apply(&mut image);
             }
+            let wanted = k % every == 0 || in_flush[k];
             if k == next_start {
                 // The next round starts from this instant, replayed and closed.
-                let replayed = check_image(image.clone(), k, false);
+                let replayed = check(image.clone(), k, false);
                 std::fs::write(&top, &replayed).unwrap();
                 checked += 1;
-            } else if k % every == 0 || in_flush[k] {
-                check_image(image.clone(), k, false);
+            } else if wanted {
+                check(image.clone(), k, false);
                 checked += 1;
             }
-            // The next call, cut at the file page boundary nearest its middle: a kill stops
-            // a write between pages of the page cache, never inside one.
-            if (k % every == 0 || in_flush[k])
-                && let Some(Recorded::Write(offset, data)) = calls.get(k)
-                && let cut = (offset + data.len() as u64 / 2) / 4096 * 4096
-                && cut > *offset
-            {
-                let mut torn = image.clone();
-                Recorded::Write(*offset, data[..(cut - offset) as usize].to_vec()).apply(&mut torn);
-                check_image(torn, k, true);
+            if wanted && let Some(torn) = torn(&image, session.calls.get(k)) {
+                check(torn, k, true);
                 checked += 1;
             }
         }
@@ -790,6 +860,152 @@ fn every_crash_point_of_write_sessions() {
         "every_crash_point_of_write_sessions: {sessions} sessions, {checked} instants, {:?}",
         started.elapsed()
     );
+}
+
+/// Replays a failure of `sigkill_during_writes` deterministically, from the numbers its
+/// message gives: `SNAPVISOR_REPLAY=<seed>,<round>,<durable>,<journaled>` (for "write trial
+/// seed 1000072 round 1 ... 621 of 627 journaled operations durable":
+/// `SNAPVISOR_REPLAY=1000072,1,621,627`). The trial's chain and sessions are rebuilt from
+/// the seed; where the kills of the earlier rounds landed is not known, so every instant of
+/// each earlier round (every `SNAPVISOR_REPLAY_EVERY`th, default 1) is tried as its end, and
+/// in the failing round every instant at which the journal read as the message says is
+/// checked, whole and torn.
+#[test]
+#[ignore = "a tool: run with SNAPVISOR_REPLAY set"]
+fn replay_a_soak_failure() {
+    let Ok(spec) = std::env::var("SNAPVISOR_REPLAY") else {
+        return;
+    };
+    let n: Vec<u64> = spec.split(',').map(|v| v.trim().parse().unwrap()).collect();
+    let [seed, fail_round, durable, journaled] = n[..] else {
+        panic!("SNAPVISOR_REPLAY=<seed>,<round>,<durable>,<journaled>");
+    };
+    let every: usize = std::env::var("SNAPVISOR_REPLAY_EVERY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    // Earlier rounds end after this many journaled operations (`lo-hi`, default 0-3000).
+    let window: Vec<u64> = std::env::var("SNAPVISOR_REPLAY_EARLIER_OPS")
+        .unwrap_or_else(|_| "0-3000".into())
+        .split('-')
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    let (lo, hi) = (window[0], window[1]);
+    let dir = tempfile::Builder::new()
+        .prefix("vhdx-replay-")
+        .tempdir()
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let sector = if rng.random_bool(0.3) { 4096 } else { 512 };
+    let layers = rng.random_range(1..=3);
+    let (paths, images) = build_chain(dir.path(), &mut rng, WRITE_DISK, layers, sector, 2 * MIB);
+    let rounds = rng.random_range(1..=3);
+    let delays: Vec<u64> = (0..rounds).map(|_| rng.random_range(5..=300)).collect();
+    eprintln!(
+        "seed {seed}: {layers} files, {sector}-byte sectors, {rounds} rounds killed after {delays:?} ms"
+    );
+    let top = paths.last().unwrap().clone();
+    let built = std::fs::read(&top).unwrap();
+    let replay = Replay {
+        top,
+        seed,
+        fail_round,
+        durable,
+        journaled,
+        every,
+        lo,
+        hi,
+        sector: u64::from(sector),
+    };
+    let checked = replay.round(0, built, images.last().unwrap().clone());
+    eprintln!("replay_a_soak_failure: {checked} instants of round {fail_round} checked, all good");
+}
+
+/// What [`replay_a_soak_failure`] explores.
+struct Replay {
+    top: PathBuf,
+    seed: u64,
+    fail_round: u64,
+    durable: u64,
+    journaled: u64,
+    every: usize,
+    lo: u64,
+    hi: u64,
+    sector: u64,
+}
+
+impl Replay {
+    /// Runs round `round` from `file` (reading `baseline`): an earlier round tries each of
+    /// its possible ends as the start of the next; the failing round checks its instants.
+    /// Returns the number of failing-round instants checked.
+    fn round(&self, round: u64, file: Vec<u8>, baseline: Vec<u8>) -> usize {
+        let worker_seed = self.seed.wrapping_mul(31).wrapping_add(round);
+        std::fs::write(&self.top, &file).unwrap();
+        let ctx = format!("replay of seed {} round {round}", self.seed);
+        if round == self.fail_round {
+            let session = record_session(&self.top, worker_seed, self.journaled + 1);
+            let mut checked = 0;
+            for k in 0..=session.calls.len() {
+                let exp = expectation(&baseline, &session.lines_at(k), worker_seed, self.sector);
+                if exp.durable_ops != self.durable || exp.ops != self.journaled {
+                    continue;
+                }
+                let image = session.image_at(&file, k);
+                let check = |image, torn| {
+                    session.check(
+                        &self.top,
+                        image,
+                        k,
+                        torn,
+                        &baseline,
+                        worker_seed,
+                        self.sector,
+                        &ctx,
+                    )
+                };
+                if let Some(t) = torn(&image, session.calls.get(k)) {
+                    check(t, true);
+                }
+                check(image, false);
+                checked += 1;
+            }
+            return checked;
+        }
+        let session = record_session(&self.top, worker_seed, self.hi);
+        let mut checked = 0;
+        let mut k = 0;
+        while k <= session.calls.len() {
+            let ops = session
+                .lines_at(k)
+                .iter()
+                .filter(|l| l.starts_with('W') || l.starts_with('Z'))
+                .count() as u64;
+            if ops < self.lo {
+                k += 1;
+                continue;
+            }
+            let image = session.image_at(&file, k);
+            let after = session.check(
+                &self.top,
+                image,
+                k,
+                false,
+                &baseline,
+                worker_seed,
+                self.sector,
+                &ctx,
+            );
+            let mem = std::sync::Arc::new(vhdx::io::MemFile::new(after.clone()));
+            let f = vhdx::VhdxFile::open_io(mem, &self.top, vhdx::OpenOptions::default()).unwrap();
+            let reads = read_all(&Chain::from_top(f).unwrap());
+            checked += self.round(round + 1, after, reads);
+            if k % 50 == 0 {
+                eprintln!("round {round}: instant {k} of {}", session.calls.len());
+            }
+            k += self.every;
+        }
+        checked
+    }
 }
 
 // ----------------------------------------------------------------------------------------
