@@ -653,6 +653,17 @@ impl vhdx::FileIo for RecordingIo {
     }
 }
 
+/// What a session's instants are checked against: the top file, what the disk read when
+/// the session began, the session's seed, the sector size, and the context for messages.
+#[derive(Clone, Copy)]
+struct CheckAt<'a> {
+    top: &'a Path,
+    baseline: &'a [u8],
+    worker_seed: u64,
+    sector: u64,
+    ctx: &'a str,
+}
+
 /// A write session run in-process on `top` (the top of a chain), every mutating call on
 /// the file recorded, and each journal line stamped with the number of calls made before
 /// it.
@@ -716,17 +727,14 @@ impl RecordedSession {
     /// Opens `image` (the top file after a kill after call `k`) as the next writer would,
     /// replaying its log, checks every sector against the journal, and returns the file
     /// as that writer leaves it after a clean close.
-    fn check(
-        &self,
-        top: &Path,
-        image: Vec<u8>,
-        k: usize,
-        torn: bool,
-        baseline: &[u8],
-        worker_seed: u64,
-        sector: u64,
-        ctx: &str,
-    ) -> Vec<u8> {
+    fn check(&self, at: &CheckAt, image: Vec<u8>, k: usize, torn: bool) -> Vec<u8> {
+        let CheckAt {
+            top,
+            baseline,
+            worker_seed,
+            sector,
+            ctx,
+        } = *at;
         let exp = expectation(baseline, &self.lines_at(k), worker_seed, sector);
         let ctx = format!(
             "{ctx}, killed after call {k} of {}{}: {} of {} journaled operations durable",
@@ -796,25 +804,21 @@ fn explore_crash_points(seed: u64, ops: u64, every: usize, rounds: usize) -> usi
         let worker_seed = seed.wrapping_mul(31).wrapping_add(round as u64);
         let session = record_session(&top, worker_seed, ops);
         let in_flush = session.in_flush();
-        let check = |image: Vec<u8>, k: usize, torn: bool| {
-            session.check(
-                &top,
-                image,
-                k,
-                torn,
-                &baseline,
-                worker_seed,
-                u64::from(sector),
-                &ctx,
-            )
+        let at = CheckAt {
+            top: &top,
+            baseline: &baseline,
+            worker_seed,
+            sector: u64::from(sector),
+            ctx: &ctx,
         };
+        let check = |image: Vec<u8>, k: usize, torn: bool| session.check(&at, image, k, torn);
         let next_start = rng.random_range(0..=session.calls.len());
         let mut image = initial;
-        for k in 0..=session.calls.len() {
+        for (k, &flushing) in in_flush.iter().enumerate() {
             if k > 0 {
                 session.calls[k - 1].apply(&mut image);
             }
-            let wanted = k % every == 0 || in_flush[k];
+            let wanted = k % every == 0 || flushing;
             if k == next_start {
                 // The next round starts from this instant, replayed and closed.
                 let replayed = check(image.clone(), k, false);
@@ -951,18 +955,14 @@ impl Replay {
                     continue;
                 }
                 let image = session.image_at(&file, k);
-                let check = |image, torn| {
-                    session.check(
-                        &self.top,
-                        image,
-                        k,
-                        torn,
-                        &baseline,
-                        worker_seed,
-                        self.sector,
-                        &ctx,
-                    )
+                let at = CheckAt {
+                    top: &self.top,
+                    baseline: &baseline,
+                    worker_seed,
+                    sector: self.sector,
+                    ctx: &ctx,
                 };
+                let check = |image, torn| session.check(&at, image, k, torn);
                 if let Some(t) = torn(&image, session.calls.get(k)) {
                     check(t, true);
                 }
@@ -985,16 +985,14 @@ impl Replay {
                 continue;
             }
             let image = session.image_at(&file, k);
-            let after = session.check(
-                &self.top,
-                image,
-                k,
-                false,
-                &baseline,
+            let at = CheckAt {
+                top: &self.top,
+                baseline: &baseline,
                 worker_seed,
-                self.sector,
-                &ctx,
-            );
+                sector: self.sector,
+                ctx: &ctx,
+            };
+            let after = session.check(&at, image, k, false);
             let mem = std::sync::Arc::new(vhdx::io::MemFile::new(after.clone()));
             let f = vhdx::VhdxFile::open_io(mem, &self.top, vhdx::OpenOptions::default()).unwrap();
             let reads = read_all(&Chain::from_top(f).unwrap());
