@@ -224,7 +224,7 @@ fn serve_vm(
     let uefi = match (hw.firmware, &state.now.nvram) {
         (vm::Firmware::Bios, _) => None,
         (vm::Firmware::Uefi, Some(vars)) => {
-            let code = crate::vm_cmd::ovmf_paths().0;
+            let code = crate::ovmf_paths().0;
             if !code.is_file() {
                 bail!(
                     "the UEFI firmware {} is missing: install Debian's ovmf package or set SNAPVISOR_OVMF_CODE",

@@ -109,7 +109,7 @@ pub struct ExportArgs {
 fn running(store: &Store, name: &str) -> Option<PathBuf> {
     let (dir, _, _) = store.read_vm(name).ok()?;
     matches!(
-        crate::worker::run_state(&dir).0.as_str(),
+        host::worker::run_state(&dir).0.as_str(),
         "running" | "paused"
     )
     .then_some(dir)
@@ -118,7 +118,7 @@ fn running(store: &Store, name: &str) -> Option<PathBuf> {
 /// Sends a checkpoint operation to the worker of a running VM.
 fn live_request(dir: &Path, vm: &str, mut req: Value) -> Result<Value> {
     req["cmd"] = json!("checkpoint");
-    crate::worker::request(dir, &req, std::time::Duration::from_secs(3600))
+    host::worker::request(dir, &req, std::time::Duration::from_secs(3600))
         .with_context(|| format!("the running VM {vm:?} refused"))
 }
 
@@ -323,7 +323,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
 
 fn open(store: &Store, name: &str, what: &str) -> Result<Vm> {
     if let Ok(dir) = store.read_vm(name).map(|(d, _, _)| d)
-        && crate::worker::run_state(&dir).0 == "saved"
+        && host::worker::run_state(&dir).0 == "saved"
     {
         anyhow::bail!(
             "VM {name:?} is saved, and its saved memory belongs to its current disks; start it (`snapvisor vm start {name}`) or discard the saved state (`snapvisor vm stop {name}`) first"
@@ -510,7 +510,7 @@ fn apply(store: &Store, a: ApplyArgs, live: Option<PathBuf>) -> Result<ExitCode>
     let mut was_running = None;
     let mut saved_live = None;
     let last_accel = |dir: &Path| {
-        crate::worker::run_state(dir)
+        host::worker::run_state(dir)
             .1
             .and_then(|r| r.accel)
             .and_then(|a| qemu::Accel::from_name(&a))
@@ -540,7 +540,7 @@ fn apply(store: &Store, a: ApplyArgs, live: Option<PathBuf>) -> Result<ExitCode>
     let dir = vm.dir().to_owned();
     drop(vm);
     let name = &s.checkpoint(target).expect("applied").name;
-    let has_saved_state = dir.join(crate::worker::SAVED_STATE).exists();
+    let has_saved_state = dir.join(host::worker::SAVED_STATE).exists();
     let start = a.start || (was_running.is_some() && has_saved_state);
     if start {
         let accel = a
@@ -551,7 +551,7 @@ fn apply(store: &Store, a: ApplyArgs, live: Option<PathBuf>) -> Result<ExitCode>
         crate::lifecycle::start_quiet(store, &a.vm, accel, 120)
             .with_context(|| format!("applied {name:?}, but VM {:?} did not start", a.vm))?;
     }
-    let state = crate::worker::run_state(&dir).0;
+    let state = host::worker::run_state(&dir).0;
     if a.json {
         print_json(&json!({
             "applied": target,

@@ -1,8 +1,8 @@
 //! `vm start|stop|pause|resume|status`: the CLI side of the VM worker.
 
 use crate::disk_cmd::print_json;
-use crate::worker::{self, LOG_DIR, RUN_DIR};
 use anyhow::{Context, Result, bail};
+use host::worker::{self, LOG_DIR, RUN_DIR};
 use serde_json::json;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};

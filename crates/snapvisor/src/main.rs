@@ -8,12 +8,8 @@ mod checkpoint_cmd;
 mod demo;
 mod disk_cmd;
 mod lifecycle;
-mod live;
-mod live_merge;
-mod served;
 mod units;
 mod vm_cmd;
-mod worker;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

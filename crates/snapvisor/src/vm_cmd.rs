@@ -57,20 +57,6 @@ pub enum FirmwareArg {
     Uefi,
 }
 
-/// OVMF's firmware code and empty variable store: `SNAPVISOR_OVMF_CODE` and
-/// `SNAPVISOR_OVMF_VARS`, else Debian's `ovmf` package.
-pub fn ovmf_paths() -> (PathBuf, PathBuf) {
-    let pick = |var: &str, default: &str| {
-        std::env::var_os(var)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(default))
-    };
-    (
-        pick("SNAPVISOR_OVMF_CODE", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
-        pick("SNAPVISOR_OVMF_VARS", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-    )
-}
-
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Create a VM with new or imported disks.
@@ -332,10 +318,10 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
         VmCommand::Resume(a) => crate::lifecycle::simple(&store, &a.name, "resume"),
         VmCommand::Status(a) => crate::lifecycle::status(&store, &a.name, a.json),
         VmCommand::Worker(a) => {
-            crate::worker::run(
+            host::worker::run(
                 &store,
                 &a.name,
-                crate::worker::StartOptions {
+                host::worker::StartOptions {
                     accel: a.accel.into(),
                 },
             )?;
@@ -367,7 +353,7 @@ fn create(store: &Store, a: CreateArgs) -> Result<ExitCode> {
             FirmwareArg::Bios => vm::Firmware::Bios,
             FirmwareArg::Uefi => vm::Firmware::Uefi,
         },
-        uefi_vars_template: (a.firmware == FirmwareArg::Uefi).then(|| ovmf_paths().1),
+        uefi_vars_template: (a.firmware == FirmwareArg::Uefi).then(|| host::ovmf_paths().1),
     };
     store
         .create(&spec)
@@ -387,7 +373,7 @@ fn create(store: &Store, a: CreateArgs) -> Result<ExitCode> {
 fn set(store: &Store, a: SetArgs) -> Result<ExitCode> {
     if let Ok((dir, _, _)) = store.read_vm(&a.name)
         && matches!(
-            crate::worker::run_state(&dir).0.as_str(),
+            host::worker::run_state(&dir).0.as_str(),
             "running" | "paused"
         )
     {
@@ -404,7 +390,7 @@ fn set(store: &Store, a: SetArgs) -> Result<ExitCode> {
                 a.name
             );
         }
-        crate::worker::request(
+        host::worker::request(
             &dir,
             &json!({
                 "cmd": "checkpoint", "op": "settings",
@@ -471,7 +457,7 @@ fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
                 Ok(s) => json!({
                     "name": e.name,
                     "uuid": s.config.uuid,
-                    "state": crate::worker::run_state(&e.dir).0,
+                    "state": host::worker::run_state(&e.dir).0,
                     "memory": s.config.hardware.memory,
                     "cpus": s.config.hardware.cpus,
                     "disks": s.config.hardware.disks.len(),
@@ -502,7 +488,7 @@ fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
             Ok(s) => println!(
                 "{:<24} {:<20} {:>9} {:>5} {:>6} {:>12}{}",
                 e.name,
-                crate::worker::run_state(&e.dir).0,
+                host::worker::run_state(&e.dir).0,
                 human(s.config.hardware.memory),
                 s.config.hardware.cpus,
                 s.config.hardware.disks.len(),
@@ -555,7 +541,7 @@ pub fn show_json(dir: &Path, s: &VmState, unfinished: Option<&str>) -> Value {
         "uuid": c.uuid,
         "generation_id": c.generation_id,
         "folder": dir,
-        "state": crate::worker::run_state(dir).0,
+        "state": host::worker::run_state(dir).0,
         "memory": c.hardware.memory,
         "cpus": c.hardware.cpus,
         "disks": disks,
@@ -586,7 +572,7 @@ pub fn show(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
     println!("  folder         {}", dir.display());
     println!("  uuid           {}", c.uuid);
     println!("  generation id  {}", c.generation_id);
-    println!("  state          {}", crate::worker::run_state(&dir).0);
+    println!("  state          {}", host::worker::run_state(&dir).0);
     println!("  memory         {}", human(c.hardware.memory));
     println!("  cpus           {}", c.hardware.cpus);
     println!("  firmware       {}", c.hardware.firmware.as_str());
