@@ -1,135 +1,51 @@
-//! The VM worker: one detached process per running VM.
+//! The VM worker: one detached process per running VM ([`run`] is its whole body).
 //!
-//! It holds the VM's lock for as long as the VM runs (so offline checkpoint commands are
-//! refused while it does), serves each disk's chain over NBD on a socket in `run/`, runs
-//! QEMU (which gets SIGKILL if the worker dies: it never outlives its worker), talks to
-//! it over QMP, and answers the CLI on `run/control.sock` (one JSON request per
-//! connection). `run/worker.json` records the state for `vm status` and `vm list`.
+//! It holds the VM's lock for as long as the VM runs (so offline operations are refused
+//! while it does), serves each disk's chain over NBD on a socket in `run/`, runs QEMU
+//! (which gets SIGKILL if the worker dies: it never outlives its worker), talks to it
+//! over QMP, and answers front ends on `run/control.sock` ([`crate::protocol`]).
+//! `run/worker.json` records the run state ([`crate::run_state`]).
 //!
-//! Liveness comes from a lock, not a pid: the worker holds `run/worker.lock` exclusively,
-//! so a `running` record whose lock is free means the worker died, and the VM is reported
+//! Liveness comes from a lock, not a pid: the worker holds `run/.lock` exclusively, so a
+//! `running` record whose lock is free means the worker died, and the VM is reported
 //! stopped unexpectedly. Its files stay consistent: a VHDX chain whose writer died is
 //! replayed from its log at the next open.
 
-use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use crate::error::{Context, Error, Result};
+use crate::protocol::{LiveStatus, Reply, Request, StopHow};
+use crate::qemu_process::{self, migration_setup, wait_migration};
+use crate::record::WorkerRecord;
+use crate::run_state::{LOG_DIR, RUN_DIR, RunState, SAVED_STATE};
+use crate::served::ServedDisk;
+use crate::session::{Session, lock};
+use serde_json::Value;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Folder of sockets and the state record, inside the VM folder.
-pub const RUN_DIR: &str = vm::journal::RUN_DIR;
-/// Folder of the serial console and the worker's and QEMU's logs.
-pub const LOG_DIR: &str = vm::journal::LOG_DIR;
-/// The saved state (memory and devices) of a VM that `vm save` stopped.
-pub const SAVED_STATE: &str = vm::journal::SAVED_STATE_FILE;
+const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// Quotes a path for `/bin/sh` (QEMU runs `exec:` migration URIs through it).
-pub(crate) fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
-}
-
-/// The worker's record of the VM's state.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct WorkerState {
-    /// `starting`, `running`, `paused`, `off`, `stopped-unexpectedly`, `failed`.
-    pub state: String,
-    /// The worker's pid.
-    pub pid: u32,
-    /// QEMU's pid, while it runs.
-    pub qemu_pid: Option<u32>,
-    /// Why it failed, when it did.
-    pub error: Option<String>,
-    /// When the VM was started, seconds since the Unix epoch.
-    pub started: u64,
-    /// The accelerator it runs with (`kvm` or `tcg`).
-    #[serde(default)]
-    pub accel: Option<String>,
-}
-
-fn state_path(vm_dir: &Path) -> PathBuf {
-    vm_dir.join(RUN_DIR).join("worker.json")
-}
-
-fn write_state(vm_dir: &Path, s: &WorkerState) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(s)?;
-    vm::fsutil::atomic_write(&state_path(vm_dir), &bytes)?;
-    Ok(())
-}
-
-/// The VM's run state as the CLI reports it: `off`, `starting`, `running`, `paused`,
-/// `stopped-unexpectedly` or `failed`, with the record when there is one.
-pub fn run_state(vm_dir: &Path) -> (String, Option<WorkerState>) {
-    let record: Option<WorkerState> = std::fs::read(state_path(vm_dir))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let alive = !vm::lock::Lock::is_free(&vm_dir.join(RUN_DIR));
-    match record {
-        None => ("off".into(), None),
-        Some(r) => {
-            let s = match r.state.as_str() {
-                "starting" | "running" | "paused" | "saving" if !alive => {
-                    "stopped-unexpectedly".into()
-                }
-                "saved" if !vm_dir.join(SAVED_STATE).exists() => "off".into(),
-                other => other.to_owned(),
-            };
-            (s, Some(r))
-        }
-    }
-}
-
-/// Sends one request to a running worker and returns its reply.
-pub fn request(vm_dir: &Path, req: &Value, timeout: Duration) -> Result<Value> {
-    let sock = vm_dir.join(RUN_DIR).join("control.sock");
-    let mut s = UnixStream::connect(&sock)
-        .with_context(|| format!("the VM's worker does not answer on {}", sock.display()))?;
-    s.set_read_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    s.write_all(&line)?;
-    let mut reply = String::new();
-    BufReader::new(s)
-        .read_line(&mut reply)
-        .context("no reply from the VM's worker")?;
-    let v: Value = serde_json::from_str(&reply).context("a bad reply from the VM's worker")?;
-    if let Some(e) = v.get("error").and_then(Value::as_str) {
-        bail!("{e}");
-    }
-    Ok(v)
-}
-
-/// What `vm start` asks of the worker.
+/// What the worker is started with.
 #[derive(Clone, Debug)]
-pub struct StartOptions {
-    /// Accelerator.
+pub struct WorkerOptions {
+    /// The accelerator.
     pub accel: qemu::Accel,
 }
 
-/// Runs the worker (the hidden `vm worker` command) until QEMU exits.
-pub fn run(store: &vm::Store, name: &str, opts: StartOptions) -> Result<()> {
+/// Runs the worker of VM `name` until QEMU exits (the hidden `vm worker` command).
+pub fn run(store: &vm::Store, name: &str, opts: WorkerOptions) -> Result<()> {
     let mut vm_handle = store.open_vm(name, "vm worker (the VM is running)")?;
     let dir = vm_handle.dir().to_owned();
     let run_dir = dir.join(RUN_DIR);
-    std::fs::create_dir_all(&run_dir)?;
-    std::fs::create_dir_all(dir.join(LOG_DIR))?;
+    for d in [&run_dir, &dir.join(LOG_DIR)] {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
     let _alive = vm::lock::Lock::acquire(&run_dir, name, "vm worker", Duration::ZERO)?;
-    let started = vm::fsutil::now_unix();
-    let mut record = WorkerState {
-        state: "starting".into(),
-        pid: std::process::id(),
-        qemu_pid: None,
-        error: None,
-        started,
-        accel: Some(opts.accel.as_str().into()),
-    };
-    write_state(&dir, &record)?;
+    let mut record = WorkerRecord::starting(opts.accel);
+    record.write(&dir)?;
     // Hyper-V's automatic checkpoints: one at start when there is none, taken before the
     // guest runs (so it is of the VM off); deleted again after a clean shutdown.
     let automatic = if vm_handle.state().config.automatic_checkpoints
@@ -155,9 +71,9 @@ pub fn run(store: &vm::Store, name: &str, opts: StartOptions) -> Result<()> {
     // QEMU is gone and the disks are closed: merges that had to wait for the VM to stop
     // can run now, and a clean shutdown takes the automatic checkpoint away.
     {
-        let mut vm = shared_vm.lock().unwrap_or_else(|p| p.into_inner());
+        let mut vm = lock(&shared_vm);
         vm.set_live(false);
-        let clean = result.as_ref().is_ok_and(|clean| *clean) && record.state != "saved";
+        let clean = result.as_ref().is_ok_and(|clean| *clean) && record.state != RunState::Saved;
         if let Some(id) = automatic.filter(|_| clean)
             && vm.state().checkpoint(id).is_some()
         {
@@ -175,16 +91,21 @@ pub fn run(store: &vm::Store, name: &str, opts: StartOptions) -> Result<()> {
         }
     }
     let result = result.map(|_| ());
-    match &result {
-        Ok(()) if record.state == "saved" => {}
-        Ok(()) => record.state = "off".into(),
+    let ended = match &result {
+        Ok(()) if record.state == RunState::Saved => RunState::Saved,
+        Ok(()) => RunState::Off,
         Err(e) => {
-            record.state = "failed".into();
-            record.error = Some(format!("{e:#}"));
+            record.error = Some(e.chain());
+            RunState::Failed
         }
+    };
+    if let Err(e) = record.transition(ended) {
+        // The machine has no such edge: record the end anyway, it is what happened.
+        tracing::error!("{e}");
+        record.state = ended;
     }
     record.qemu_pid = None;
-    write_state(&dir, &record)?;
+    record.write(&dir)?;
     result
 }
 
@@ -192,10 +113,10 @@ pub fn run(store: &vm::Store, name: &str, opts: StartOptions) -> Result<()> {
 fn serve_vm(
     shared_vm: &Arc<Mutex<vm::Vm>>,
     dir: &Path,
-    opts: &StartOptions,
-    record: &mut WorkerState,
+    opts: &WorkerOptions,
+    record: &mut WorkerRecord,
 ) -> Result<bool> {
-    let mut vm_guard = shared_vm.lock().unwrap_or_else(|p| p.into_inner());
+    let mut vm_guard = lock(shared_vm);
     vm_guard.set_live(true);
     let state = vm_guard.state().clone();
     let run_dir = dir.join(RUN_DIR);
@@ -205,7 +126,7 @@ fn serve_vm(
     for (i, file) in state.now.disks.iter().enumerate() {
         let path = vm_guard.layer_path(file);
         let d = Arc::new(
-            crate::served::ServedDisk::open(&path)
+            ServedDisk::open(&path)
                 .with_context(|| format!("cannot open disk {}", path.display()))?,
         );
         served.push(d.clone());
@@ -220,69 +141,47 @@ fn serve_vm(
             export: format!("disk{i}"),
         });
     }
-    let hw = &state.config.hardware;
-    let uefi = match (hw.firmware, &state.now.nvram) {
-        (vm::Firmware::Bios, _) => None,
-        (vm::Firmware::Uefi, Some(vars)) => {
-            let code = crate::ovmf_paths().0;
-            if !code.is_file() {
-                bail!(
-                    "the UEFI firmware {} is missing: install Debian's ovmf package or set SNAPVISOR_OVMF_CODE",
-                    code.display()
-                );
-            }
-            Some((code, dir.join(vm::journal::FIRMWARE_DIR).join(vars)))
-        }
-        (vm::Firmware::Uefi, None) => bail!("the VM has UEFI firmware but no variable store"),
-    };
-    let spec = qemu::MachineSpec {
-        name: state.config.name.clone(),
-        uuid: state.config.uuid.to_string(),
-        generation_id: state.config.generation_id.to_string(),
-        machine: "pc".into(),
-        accel: opts.accel,
-        memory_mib: hw.memory >> 20,
-        cpus: hw.cpus,
-        kernel: hw
-            .boot
-            .as_ref()
-            .map(|b| (b.kernel.clone(), b.initrd.clone(), b.append.clone())),
-        uefi,
-        disks,
-        qmp_socket: run_dir.join("qmp.sock"),
-        agent_socket: Some(run_dir.join("qga.sock")),
-        serial_log: dir.join(LOG_DIR).join("serial.log"),
-        paused: false,
-        incoming: dir.join(SAVED_STATE).exists(),
-    };
+    let spec = crate::machine::machine_spec(&state, dir, opts.accel, disks)?;
     let _ = std::fs::remove_file(&spec.qmp_socket);
     let qemu_log = dir.join(LOG_DIR).join("qemu.log");
-    let mut child = spawn_qemu(&spec, &qemu_log)?;
+    let qemu_said = || {
+        std::fs::read_to_string(&qemu_log)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let mut child = qemu_process::spawn(&spec, &qemu_log)?;
     record.qemu_pid = Some(child.id());
-    let qmp = match connect_qmp(&spec.qmp_socket, &mut child) {
+    let qmp = match qemu_process::connect_qmp(&spec.qmp_socket, &mut child) {
         Ok(q) => q,
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            let reason = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-            bail!("QEMU did not start: {e:#}: {}", reason.trim());
+            return Err(Error::QemuFailed {
+                message: format!("QEMU did not start: {}: {}", e.chain(), qemu_said()),
+            });
         }
     };
     if spec.incoming {
         if let Err(e) = restore(&qmp, &dir.join(SAVED_STATE), &mut child) {
             let _ = child.kill();
             let _ = child.wait();
-            let reason = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-            bail!("restoring the saved state failed: {e:#}: {}", reason.trim());
+            return Err(Error::QemuFailed {
+                message: format!(
+                    "restoring the saved state failed: {}: {}",
+                    e.chain(),
+                    qemu_said()
+                ),
+            });
         }
         // The state is in QEMU now; like Hyper-V, a resumed VM has no saved state left.
         vm::fsutil::remove_file(&dir.join(SAVED_STATE))?;
     }
-    record.state = "running".into();
-    write_state(dir, record)?;
+    record.transition(RunState::Running)?;
+    record.write(dir)?;
     drop(vm_guard);
     let child = Arc::new(Mutex::new(child));
-    let shared = Arc::new(Shared {
+    let session = Arc::new(Session {
         qmp,
         child: child.clone(),
         agent: run_dir.join("qga.sock"),
@@ -291,32 +190,35 @@ fn serve_vm(
         vm: shared_vm.clone(),
         disks: served,
         op: Mutex::new(()),
-        forced: std::sync::atomic::AtomicBool::new(false),
+        forced: AtomicBool::new(false),
     });
-    let control = run_dir.join("control.sock");
+    let control = crate::control::socket_path(dir);
     let _ = std::fs::remove_file(&control);
-    let listener = UnixListener::bind(&control)?;
-    listener.set_nonblocking(true)?;
-    // Until QEMU exits: answer the CLI.
+    let listener = UnixListener::bind(&control).map_err(|e| Error::io(&control, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io(&control, e))?;
+    // Until QEMU exits: answer the front ends.
     let mut answering = Vec::new();
     let status = loop {
-        if let Some(st) = child.lock().unwrap_or_else(|p| p.into_inner()).try_wait()? {
+        if let Some(st) = lock(&child).try_wait().map_err(|e| Error::io(dir, e))? {
             break st;
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                let shared = shared.clone();
+                let session = session.clone();
                 answering.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
                 answering.push(std::thread::spawn(move || {
-                    if let Err(e) = answer(&shared, stream) {
-                        tracing::warn!("control request: {e:#}");
+                    let answered = crate::control::serve_one(stream, |r| handle(&session, r));
+                    if let Err(e) = answered {
+                        tracing::warn!("control connection: {e}");
                     }
                 }));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(Error::io(&control, e)),
         }
     };
     let _ = std::fs::remove_file(&control);
@@ -328,326 +230,184 @@ fn serve_vm(
         stopper.stop();
         match thread.join() {
             Ok(r) => r.context("closing a disk")?,
-            Err(_) => bail!("a disk server panicked"),
+            Err(_) => {
+                return Err(Error::Io {
+                    path: run_dir.clone(),
+                    source: std::io::Error::other("a disk server panicked"),
+                });
+            }
         }
     }
     // Close the chains, so that what runs after the VM (merges) can open them.
-    shared.detach_all()?;
-    let forced = shared.forced.load(std::sync::atomic::Ordering::SeqCst);
-    *record = shared
-        .record
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    session.detach_all()?;
+    let forced = session.forced.load(Ordering::SeqCst);
+    *record = lock(&session.record).clone();
     if !status.success() {
-        let reason = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-        bail!("QEMU exited with {status}: {}", reason.trim());
+        return Err(Error::QemuFailed {
+            message: format!("QEMU exited with {status}: {}", qemu_said()),
+        });
     }
     Ok(!forced)
 }
 
-pub(crate) struct Shared {
-    pub(crate) qmp: qemu::Qmp,
-    pub(crate) child: Arc<Mutex<Child>>,
-    pub(crate) agent: PathBuf,
-    pub(crate) dir: PathBuf,
-    pub(crate) record: Mutex<WorkerState>,
-    /// The VM (its lock is held for as long as the worker runs).
-    pub(crate) vm: Arc<Mutex<vm::Vm>>,
-    /// What each disk's NBD export serves, in the guest's order.
-    pub(crate) disks: Vec<Arc<crate::served::ServedDisk>>,
-    /// Operations that pause or switch the guest run one at a time.
-    pub(crate) op: Mutex<()>,
-    /// QEMU was turned off rather than shut down by its guest.
-    pub(crate) forced: std::sync::atomic::AtomicBool,
-}
-
-impl Shared {
-    pub(crate) fn vm(&self) -> std::sync::MutexGuard<'_, vm::Vm> {
-        self.vm.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Flushes and closes every disk's chain (waiting for requests in flight). Only while
-    /// the guest is paused or gone.
-    pub(crate) fn detach_all(&self) -> Result<()> {
-        for d in &self.disks {
-            d.close().context("closing a disk before switching it")?;
-        }
-        Ok(())
-    }
-
-    /// Opens Now's layers and serves them.
-    pub(crate) fn attach_now(&self) -> Result<()> {
-        let paths: Vec<PathBuf> = {
-            let vm = self.vm();
-            vm.state()
-                .now
-                .disks
-                .iter()
-                .map(|f| vm.layer_path(f))
-                .collect()
-        };
-        for (d, path) in self.disks.iter().zip(paths) {
-            d.reopen(&path)
-                .with_context(|| format!("cannot open disk {}", path.display()))?;
-        }
-        Ok(())
-    }
-
-    fn set_state(&self, state: &str) -> Result<()> {
-        let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
-        r.state = state.to_owned();
-        write_state(&self.dir, &r)
-    }
-    fn exited_within(&self, timeout: Duration) -> Result<bool> {
-        let t = Instant::now();
-        loop {
-            if self
-                .child
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .try_wait()?
-                .is_some()
-            {
-                return Ok(true);
-            }
-            if t.elapsed() >= timeout {
-                return Ok(false);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn answer(shared: &Shared, stream: UnixStream) -> Result<()> {
-    let mut line = String::new();
-    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
-    let req: Value = serde_json::from_str(&line)?;
-    let secs = Duration::from_secs;
-    let reply = match req["cmd"].as_str().unwrap_or("") {
-        "status" => {
-            let run = shared
+/// Answers one request.
+fn handle(session: &Session, request: Request) -> Result<Reply> {
+    match request {
+        Request::Status => Ok(Reply::Status(status(session))),
+        Request::Pause => {
+            session.can_become(RunState::Paused)?;
+            session
                 .qmp
-                .status(secs(5))
-                .unwrap_or_else(|_| "unknown".into());
-            let agent = qemu::GuestAgent::connect(&shared.agent, Duration::from_millis(1500))
-                .and_then(|mut a| a.ping(secs(1)))
-                .is_ok();
-            let generation_id = shared
+                .execute("stop", Value::Null, SECS(10))
+                .context("cannot pause")?;
+            session.set_state(RunState::Paused)?;
+            Ok(Reply::Done)
+        }
+        Request::Resume => {
+            session.can_become(RunState::Running)?;
+            session
                 .qmp
-                .execute("query-vm-generation-id", Value::Null, secs(5))
-                .ok()
-                .and_then(|v| v["guid"].as_str().map(str::to_owned));
-            json!({"qemu_status": run, "agent": agent, "generation_id": generation_id})
+                .execute("cont", Value::Null, SECS(10))
+                .context("cannot resume")?;
+            session.set_state(RunState::Running)?;
+            Ok(Reply::Done)
         }
-        "pause" => match shared.qmp.execute("stop", Value::Null, secs(10)) {
-            Ok(_) => {
-                shared.set_state("paused")?;
-                json!({"ok": true})
-            }
-            Err(e) => json!({"error": format!("cannot pause: {e}")}),
-        },
-        "resume" => match shared.qmp.execute("cont", Value::Null, secs(10)) {
-            Ok(_) => {
-                shared.set_state("running")?;
-                json!({"ok": true})
-            }
-            Err(e) => json!({"error": format!("cannot resume: {e}")}),
-        },
-        "stop" => {
-            let force = req["force"].as_bool().unwrap_or(false);
-            let timeout = secs(req["timeout"].as_u64().unwrap_or(60));
-            let mut how = "forced";
-            if !force {
-                // A paused guest cannot react to its power button.
-                let _ = shared.qmp.execute("cont", Value::Null, secs(5));
-                shared
-                    .qmp
-                    .execute("system_powerdown", Value::Null, secs(5))?;
-                if shared.exited_within(timeout)? {
-                    how = "shut down";
-                }
-            }
-            if how == "forced" {
-                shared
-                    .forced
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-                if shared.qmp.execute("quit", Value::Null, secs(5)).is_err()
-                    || !shared.exited_within(secs(10))?
-                {
-                    let _ = shared
-                        .child
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .kill();
-                }
-                shared.exited_within(secs(10))?;
-            }
-            json!({"ok": true, "how": how})
-        }
-        "checkpoint" => match crate::live::checkpoint_request(shared, &req) {
-            Ok(v) => v,
-            Err(e) => json!({"error": format!("{e:#}")}),
-        },
-        "save" => match save(shared) {
-            Ok(ms) => json!({"ok": true, "ms": ms}),
+        Request::Stop {
+            force,
+            timeout_secs,
+        } => Ok(Reply::Stopped {
+            how: stop(session, force, SECS(timeout_secs))?,
+        }),
+        Request::Save => match save(session) {
+            Ok(ms) => Ok(Reply::Saved { ms }),
             Err(e) => {
-                let _ = shared.qmp.execute("cont", Value::Null, secs(5));
-                let _ = shared.set_state("running");
-                json!({"error": format!("cannot save: {e:#}")})
+                let _ = session.qmp.execute("cont", Value::Null, SECS(5));
+                let _ = session.set_state(RunState::Running);
+                Err(e).context("cannot save")
             }
         },
-        other => json!({"error": format!("unknown request {other:?}")}),
-    };
-    let mut out = serde_json::to_vec(&reply)?;
-    out.push(b'\n');
-    (&stream).write_all(&out)?;
-    Ok(())
-}
-
-fn spawn_qemu(spec: &qemu::MachineSpec, log: &Path) -> Result<Child> {
-    let program = qemu_program();
-    let log_file = File::create(log)?;
-    let mut cmd = Command::new(&program);
-    cmd.args(spec.args())
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
-    // SAFETY: between fork and exec the child only makes the prctl and getppid system
-    // calls, which are async-signal-safe and touch no memory of the parent.
-    #[allow(unsafe_code)]
-    unsafe {
-        let parent = rustix::process::getpid();
-        cmd.pre_exec(move || {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
-            // The worker may have died before the death signal was armed.
-            if rustix::process::getppid() != Some(parent) {
-                return Err(std::io::Error::other("the worker exited"));
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
-        .with_context(|| format!("cannot run {}", program.display()))
-}
-
-/// `SNAPVISOR_QEMU`, else `qemu-system-x86_64` on the PATH.
-pub fn qemu_program() -> PathBuf {
-    std::env::var_os("SNAPVISOR_QEMU")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
-}
-
-fn connect_qmp(sock: &Path, child: &mut Child) -> Result<qemu::Qmp> {
-    let t = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait()? {
-            bail!("QEMU exited with {st}");
+        Request::CheckpointCreate { name } => Ok(Reply::CheckpointTaken(crate::live::take(
+            session,
+            name.as_deref(),
+        )?)),
+        Request::CheckpointDelete {
+            checkpoint,
+            subtree,
+        } => Ok(Reply::CheckpointDeleted(crate::live::delete(
+            session,
+            &checkpoint,
+            subtree,
+        )?)),
+        Request::CheckpointRename {
+            checkpoint,
+            new_name,
+        } => {
+            let _op = session.exclusive();
+            let id = session.vm().rename_checkpoint(&checkpoint, &new_name)?;
+            Ok(Reply::CheckpointRenamed { id })
         }
-        if sock.exists()
-            && let Ok(q) = qemu::Qmp::connect(sock, Duration::from_secs(10))
-        {
-            return Ok(q);
+        Request::CheckpointExport { checkpoint, dir } => {
+            let _op = session.exclusive();
+            let id = session.vm().export_checkpoint(&checkpoint, &dir)?;
+            Ok(Reply::CheckpointExported { id })
         }
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("QEMU did not open its QMP socket within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits for the migration stream to finish (`events` must be on).
-pub(crate) fn wait_migration(qmp: &qemu::Qmp, timeout: Duration) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        let left = timeout.saturating_sub(t.elapsed());
-        let ev = qmp.wait_event("MIGRATION", left)?;
-        match ev.data["status"].as_str() {
-            Some("completed") => return Ok(()),
-            Some("failed") | Some("cancelled") => {
-                let info = qmp
-                    .execute("query-migrate", Value::Null, Duration::from_secs(5))
-                    .unwrap_or(Value::Null);
-                bail!(
-                    "the migration stream {}: {}",
-                    ev.data["status"].as_str().unwrap_or("failed"),
-                    info["error-desc"].as_str().unwrap_or("no reason given")
-                );
-            }
-            _ => {}
+        Request::CheckpointSettings {
+            checkpoint_type,
+            max_checkpoints,
+            automatic_checkpoints,
+        } => {
+            let _op = session.exclusive();
+            session.vm().set(&vm::Settings {
+                checkpoint_type,
+                max_checkpoints,
+                automatic_checkpoints,
+                ..Default::default()
+            })?;
+            Ok(Reply::Done)
         }
     }
 }
 
-pub(crate) fn migration_setup(qmp: &qemu::Qmp) -> Result<()> {
-    let secs = Duration::from_secs;
-    qmp.execute(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "events", "state": true}]}),
-        secs(5),
-    )?;
-    // The default of 128 MiB/s makes a local save several times slower.
-    qmp.execute(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 10u64 << 30}),
-        secs(5),
-    )?;
-    Ok(())
+fn status(session: &Session) -> LiveStatus {
+    let qemu_status = session
+        .qmp
+        .status(SECS(5))
+        .unwrap_or_else(|_| "unknown".into());
+    let agent = qemu::GuestAgent::connect(&session.agent, Duration::from_millis(1500))
+        .and_then(|mut a| a.ping(SECS(1)))
+        .is_ok();
+    let generation_id = session
+        .qmp
+        .execute("query-vm-generation-id", Value::Null, SECS(5))
+        .ok()
+        .and_then(|v| v["guid"].as_str().map(str::to_owned));
+    LiveStatus {
+        qemu_status,
+        agent,
+        generation_id,
+    }
+}
+
+/// Shuts the guest down (or turns it off) and waits for QEMU to exit.
+fn stop(session: &Session, force: bool, timeout: Duration) -> Result<StopHow> {
+    if !force {
+        // A paused guest cannot react to its power button.
+        let _ = session.qmp.execute("cont", Value::Null, SECS(5));
+        session
+            .qmp
+            .execute("system_powerdown", Value::Null, SECS(5))?;
+        if session.exited_within(timeout)? {
+            return Ok(StopHow::ShutDown);
+        }
+    }
+    session.forced.store(true, Ordering::SeqCst);
+    if session.qmp.execute("quit", Value::Null, SECS(5)).is_err()
+        || !session.exited_within(SECS(10))?
+    {
+        session.kill_qemu();
+    }
+    session.exited_within(SECS(10))?;
+    Ok(StopHow::Forced)
 }
 
 /// Hyper-V's Save: pause, write memory and device state to `saved/state.vsv`, quit.
-fn save(shared: &Shared) -> Result<u128> {
-    let _op = shared.op.lock().unwrap_or_else(|p| p.into_inner());
+fn save(session: &Session) -> Result<u64> {
+    let _op = session.exclusive();
     let t = Instant::now();
-    let secs = Duration::from_secs;
-    let file = shared.dir.join(SAVED_STATE);
-    std::fs::create_dir_all(file.parent().expect("has a folder"))?;
+    let file = session.dir.join(SAVED_STATE);
+    let folder = file.parent().expect("has a folder");
+    std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
     let tmp = file.with_extension("vsv.partial");
     let _ = std::fs::remove_file(&tmp);
-    migration_setup(&shared.qmp)?;
-    shared.set_state("saving")?;
-    shared.qmp.execute("stop", Value::Null, secs(10))?;
-    shared.qmp.drain_events();
-    shared.qmp.execute(
-        "migrate",
-        json!({"uri": format!("exec:cat > {}", shell_quote(&tmp))}),
-        secs(10),
-    )?;
-    wait_migration(&shared.qmp, secs(300))?;
-    // QEMU does not sync what it wrote.
-    File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &file)?;
-    vm::fsutil::sync_dir_of(&file)?;
-    {
-        let mut r = shared.record.lock().unwrap_or_else(|p| p.into_inner());
-        r.state = "saved".into();
+    migration_setup(&session.qmp)?;
+    session.set_state(RunState::Saving)?;
+    session.qmp.execute("stop", Value::Null, SECS(10))?;
+    session.qmp.drain_events();
+    qemu_process::migrate_to(&session.qmp, &tmp)?;
+    wait_migration(&session.qmp, SECS(300))?;
+    qemu_process::keep_file(&tmp, &file)?;
+    // Recorded once QEMU is gone (the worker's last write).
+    session.note_state(RunState::Saved)?;
+    let _ = session.qmp.execute("quit", Value::Null, SECS(5));
+    if !session.exited_within(SECS(10))? {
+        session.kill_qemu();
     }
-    let _ = shared.qmp.execute("quit", Value::Null, secs(5));
-    if !shared.exited_within(secs(10))? {
-        let _ = shared
-            .child
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .kill();
-    }
-    Ok(t.elapsed().as_millis())
+    Ok(t.elapsed().as_millis() as u64)
 }
 
 /// Loads `saved/state.vsv` into a QEMU started with `-incoming defer`, then runs it.
 fn restore(qmp: &qemu::Qmp, file: &Path, child: &mut Child) -> Result<()> {
     migration_setup(qmp)?;
-    qmp.execute(
-        "migrate-incoming",
-        json!({"uri": format!("exec:cat {}", shell_quote(file))}),
-        Duration::from_secs(10),
-    )?;
-    if let Err(e) = wait_migration(qmp, Duration::from_secs(300)) {
-        if let Some(st) = child.try_wait()? {
-            bail!("QEMU exited with {st} while loading the saved state");
+    qemu_process::migrate_from(qmp, file)?;
+    if let Err(e) = wait_migration(qmp, SECS(300)) {
+        if let Some(st) = child.try_wait().map_err(|e| Error::io(file, e))? {
+            return Err(Error::QemuFailed {
+                message: format!("QEMU exited with {st} while loading the saved state"),
+            });
         }
         return Err(e);
     }
     // A state saved from a paused VM loads paused.
-    qmp.execute("cont", Value::Null, Duration::from_secs(10))?;
+    qmp.execute("cont", Value::Null, SECS(10))?;
     Ok(())
 }

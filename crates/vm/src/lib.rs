@@ -59,7 +59,7 @@ pub mod store;
 pub mod vm;
 
 pub use config::{CheckpointType, DirectBoot, DiskConfig, Firmware, Hardware, VmConfig};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use state::{Checkpoint, CheckpointKind, Consistency, Layer, Now, VmState};
 pub use store::{NewVm, Store, VmEntry};
 pub use vm::{ConsolidateReport, PlannedMerge, Reconciled, Settings, Taken, Vm};

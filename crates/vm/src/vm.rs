@@ -49,7 +49,7 @@ pub struct MergeDone {
 }
 
 /// What reconciliation did after an operation.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reconciled {
     /// Merges done.
     pub merged: Vec<MergeDone>,
