@@ -1,11 +1,10 @@
 //! Durable file operations (atomic writes, whole folders built aside and renamed into
-//! place), time formatting, and crash injection for tests.
+//! place), time formatting, and crash points for tests (the `testing` feature).
 
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Writes `path` whole: a temporary sibling is written and synced, renamed over `path`,
@@ -190,13 +189,17 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     sync_dir(dst)
 }
 
-static CRASH_COUNTER: AtomicU64 = AtomicU64::new(0);
+#[cfg(feature = "testing")]
+static CRASH_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// A point where a multi-step operation can be interrupted. When the environment variable
-/// `SNAPVISOR_CRASH_AT=N` is set, the N-th point reached aborts the process on the spot
-/// (no destructors, no flushes), which the crash tests use to stop an operation at every
-/// step boundary in turn. `SNAPVISOR_CRASH_TRACE=1` prints each point reached.
+/// A point where a multi-step operation can be interrupted. With the `testing` feature,
+/// when the environment variable `SNAPVISOR_CRASH_AT=N` is set, the N-th point reached
+/// aborts the process on the spot (no destructors, no flushes), which the crash tests use
+/// to stop an operation at every step boundary in turn; `SNAPVISOR_CRASH_TRACE=1` prints
+/// each point reached. Without the feature (release builds) it does nothing.
+#[cfg(feature = "testing")]
 pub fn crashpoint(what: &str) {
+    use std::sync::atomic::Ordering;
     let n = CRASH_COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
     if std::env::var_os("SNAPVISOR_CRASH_TRACE").is_some() {
         eprintln!("crashpoint {n}: {what}");
@@ -209,6 +212,12 @@ pub fn crashpoint(what: &str) {
         std::process::abort();
     }
 }
+
+/// A point where a multi-step operation can be interrupted: nothing in a build without
+/// the `testing` feature.
+#[cfg(not(feature = "testing"))]
+#[inline(always)]
+pub fn crashpoint(_what: &str) {}
 
 #[cfg(test)]
 mod tests {
