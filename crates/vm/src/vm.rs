@@ -1146,9 +1146,9 @@ pub fn read_checkpoint_config(vm_dir: &Path, id: Uuid) -> Result<VmConfig> {
         .join(id.to_string())
         .join(CHECKPOINT_CONFIG_FILE);
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+    crate::config::parse_checkpoint_config(&bytes).map_err(|reason| Error::Corrupt {
         path: path.clone(),
-        reason: format!("not a valid checkpoint config ({e})"),
+        reason,
     })
 }
 
