@@ -191,6 +191,9 @@ impl VmState {
             {
                 return Err(format!("layer {name} has an unknown parent {p}"));
             }
+        }
+        // Every parent is known now, so the walk up stays inside the map.
+        for name in self.layers.keys() {
             let mut at = name;
             for _ in 0..=self.layers.len() {
                 match &self.layers[at].parent {
