@@ -56,9 +56,10 @@
 //! | `machine.rs` | QEMU's program, accelerator, firmware, machine |
 //! | `qemu_process.rs` | QEMU as the worker's child; its state streamed to files |
 //!
-//! Imports point one way: `host`/`checkpoints` → `lifecycle`, `control`, `info` →
-//! `protocol`, `record` → `run_state`; `worker` → `live`, `live_merge` → `session` →
-//! `served`, `qemu_process` → `machine`.
+//! Imports point one way. The front end's side: `checkpoints` → `host` → `lifecycle`,
+//! `info`, `control` → `record`, `machine` → `error` → `protocol`, `run_state`. The
+//! worker's side: `worker` → `live` → `live_merge` → `session` → `served`, and
+//! `qemu_process` → `machine`.
 //!
 //! ## The worker
 //!
