@@ -1,23 +1,22 @@
-//! Whether a VM runs: the run state the worker records in `run/worker.json`, its valid
-//! transitions, and how a reader derives the state it reports.
+//! Whether a VM runs: the run states the worker records in `run/worker.json` and their
+//! valid transitions ([`RunState::can_become`]).
 //!
-//! ```text
-//!                 ┌──────────── start ─────────────┐
-//!                 v                                │
-//!   off ──> starting ──> running <──> paused       │
-//!    ^         │          │  │          │  │       │
-//!    │         │          │  └─ save ─> saving ──> saved
-//!    │         v          v             v          │
-//!    └──── (QEMU exits: off, or failed) <──────────┘ (discarded: off)
-//! ```
+//! | from | to | when |
+//! |---|---|---|
+//! | off, saved, failed, stopped-unexpectedly | starting | a worker starts |
+//! | starting | running | QEMU runs (with a saved state loaded, if there was one) |
+//! | running | paused, and back | pause, resume |
+//! | running, paused | saving | `vm save` begins |
+//! | saving | saved | the state is written and synced, QEMU exits |
+//! | saving | running | the save failed; the guest runs on |
+//! | starting, running, paused, saving | off, failed | QEMU exited: shut down or turned off; crashed or never started |
+//! | saved | off | the saved state is discarded (or found gone) |
+//! | saved | failed | QEMU did not exit after saving and was killed |
 //!
-//! The worker is the only writer: it records `starting` when it begins, `running` once
-//! QEMU runs, `paused`/`running` as the guest is paused and resumed, `saving` then
-//! `saved` for `vm save`, and `off` or `failed` when QEMU is gone. Readers add two states
-//! of their own, never recorded: a record that says the guest is up while the worker's
-//! liveness lock (`run/.lock`) is free reads as `stopped-unexpectedly` (the worker died),
-//! and `saved` without the saved state file reads as `off` (the state was discarded).
-//!
+//! The worker is the only writer (see [`crate::record`]). Readers add two states of their
+//! own, never recorded: a record that says the guest is up while the worker's liveness
+//! lock (`run/.lock`) is free reads as `stopped-unexpectedly` (the worker died), and
+//! `saved` without the saved state file reads as `off`.
 
 use serde::{Deserialize, Serialize};
 
