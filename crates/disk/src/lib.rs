@@ -10,9 +10,14 @@
 //!
 //! [`convert()`] copies any disk into a new raw or VHDX file, skipping ranges that read as
 //! zeros so they stay unallocated in the destination.
+//!
+//! With the `testing` feature, `conformance` is the suite every backend (this crate's, and
+//! the served disk of a running VM in `host`) must pass.
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "testing")]
+pub mod conformance;
 pub mod convert;
 pub mod raw;
 

@@ -1,319 +1,42 @@
-//! One conformance suite, run against every disk backend: a raw file, a dynamic VHDX, a
-//! fixed VHDX, a 4096-byte-sector VHDX, and a differencing chain three files deep.
-//!
-//! Each case states what any disk must do: read back what was written at any byte offset,
-//! refuse out-of-range requests without changing anything, make discarded and zeroed ranges
-//! read as zeros (never a parent's data), keep data across flush and reopen, and survive
-//! concurrent writers on disjoint ranges.
+//! The conformance suite ([`disk::conformance`]), run against every disk backend of this
+//! crate: a raw file, a dynamic VHDX, a fixed VHDX, a 4096-byte-sector VHDX, and a
+//! differencing chain three files deep. The served disk a running VM's guest uses runs
+//! the same suite in the `host` crate.
 
-use disk::{Disk, RawDisk, VhdxDisk};
-use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
-use std::path::{Path, PathBuf};
-use vhdx::{CreateParams, DiskKind};
+use disk::conformance::{self, FileBackend};
 
-const SIZE: u64 = 64 << 20;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    Raw,
-    Dynamic,
-    Fixed,
-    Dynamic4k,
-    Chain,
-}
-
-const ALL: [Backend; 5] = [
-    Backend::Raw,
-    Backend::Dynamic,
-    Backend::Fixed,
-    Backend::Dynamic4k,
-    Backend::Chain,
-];
-
-/// Makes a disk of the backend in `dir` whose contents equal `oracle` (random data in the
-/// lower layers for the chain, so a bug that falls through to a parent shows).
-fn make(backend: Backend, dir: &Path, oracle: &mut [u8]) -> PathBuf {
-    let vhdx = |name: &str, kind: DiskKind, logical: u32| {
-        let p = dir.join(name);
-        vhdx::create(
-            &p,
-            &CreateParams {
-                virtual_size: SIZE,
-                kind,
-                block_size: Some(1 << 20),
-                logical_sector_size: logical,
-                physical_sector_size: 4096,
-            },
-        )
-        .unwrap();
-        p
-    };
-    match backend {
-        Backend::Raw => {
-            let p = dir.join("disk.raw");
-            std::fs::File::create(&p).unwrap().set_len(SIZE).unwrap();
-            p
-        }
-        Backend::Dynamic => vhdx("disk.vhdx", DiskKind::Dynamic, 512),
-        Backend::Fixed => vhdx("disk.vhdx", DiskKind::Fixed, 512),
-        Backend::Dynamic4k => vhdx("disk.vhdx", DiskKind::Dynamic, 4096),
-        Backend::Chain => {
-            let base = vhdx("base.vhdx", DiskKind::Dynamic, 512);
-            let mut rng = StdRng::seed_from_u64(7);
-            let mut fill = |path: &Path, oracle: &mut [u8]| {
-                let d = VhdxDisk::open(path, true).unwrap();
-                for _ in 0..40 {
-                    let len = rng.random_range(1..300_000u64);
-                    let off = rng.random_range(0..SIZE - len);
-                    let mut data = vec![0u8; len as usize];
-                    rng.fill_bytes(&mut data);
-                    d.write_at(&data, off).unwrap();
-                    oracle[off as usize..(off + len) as usize].copy_from_slice(&data);
-                }
-                d.close().unwrap();
-            };
-            fill(&base, oracle);
-            let mid = dir.join("mid.avhdx");
-            vhdx::create_differencing(&mid, &base, Some(1 << 20)).unwrap();
-            fill(&mid, oracle);
-            let top = dir.join("top.avhdx");
-            vhdx::create_differencing(&top, &mid, None).unwrap();
-            top
-        }
-    }
-}
-
-fn open(backend: Backend, path: &Path, writable: bool) -> Box<dyn Disk> {
-    match backend {
-        Backend::Raw => Box::new(RawDisk::open(path, writable).unwrap()),
-        _ => Box::new(VhdxDisk::open(path, writable).unwrap()),
-    }
-}
-
-fn assert_reads(d: &dyn Disk, oracle: &[u8], what: &str) {
-    let mut buf = vec![0u8; SIZE as usize];
-    d.read_at(&mut buf, 0).unwrap();
-    if buf != oracle {
-        let first = buf.iter().zip(oracle).position(|(a, b)| a != b).unwrap();
-        panic!("{what}: first difference at byte {first}");
-    }
-}
-
-fn each_backend(case: impl Fn(Backend, &Path, &mut Vec<u8>)) {
-    for backend in ALL {
-        let dir = tempfile::tempdir().unwrap();
-        let mut oracle = vec![0u8; SIZE as usize];
-        let path = make(backend, dir.path(), &mut oracle);
-        eprintln!("backend {backend:?}");
-        case(backend, &path, &mut oracle);
+fn each_backend(case: fn(&dyn conformance::Backend)) {
+    for backend in FileBackend::ALL {
+        case(&backend);
     }
 }
 
 #[test]
 fn reads_back_writes_at_any_offset_and_length() {
-    each_backend(|backend, path, oracle| {
-        let d = open(backend, path, true);
-        assert_eq!(d.size(), SIZE);
-        assert_reads(d.as_ref(), oracle, "initial contents");
-        let mut rng = StdRng::seed_from_u64(1);
-        let sector = u64::from(d.sector_size());
-        for i in 0..300 {
-            let (off, len) = match i % 4 {
-                // Sector-aligned, unaligned, single bytes, and multi-block spans.
-                0 => (
-                    rng.random_range(0..SIZE / sector) * sector,
-                    sector * rng.random_range(1..16),
-                ),
-                1 => (rng.random_range(0..SIZE - 5000), rng.random_range(1..5000)),
-                2 => (rng.random_range(0..SIZE), 1),
-                _ => (
-                    rng.random_range(0..SIZE - (3 << 20)),
-                    rng.random_range(1..3 << 20),
-                ),
-            };
-            let len = len.min(SIZE - off);
-            let mut data = vec![0u8; len as usize];
-            rng.fill_bytes(&mut data);
-            d.write_at(&data, off).unwrap();
-            oracle[off as usize..(off + len) as usize].copy_from_slice(&data);
-            let mut back = vec![0u8; len as usize];
-            d.read_at(&mut back, off).unwrap();
-            assert_eq!(back, data, "{backend:?}: read after write at {off}+{len}");
-        }
-        assert_reads(d.as_ref(), oracle, "after writes");
-    });
+    each_backend(conformance::reads_back_writes_at_any_offset_and_length);
 }
 
 #[test]
 fn end_of_disk_and_out_of_range_requests() {
-    each_backend(|backend, path, oracle| {
-        let d = open(backend, path, true);
-        // The very last byte, and a zero-length request at the end.
-        d.write_at(&[0xEE], SIZE - 1).unwrap();
-        oracle[SIZE as usize - 1] = 0xEE;
-        d.write_at(&[], SIZE).unwrap();
-        let mut one = [0u8];
-        d.read_at(&mut one, SIZE - 1).unwrap();
-        assert_eq!(one[0], 0xEE);
-        d.read_at(&mut [], SIZE).unwrap();
-        // Beyond the end: refused, nothing changed.
-        assert!(d.read_at(&mut [0u8; 2], SIZE - 1).is_err());
-        assert!(d.write_at(&[1, 2], SIZE - 1).is_err());
-        assert!(d.write_at(&[1], SIZE).is_err());
-        assert!(d.write_zeroes(SIZE - 512, 1024).is_err());
-        assert!(d.write_at(&[1], u64::MAX).is_err());
-        assert_reads(d.as_ref(), oracle, "after refused requests");
-    });
+    each_backend(conformance::end_of_disk_and_out_of_range_requests);
 }
 
 #[test]
 fn zeroed_and_discarded_ranges_read_as_zeros() {
-    each_backend(|backend, path, oracle| {
-        let d = open(backend, path, true);
-        let mut rng = StdRng::seed_from_u64(2);
-        for i in 0..60 {
-            let len = match i % 3 {
-                0 => 1 << 20,
-                1 => rng.random_range(1..200_000),
-                _ => rng.random_range(1..4 << 20),
-            };
-            let off = if i % 3 == 0 {
-                rng.random_range(0..SIZE >> 20) << 20
-            } else {
-                rng.random_range(0..SIZE - len)
-            };
-            let len = len.min(SIZE - off);
-            if i % 2 == 0 {
-                d.discard(off, len).unwrap();
-            } else {
-                d.write_zeroes(off, len).unwrap();
-            }
-            oracle[off as usize..(off + len) as usize].fill(0);
-            let mut back = vec![0xFFu8; len as usize];
-            d.read_at(&mut back, off).unwrap();
-            assert!(
-                back.iter().all(|&b| b == 0),
-                "{backend:?}: zeroed range {off}+{len} reads data"
-            );
-        }
-        assert_reads(d.as_ref(), oracle, "after discards");
-    });
+    each_backend(conformance::zeroed_and_discarded_ranges_read_as_zeros);
 }
 
 #[test]
 fn flushed_data_survives_reopen() {
-    each_backend(|backend, path, oracle| {
-        let mut rng = StdRng::seed_from_u64(3);
-        {
-            let d = open(backend, path, true);
-            for _ in 0..50 {
-                let len = rng.random_range(1..1_000_000u64);
-                let off = rng.random_range(0..SIZE - len);
-                let mut data = vec![0u8; len as usize];
-                rng.fill_bytes(&mut data);
-                d.write_at(&data, off).unwrap();
-                oracle[off as usize..(off + len) as usize].copy_from_slice(&data);
-            }
-            d.flush().unwrap();
-        }
-        let d = open(backend, path, false);
-        assert!(d.is_read_only());
-        assert!(
-            d.write_at(&[1], 0).is_err(),
-            "read-only disk accepted a write"
-        );
-        assert_reads(d.as_ref(), oracle, "after reopen");
-        if backend != Backend::Raw {
-            let report = vhdx::check::check(path, false).unwrap();
-            assert!(report.is_clean(), "{backend:?}: {:?}", report.errors);
-        }
-    });
+    each_backend(conformance::flushed_data_survives_reopen);
 }
 
 #[test]
 fn concurrent_writers_on_disjoint_ranges() {
-    each_backend(|backend, path, oracle| {
-        let d = open(backend, path, true);
-        let threads = 8u64;
-        let stripe = SIZE / threads;
-        std::thread::scope(|s| {
-            for t in 0..threads {
-                let d = &d;
-                s.spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(100 + t);
-                    // Unaligned pieces inside this thread's own stripe.
-                    let mut pos = t * stripe;
-                    while pos < (t + 1) * stripe {
-                        let len = rng.random_range(1..70_000u64).min((t + 1) * stripe - pos);
-                        let data = vec![(t as u8) ^ (pos as u8) | 1; len as usize];
-                        d.write_at(&data, pos).unwrap();
-                        pos += len;
-                    }
-                });
-            }
-        });
-        // Rebuild the oracle the same way.
-        for t in 0..threads {
-            let mut rng = StdRng::seed_from_u64(100 + t);
-            let mut pos = t * stripe;
-            while pos < (t + 1) * stripe {
-                let len = rng.random_range(1..70_000u64).min((t + 1) * stripe - pos);
-                oracle[pos as usize..(pos + len) as usize].fill((t as u8) ^ (pos as u8) | 1);
-                pos += len;
-            }
-        }
-        d.flush().unwrap();
-        assert_reads(d.as_ref(), oracle, "after concurrent writes");
-    });
+    each_backend(conformance::concurrent_writers_on_disjoint_ranges);
 }
 
 #[test]
 fn flushes_while_writers_allocate_lose_nothing() {
-    each_backend(|backend, path, oracle| {
-        let d = open(backend, path, true);
-        let threads = 4u64;
-        let stripe = SIZE / threads;
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let flusher = s.spawn(|| {
-                let mut flushes = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    d.flush().unwrap();
-                    flushes += 1;
-                }
-                flushes
-            });
-            let writers: Vec<_> = (0..threads)
-                .map(|t| {
-                    let d = &d;
-                    s.spawn(move || {
-                        let mut rng = StdRng::seed_from_u64(200 + t);
-                        for _ in 0..150 {
-                            let len = rng.random_range(1..100_000u64);
-                            let off = t * stripe + rng.random_range(0..stripe - len);
-                            d.write_at(&vec![t as u8 + 1; len as usize], off).unwrap();
-                        }
-                    })
-                })
-                .collect();
-            for w in writers {
-                w.join().unwrap();
-            }
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            assert!(flusher.join().unwrap() > 0);
-        });
-        for t in 0..threads {
-            let mut rng = StdRng::seed_from_u64(200 + t);
-            for _ in 0..150 {
-                let len = rng.random_range(1..100_000u64);
-                let off = t * stripe + rng.random_range(0..stripe - len);
-                oracle[off as usize..(off + len) as usize].fill(t as u8 + 1);
-            }
-        }
-        d.flush().unwrap();
-        drop(d);
-        let d = open(backend, path, false);
-        assert_reads(d.as_ref(), oracle, "after writes racing flushes");
-    });
+    each_backend(conformance::flushes_while_writers_allocate_lose_nothing);
 }

@@ -446,7 +446,7 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
     Ok(if report.is_clean() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(2)
+        crate::exit::check_found_errors()
     })
 }
 

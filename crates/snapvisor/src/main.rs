@@ -1,19 +1,18 @@
 //! `snapvisor`: the command line.
 //!
-//! Every command runs in-process for now (disks, VMs, checkpoints of stopped VMs); later
-//! subcommands talk to VM workers.
-//! Errors print as one line on stderr (`snapvisor: <what failed>: <why>`) and exit 1.
+//! Argument parsing, rendering (text or `--json`) and the demo. Disk commands call the
+//! `disk` and `vhdx` crates; VM and checkpoint commands call the `host` crate's operation
+//! API ([`host::Host`]), which runs them offline or asks a running VM's worker; the hidden
+//! `vm worker` command is that worker ([`host::worker::run`]).
+//! Errors print as one line on stderr (`snapvisor: <what failed>: <why>`); exit codes come
+//! from one place, `exit.rs`.
 
 mod checkpoint_cmd;
 mod demo;
 mod disk_cmd;
-mod lifecycle;
-mod live;
-mod live_merge;
-mod served;
+mod exit;
 mod units;
 mod vm_cmd;
-mod worker;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -60,7 +59,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("snapvisor: {e:#}");
-            ExitCode::FAILURE
+            exit::for_error(&e)
         }
     }
 }

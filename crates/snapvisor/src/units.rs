@@ -63,6 +63,15 @@ pub fn progress_bar(message: &str) -> ProgressBar {
     bar
 }
 
+/// Reports a long operation's progress (`(what, done, total)`) on `bar`.
+pub fn bar_progress(bar: &ProgressBar) -> host::Progress {
+    let bar = bar.clone();
+    Box::new(move |_, done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

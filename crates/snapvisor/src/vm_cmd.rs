@@ -4,10 +4,13 @@ use crate::disk_cmd::print_json;
 use crate::units::{human, parse_size, progress_bar};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use host::info::VmInfo;
+use host::{Host, StartOptions, StopOptions, Stopped, VmChanges};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vm::{CheckpointType, DirectBoot, NewVm, Settings, Store, VmState};
+use std::time::Duration;
+use vm::{CheckpointType, DirectBoot, NewVm, Settings, Store};
 
 /// Where the store is and how long to wait for a busy VM (global options).
 #[derive(Args, Debug, Clone)]
@@ -22,13 +25,15 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    pub fn open(&self) -> Result<Store> {
+    /// The host over the store; VM workers run this binary's hidden `vm worker`.
+    pub fn open(&self) -> Result<Host> {
         let root = self.store.clone().unwrap_or_else(Store::default_root);
         if !(0.0..=86_400.0).contains(&self.wait) {
             bail!("--wait takes 0 to 86400 seconds");
         }
-        Store::open(&root, std::time::Duration::from_secs_f64(self.wait))
-            .with_context(|| format!("cannot open the store {}", root.display()))
+        let store = Store::open(&root, Duration::from_secs_f64(self.wait))
+            .with_context(|| format!("cannot open the store {}", root.display()))?;
+        Ok(Host::open(store))
     }
 }
 
@@ -55,20 +60,6 @@ impl From<CheckpointTypeArg> for CheckpointType {
 pub enum FirmwareArg {
     Bios,
     Uefi,
-}
-
-/// OVMF's firmware code and empty variable store: `SNAPVISOR_OVMF_CODE` and
-/// `SNAPVISOR_OVMF_VARS`, else Debian's `ovmf` package.
-pub fn ovmf_paths() -> (PathBuf, PathBuf) {
-    let pick = |var: &str, default: &str| {
-        std::env::var_os(var)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(default))
-    };
-    (
-        pick("SNAPVISOR_OVMF_CODE", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
-        pick("SNAPVISOR_OVMF_VARS", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-    )
 }
 
 #[derive(Subcommand, Debug)]
@@ -282,16 +273,14 @@ pub struct ImportArgs {
 }
 
 pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
-    let store = store.open()?;
+    let host = store.open()?;
     match cmd {
-        VmCommand::Create(a) => create(&store, a),
-        VmCommand::List(a) => list(&store, a.json),
-        VmCommand::Show(a) => show(&store, &a.name, a.json),
-        VmCommand::Set(a) => set(&store, a),
+        VmCommand::Create(a) => create(&host, a),
+        VmCommand::List(a) => list(&host, a.json),
+        VmCommand::Show(a) => show(&host, &a.name, a.json),
+        VmCommand::Set(a) => set(&host, a),
         VmCommand::Delete(a) => {
-            store
-                .delete(&a.name)
-                .with_context(|| format!("cannot delete VM {:?}", a.name))?;
+            host.vm(&a.name).delete()?;
             if a.json {
                 print_json(&json!({"deleted": a.name}))?;
             } else {
@@ -300,18 +289,14 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Export(a) => {
-            store
-                .export(&a.name, &a.dir)
-                .with_context(|| format!("cannot export VM {:?}", a.name))?;
+            host.vm(&a.name).export(&a.dir)?;
             println!("exported VM {:?} to {}", a.name, a.dir.display());
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Import(a) => {
-            let name = store
-                .import(&a.dir, a.copy, a.new_name.as_deref())
-                .with_context(|| format!("cannot import {}", a.dir.display()))?;
+            let name = host.import(&a.dir, a.copy, a.new_name.as_deref())?;
             if a.json {
-                show(&store, &name, true)
+                show(&host, &name, true)
             } else {
                 let how = if a.copy {
                     "copied into the store with a new UUID and generation ID"
@@ -322,20 +307,52 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
-        VmCommand::Consolidate(a) => consolidate(&store, &a.name, a.json),
+        VmCommand::Consolidate(a) => consolidate(&host, &a.name, a.json),
         VmCommand::Start(a) => {
-            crate::lifecycle::start(&store, &a.name, a.accel.map(Into::into), a.timeout)
+            let pid = host.vm(&a.name).start(StartOptions {
+                accel: a.accel.map(Into::into),
+                timeout: Duration::from_secs(a.timeout),
+            })?;
+            println!("started VM {:?} (worker pid {pid})", a.name);
+            Ok(ExitCode::SUCCESS)
         }
-        VmCommand::Stop(a) => crate::lifecycle::stop(&store, &a.name, a.force, a.timeout),
-        VmCommand::Pause(a) => crate::lifecycle::simple(&store, &a.name, "pause"),
-        VmCommand::Save(a) => crate::lifecycle::save(&store, &a.name),
-        VmCommand::Resume(a) => crate::lifecycle::simple(&store, &a.name, "resume"),
-        VmCommand::Status(a) => crate::lifecycle::status(&store, &a.name, a.json),
+        VmCommand::Stop(a) => {
+            let stopped = host.vm(&a.name).stop(StopOptions {
+                force: a.force,
+                timeout: Duration::from_secs(a.timeout),
+            })?;
+            match stopped {
+                Stopped::DiscardedSavedState => {
+                    println!("discarded the saved state of VM {:?}; it is off", a.name)
+                }
+                Stopped::Stopped(how) => println!("stopped VM {:?} ({})", a.name, how.as_str()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Pause(a) => {
+            host.vm(&a.name).pause()?;
+            println!("paused VM {:?}", a.name);
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Resume(a) => {
+            host.vm(&a.name).resume()?;
+            println!("resumed VM {:?}", a.name);
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Save(a) => {
+            let ms = host.vm(&a.name).save()?;
+            println!(
+                "saved VM {:?} in {ms} ms; `snapvisor vm start {}` resumes it",
+                a.name, a.name
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Status(a) => status(&host, &a.name, a.json),
         VmCommand::Worker(a) => {
-            crate::worker::run(
-                &store,
+            host::worker::run(
+                host.store(),
                 &a.name,
-                crate::worker::StartOptions {
+                host::worker::WorkerOptions {
                     accel: a.accel.into(),
                 },
             )?;
@@ -344,7 +361,7 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
     }
 }
 
-fn create(store: &Store, a: CreateArgs) -> Result<ExitCode> {
+fn create(host: &Host, a: CreateArgs) -> Result<ExitCode> {
     let boot = match a.kernel {
         Some(k) => Some(DirectBoot {
             kernel: absolute(&k)?,
@@ -367,68 +384,22 @@ fn create(store: &Store, a: CreateArgs) -> Result<ExitCode> {
             FirmwareArg::Bios => vm::Firmware::Bios,
             FirmwareArg::Uefi => vm::Firmware::Uefi,
         },
-        uefi_vars_template: (a.firmware == FirmwareArg::Uefi).then(|| ovmf_paths().1),
+        uefi_vars_template: None,
     };
-    store
-        .create(&spec)
-        .with_context(|| format!("cannot create VM {:?}", a.name))?;
+    host.create_vm(&spec)?;
     if a.json {
-        show(store, &a.name, true)
+        show(host, &a.name, true)
     } else {
         println!(
             "created VM {:?} in {}",
             a.name,
-            store.vm_path(&a.name).display()
+            host.store().vm_path(&a.name).display()
         );
         Ok(ExitCode::SUCCESS)
     }
 }
 
-fn set(store: &Store, a: SetArgs) -> Result<ExitCode> {
-    if let Ok((dir, _, _)) = store.read_vm(&a.name)
-        && matches!(
-            crate::worker::run_state(&dir).0.as_str(),
-            "running" | "paused"
-        )
-    {
-        // The worker holds the VM: it changes the checkpoint settings (Hyper-V allows that
-        // on a running VM); hardware and the name wait for the VM to stop.
-        if a.new_name.is_some()
-            || a.memory.is_some()
-            || a.cpus.is_some()
-            || a.kernel.is_some()
-            || a.no_kernel
-        {
-            bail!(
-                "VM {:?} is running: stop it to change its name or hardware (checkpoint settings can change while it runs)",
-                a.name
-            );
-        }
-        crate::worker::request(
-            &dir,
-            &json!({
-                "cmd": "checkpoint", "op": "settings",
-                "checkpoint_type": a.checkpoint_type.map(|t| CheckpointType::from(t).as_str()),
-                "max_checkpoints": a.max_checkpoints,
-                "automatic_checkpoints": a.automatic_checkpoints.map(|o| o == OnOff::On),
-            }),
-            std::time::Duration::from_secs(60),
-        )
-        .with_context(|| format!("cannot change VM {:?}", a.name))?;
-        return if a.json {
-            show(store, &a.name, true)
-        } else {
-            println!("changed VM {:?}", a.name);
-            Ok(ExitCode::SUCCESS)
-        };
-    }
-    let mut name = a.name.clone();
-    if let Some(new) = &a.new_name {
-        store
-            .rename(&name, new)
-            .with_context(|| format!("cannot rename VM {name:?}"))?;
-        name = new.clone();
-    }
+fn set(host: &Host, a: SetArgs) -> Result<ExitCode> {
     let boot = if a.no_kernel {
         Some(None)
     } else if let Some(k) = &a.kernel {
@@ -440,30 +411,28 @@ fn set(store: &Store, a: SetArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let settings = Settings {
-        memory: a.memory,
-        cpus: a.cpus,
-        boot,
-        checkpoint_type: a.checkpoint_type.map(Into::into),
-        max_checkpoints: a.max_checkpoints,
-        automatic_checkpoints: a.automatic_checkpoints.map(|o| o == OnOff::On),
+    let changes = VmChanges {
+        new_name: a.new_name.clone(),
+        settings: Settings {
+            memory: a.memory,
+            cpus: a.cpus,
+            boot,
+            checkpoint_type: a.checkpoint_type.map(Into::into),
+            max_checkpoints: a.max_checkpoints,
+            automatic_checkpoints: a.automatic_checkpoints.map(|o| o == OnOff::On),
+        },
     };
-    let mut vm = store
-        .open_vm(&name, "vm set")
-        .with_context(|| format!("cannot change VM {name:?}"))?;
-    vm.set(&settings)
-        .with_context(|| format!("cannot change VM {name:?}"))?;
-    drop(vm);
+    let name = host.vm(&a.name).set(&changes)?;
     if a.json {
-        show(store, &name, true)
+        show(host, &name, true)
     } else {
         println!("changed VM {name:?}");
         Ok(ExitCode::SUCCESS)
     }
 }
 
-fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
-    let entries = store.list()?;
+fn list(host: &Host, as_json: bool) -> Result<ExitCode> {
+    let entries = host.list()?;
     if as_json {
         let vms: Vec<Value> = entries
             .iter()
@@ -471,7 +440,7 @@ fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
                 Ok(s) => json!({
                     "name": e.name,
                     "uuid": s.config.uuid,
-                    "state": crate::worker::run_state(&e.dir).0,
+                    "state": e.run.as_str(),
                     "memory": s.config.hardware.memory,
                     "cpus": s.config.hardware.cpus,
                     "disks": s.config.hardware.disks.len(),
@@ -486,11 +455,11 @@ fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
                 }),
             })
             .collect();
-        print_json(&json!({ "store": store.root(), "vms": vms }))?;
+        print_json(&json!({ "store": host.store().root(), "vms": vms }))?;
         return Ok(ExitCode::SUCCESS);
     }
     if entries.is_empty() {
-        println!("no VMs in {}", store.root().display());
+        println!("no VMs in {}", host.store().root().display());
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -502,7 +471,7 @@ fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
             Ok(s) => println!(
                 "{:<24} {:<20} {:>9} {:>5} {:>6} {:>12}{}",
                 e.name,
-                crate::worker::run_state(&e.dir).0,
+                e.run.as_str(),
                 human(s.config.hardware.memory),
                 s.config.hardware.cpus,
                 s.config.hardware.disks.len(),
@@ -519,74 +488,59 @@ fn list(store: &Store, as_json: bool) -> Result<ExitCode> {
 }
 
 /// `vm show --json`'s document.
-pub fn show_json(dir: &Path, s: &VmState, unfinished: Option<&str>) -> Value {
+pub fn show_json(info: &VmInfo) -> Value {
+    let s = &info.state;
     let c = &s.config;
-    let disks: Vec<Value> = c
-        .hardware
+    let disks: Vec<Value> = info
         .disks
         .iter()
-        .zip(&s.now.disks)
-        .map(|(d, file)| {
-            let path = dir.join("disks").join(file);
-            // From the layer graph, so that it shows while a worker holds the files.
-            let mut depth = 0;
-            let mut at = Some(file.clone());
-            while let Some(l) = at {
-                depth += 1;
-                at = s.layers.get(&l).and_then(|x| x.parent.clone());
-            }
-            let virtual_size = match vhdx::VhdxFile::open(&path, vhdx::OpenOptions::default()) {
-                Ok(f) => json!(f.geometry().virtual_size),
-                Err(_) => Value::Null,
-            };
+        .map(|d| {
             json!({
-                "name": d.name, "disk_id": d.disk_id, "file": path,
-                "virtual_size": virtual_size, "chain_depth": depth,
+                "name": d.name, "disk_id": d.disk_id, "file": d.file,
+                "virtual_size": d.virtual_size, "chain_depth": d.chain_depth,
             })
         })
         .collect();
-    let hidden: Vec<Value> = s
-        .hidden_layers()
-        .into_iter()
-        .map(|(f, n)| json!({"file": dir.join("disks").join(&f), "dependants": n}))
+    let hidden: Vec<Value> = info
+        .hidden_layers
+        .iter()
+        .map(|(f, n)| json!({"file": f, "dependants": n}))
         .collect();
     json!({
         "name": c.name,
         "uuid": c.uuid,
         "generation_id": c.generation_id,
-        "folder": dir,
-        "state": crate::worker::run_state(dir).0,
+        "folder": info.dir,
+        "state": info.run.as_str(),
         "memory": c.hardware.memory,
         "cpus": c.hardware.cpus,
         "disks": disks,
         "boot": c.hardware.boot,
         "firmware": c.hardware.firmware.as_str(),
-        "uefi_vars": s.now.nvram.as_ref().map(|f| dir.join(vm::journal::FIRMWARE_DIR).join(f)),
+        "uefi_vars": info.uefi_vars,
         "checkpoint_type": c.checkpoint_type.as_str(),
         "max_checkpoints": c.max_checkpoints,
         "automatic_checkpoints": c.automatic_checkpoints,
         "checkpoint_count": s.checkpoints.len(),
-        "now_parent": s.now.parent.and_then(|p| s.checkpoint(p)).map(|p| json!({"id": p.id, "name": p.name})),
+        "now_parent": info.now_parent().map(|p| json!({"id": p.id, "name": p.name})),
         "hidden_layers": hidden,
-        "unfinished_operation": unfinished,
+        "unfinished_operation": info.unfinished,
     })
 }
 
-pub fn show(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
-    let (dir, s, unfinished) = store
-        .read_vm(name)
-        .with_context(|| format!("cannot read VM {name:?}"))?;
-    let doc = show_json(&dir, &s, unfinished.as_deref());
+pub fn show(host: &Host, name: &str, as_json: bool) -> Result<ExitCode> {
+    let info = host.vm(name).info()?;
     if as_json {
-        print_json(&doc)?;
+        print_json(&show_json(&info))?;
         return Ok(ExitCode::SUCCESS);
     }
+    let s = &info.state;
     let c = &s.config;
     println!("{}", c.name);
-    println!("  folder         {}", dir.display());
+    println!("  folder         {}", info.dir.display());
     println!("  uuid           {}", c.uuid);
     println!("  generation id  {}", c.generation_id);
-    println!("  state          {}", crate::worker::run_state(&dir).0);
+    println!("  state          {}", info.run.as_str());
     println!("  memory         {}", human(c.hardware.memory));
     println!("  cpus           {}", c.hardware.cpus);
     println!("  firmware       {}", c.hardware.firmware.as_str());
@@ -608,45 +562,65 @@ pub fn show(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
             ""
         }
     );
-    let in_use = matches!(doc["state"].as_str(), Some("running" | "paused"));
-    for d in doc["disks"].as_array().into_iter().flatten() {
+    let in_use = info.run.is_live();
+    for d in &info.disks {
         println!(
             "  {:<14} {} ({}, chain depth {})",
-            d["name"].as_str().unwrap_or_default(),
-            d["file"].as_str().unwrap_or_default(),
-            d["virtual_size"]
-                .as_u64()
-                .map(human)
-                .unwrap_or_else(|| if in_use {
-                    "open in the running VM".into()
-                } else {
-                    "unreadable".into()
-                }),
-            d["chain_depth"]
+            d.name,
+            d.file.display(),
+            d.virtual_size.map(human).unwrap_or_else(|| if in_use {
+                "open in the running VM".into()
+            } else {
+                "unreadable".into()
+            }),
+            d.chain_depth
         );
     }
     for h in s.hidden_layers() {
         println!("  hidden layer   {} ({} layers depend on it)", h.0, h.1);
     }
-    if let Some(op) = unfinished {
+    if let Some(op) = &info.unfinished {
         println!("  unfinished     {op}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn consolidate(store: &Store, name: &str, as_json: bool) -> Result<ExitCode> {
-    let mut vm = store
-        .open_vm(name, "vm consolidate")
-        .with_context(|| format!("cannot consolidate VM {name:?}"))?;
+fn status(host: &Host, name: &str, as_json: bool) -> Result<ExitCode> {
+    let status = host.vm(name).status()?;
+    let record = status.run.record.as_ref();
+    let live = status.live.as_ref();
+    let agent = live.is_some_and(|l| l.agent);
+    if as_json {
+        print_json(&json!({
+            "name": name,
+            "state": status.run.state.as_str(),
+            "worker_pid": record.map(|r| r.pid),
+            "qemu_pid": record.and_then(|r| r.qemu_pid),
+            "qemu_status": live.map(|l| &l.qemu_status),
+            "agent": agent,
+            "generation_id": live.map(|l| &l.generation_id),
+            "error": record.and_then(|r| r.error.clone()),
+        }))?;
+    } else {
+        println!("{name}: {}", status.run.state.as_str());
+        if live.is_some() {
+            println!(
+                "  guest agent: {}",
+                if agent { "answers" } else { "does not answer" }
+            );
+        }
+        if let Some(e) = record.and_then(|r| r.error.as_ref()) {
+            println!("  last error: {e}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn consolidate(host: &Host, name: &str, as_json: bool) -> Result<ExitCode> {
     let bar = progress_bar("merging");
-    let b = bar.clone();
-    vm.set_progress(Box::new(move |_, done, total| {
-        b.set_length(total);
-        b.set_position(done);
-    }));
-    let report = vm
-        .consolidate()
-        .with_context(|| format!("cannot consolidate VM {name:?}"))?;
+    let report = host
+        .vm(name)
+        .consolidate(crate::units::bar_progress(&bar))?;
     bar.finish_and_clear();
     if as_json {
         print_json(&json!({

@@ -389,6 +389,53 @@ fn export_and_import_in_place_and_as_a_copy() {
 /// A full file system in the middle of a merge: the delete reports it, nothing is lost,
 /// and once there is room `vm consolidate` finishes the merge.
 #[test]
+fn starting_without_qemu_says_what_to_install_or_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(&dir.path().join("store"));
+    cli.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--disk",
+        "1M",
+        "--automatic-checkpoints",
+    ]);
+    // Not on the PATH.
+    let out = cli
+        .command(&["vm", "start", "web"])
+        .env_remove("SNAPVISOR_QEMU")
+        .env("PATH", dir.path().join("no-bin"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("qemu-system-x86_64")
+            && e.contains("apt install qemu-system-x86")
+            && e.contains("SNAPVISOR_QEMU"),
+        "{e}"
+    );
+    // Named by SNAPVISOR_QEMU, but not there.
+    let missing = dir.path().join("qemu-here");
+    let out = cli
+        .command(&["vm", "start", "web"])
+        .env("SNAPVISOR_QEMU", &missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains(missing.to_str().unwrap()) && e.contains("SNAPVISOR_QEMU"),
+        "{e}"
+    );
+    // Nothing happened: no worker ran, no automatic checkpoint was taken.
+    let status = cli.json(&["vm", "status", "web", "--json"]);
+    assert_eq!(status["state"], "off", "{status}");
+    let show = cli.json(&["vm", "show", "web", "--json"]);
+    assert_eq!(show["checkpoint_count"], 0, "{show}");
+}
+
+#[test]
 fn a_full_disk_during_a_merge_loses_nothing() {
     if !is_root() {
         eprintln!("skipped: mounting a small tmpfs needs root");

@@ -200,9 +200,76 @@ pub fn validate_settings(config: &VmConfig) -> Result<()> {
     Ok(())
 }
 
+/// Layout version of a checkpoint's `config.json` (the VM's [`VmConfig`] as the checkpoint
+/// was taken, with `"format"` beside its fields). A file without the field was written
+/// before versions and has the same layout.
+pub const CHECKPOINT_CONFIG_FORMAT: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointConfigFile {
+    #[serde(default)]
+    format: u32,
+    #[serde(flatten)]
+    config: VmConfig,
+}
+
+/// A checkpoint's `config.json`.
+pub fn checkpoint_config_bytes(config: &VmConfig) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(&CheckpointConfigFile {
+        format: CHECKPOINT_CONFIG_FORMAT,
+        config: config.clone(),
+    })
+    .expect("config serializes");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Reads a checkpoint's `config.json`; `Err` says what is wrong with it.
+pub fn parse_checkpoint_config(bytes: &[u8]) -> std::result::Result<VmConfig, String> {
+    let file: CheckpointConfigFile = serde_json::from_slice(bytes)
+        .map_err(|e| format!("not a valid checkpoint config ({e})"))?;
+    if file.format > CHECKPOINT_CONFIG_FORMAT {
+        return Err(format!(
+            "checkpoint config format {} is newer than this snapvisor reads (format {CHECKPOINT_CONFIG_FORMAT})",
+            file.format
+        ));
+    }
+    Ok(file.config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoint_configs_without_a_format_are_read() {
+        let config = VmConfig {
+            name: "web".into(),
+            uuid: Uuid::nil(),
+            generation_id: Uuid::nil(),
+            hardware: Hardware {
+                memory: 1 << 30,
+                cpus: 1,
+                disks: Vec::new(),
+                boot: None,
+                firmware: Firmware::Bios,
+            },
+            checkpoint_type: CheckpointType::Production,
+            max_checkpoints: 50,
+            automatic_checkpoints: false,
+        };
+        let old = serde_json::to_vec(&config).unwrap();
+        assert_eq!(parse_checkpoint_config(&old).unwrap(), config);
+        let new = checkpoint_config_bytes(&config);
+        let v: serde_json::Value = serde_json::from_slice(&new).unwrap();
+        assert_eq!(v["format"], CHECKPOINT_CONFIG_FORMAT);
+        assert_eq!(v["name"], "web");
+        assert_eq!(parse_checkpoint_config(&new).unwrap(), config);
+        let mut newer = v.clone();
+        newer["format"] = 2.into();
+        let e = parse_checkpoint_config(&serde_json::to_vec(&newer).unwrap()).unwrap_err();
+        assert!(e.contains("newer"), "{e}");
+    }
 
     #[test]
     fn names() {

@@ -1,6 +1,7 @@
 //! Errors of the store and the checkpoint tree.
 
 use std::path::PathBuf;
+pub use vhdx::ErrorKind;
 
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -142,6 +143,30 @@ pub enum Error {
 }
 
 impl Error {
+    /// What kind of failure this is (see [`ErrorKind`]): what front ends map to exit codes
+    /// and statuses.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NoSuchVm { .. } | Error::NoSuchCheckpoint { .. } => ErrorKind::NotFound,
+            Error::VmExists(_)
+            | Error::DuplicateUuid { .. }
+            | Error::InvalidName { .. }
+            | Error::InvalidArgument(_)
+            | Error::AmbiguousCheckpoint { .. }
+            | Error::CheckpointsDisabled(_)
+            | Error::LimitReached { .. } => ErrorKind::Invalid,
+            Error::Busy { .. } => ErrorKind::Busy,
+            // A layer the tree needs is gone or is another disk's: the VM folder is damaged.
+            Error::Corrupt { .. } | Error::MissingLayer { .. } | Error::ForeignDisk { .. } => {
+                ErrorKind::Corrupt
+            }
+            Error::Unfinished { source, .. } => source.kind(),
+            Error::Io { source, .. } => ErrorKind::of_io(source),
+            Error::Vhdx(e) => e.kind(),
+            Error::Disk(e) => e.kind(),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),

@@ -1,10 +1,10 @@
-//! Durable file operations, time formatting, and crash injection for tests.
+//! Durable file operations (atomic writes, whole folders built aside and renamed into
+//! place), time formatting, and crash points for tests (the `testing` feature).
 
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Writes `path` whole: a temporary sibling is written and synced, renamed over `path`,
@@ -102,13 +102,104 @@ pub fn format_time(secs: u64) -> String {
     )
 }
 
-static CRASH_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// The last component of a folder's path (a VM folder's name is its VM's name).
+pub fn folder_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
 
-/// A point where a multi-step operation can be interrupted. When the environment variable
-/// `SNAPVISOR_CRASH_AT=N` is set, the N-th point reached aborts the process on the spot
-/// (no destructors, no flushes), which the crash tests use to stop an operation at every
-/// step boundary in turn. `SNAPVISOR_CRASH_TRACE=1` prints each point reached.
+/// Builds a folder at `dest` (which must not exist, or be empty) under a temporary
+/// sibling name and renames it into place, so `dest` appears whole or not at all.
+pub fn write_folder_atomically(dest: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    match std::fs::read_dir(dest) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} exists and is not empty; name a new folder",
+                    dest.display()
+                )));
+            }
+            std::fs::remove_dir(dest).map_err(|e| Error::io(dest, e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(dest, e)),
+    }
+    let name = folder_name(dest);
+    if name.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a folder name",
+            dest.display()
+        )));
+    }
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "the folder {} does not exist",
+            parent.display()
+        )));
+    }
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = build(&tmp).and_then(|()| {
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))?;
+        sync_dir(&parent)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Copies a file and syncs the copy.
+pub fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    // std::fs::copy uses copy_file_range: extents are shared or copied in the kernel.
+    std::fs::copy(src, dst).map_err(|e| Error::io(src, e))?;
+    std::fs::File::open(dst)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dst, e))
+}
+
+/// Copies a folder recursively (hidden entries skipped), syncing every file and folder.
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    let rd = match std::fs::read_dir(src) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(src, e)),
+    };
+    for e in rd {
+        let e = e.map_err(|e| Error::io(src, e))?;
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let ty = e.file_type().map_err(|err| Error::io(e.path(), err))?;
+        if ty.is_dir() {
+            copy_tree(&e.path(), &dst.join(&name))?;
+        } else if ty.is_file() {
+            copy_file(&e.path(), &dst.join(&name))?;
+        }
+    }
+    sync_dir(dst)
+}
+
+#[cfg(feature = "testing")]
+static CRASH_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A point where a multi-step operation can be interrupted. With the `testing` feature,
+/// when the environment variable `SNAPVISOR_CRASH_AT=N` is set, the N-th point reached
+/// aborts the process on the spot (no destructors, no flushes), which the crash tests use
+/// to stop an operation at every step boundary in turn; `SNAPVISOR_CRASH_TRACE=1` prints
+/// each point reached. Without the feature (release builds) it does nothing.
+#[cfg(feature = "testing")]
 pub fn crashpoint(what: &str) {
+    use std::sync::atomic::Ordering;
     let n = CRASH_COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
     if std::env::var_os("SNAPVISOR_CRASH_TRACE").is_some() {
         eprintln!("crashpoint {n}: {what}");
@@ -121,6 +212,12 @@ pub fn crashpoint(what: &str) {
         std::process::abort();
     }
 }
+
+/// A point where a multi-step operation can be interrupted: nothing in a build without
+/// the `testing` feature.
+#[cfg(not(feature = "testing"))]
+#[inline(always)]
+pub fn crashpoint(_what: &str) {}
 
 #[cfg(test)]
 mod tests {

@@ -48,9 +48,9 @@ pub const CHECKPOINT_NVRAM_FILE: &str = "vars.fd";
 /// checkpoint that claims memory but has no such file was interrupted while its memory
 /// was being written, and is removed at the next open.
 pub const CHECKPOINT_MEMORY_FILE: &str = "memory.vsv";
-/// How far an unfinished merge into a parent got: `{"child": FILE, "durable": OFFSET}`,
-/// everything the child stores below OFFSET being in the parent and flushed. A merge run
-/// again after a crash starts there; the file goes once the child is gone.
+/// How far an unfinished merge into a parent got ([`MergeProgress`]): everything the child
+/// stores below an offset is in the parent and flushed. A merge run again after a crash
+/// starts there; the file goes once the child is gone.
 pub const MERGE_PROGRESS_FILE: &str = "merge-progress.json";
 /// The saved state of a saved VM (`vm save`, or applying a checkpoint with memory): the
 /// next start loads it.
@@ -134,9 +134,69 @@ pub enum Step {
     },
 }
 
+/// Layout version of `journal.json` this crate writes. A journal without the field was
+/// written before versions and has the same layout; a newer one is refused (its steps
+/// may mean something this build does not do), naming the build that can finish it.
+pub const JOURNAL_FORMAT: u32 = 1;
+
+impl Step {
+    /// Checks what a step read from disk names: layer files are plain names inside
+    /// `disks/`, other paths stay inside the VM folder, and a committed state keeps its
+    /// invariants. A damaged journal must not make recovery touch files elsewhere.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let layer = |name: &str| {
+            if crate::state::is_plain_file_name(name) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the journal names the layer {name:?}, which is not a plain file name"
+                ))
+            }
+        };
+        let inside = |path: &str| {
+            let p = Path::new(path);
+            let plain = !path.is_empty()
+                && p.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if plain {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the journal names the path {path:?}, which is not inside the VM folder"
+                ))
+            }
+        };
+        match self {
+            Step::WriteCheckpointConfig { .. } | Step::RemoveCheckpointDir { .. } => Ok(()),
+            Step::CreateChild { file, parent } => layer(file).and(layer(parent)),
+            Step::Merge {
+                parent,
+                child,
+                relink,
+                ..
+            } => {
+                layer(parent)?;
+                layer(child)?;
+                relink.iter().try_for_each(|r| layer(r))
+            }
+            Step::RemoveLayer { file } => layer(file),
+            Step::CopyFile { from, to } | Step::LinkFile { from, to } => {
+                inside(from).and(inside(to))
+            }
+            Step::RemoveFile { path } => inside(path),
+            Step::Commit { state } => state
+                .validate()
+                .map_err(|e| format!("the journal commits an inconsistent state: {e}")),
+        }
+    }
+}
+
 /// A planned operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Journal {
+    /// Layout version ([`JOURNAL_FORMAT`]; 0 when absent).
+    #[serde(default)]
+    pub format: u32,
     /// What the user asked for, for messages (`checkpoint delete "x"`).
     pub op: String,
     /// When it started, seconds since the Unix epoch.
@@ -152,6 +212,7 @@ impl Journal {
     /// A journal for `op`.
     pub fn new(op: impl Into<String>) -> Journal {
         Journal {
+            format: JOURNAL_FORMAT,
             op: op.into(),
             started: fsutil::now_unix(),
             steps: Vec::new(),
@@ -166,12 +227,31 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Corrupt {
-            path: path.clone(),
-            reason: format!(
+        Journal::from_slice(&bytes)
+            .map(Some)
+            .map_err(|reason| Error::Corrupt {
+                path: path.clone(),
+                reason,
+            })
+    }
+
+    /// Parses a journal; `Err` says what is wrong with it and what to do.
+    pub fn from_slice(bytes: &[u8]) -> std::result::Result<Journal, String> {
+        let journal: Journal = serde_json::from_slice(bytes).map_err(|e| {
+            format!(
                 "unreadable operation journal ({e}); the last committed state in vm.json is intact: move the journal away, then run `snapvisor vm consolidate` to list files the unfinished operation left"
-            ),
-        })
+            )
+        })?;
+        if journal.format > JOURNAL_FORMAT {
+            return Err(format!(
+                "the operation journal has format {}, newer than this snapvisor reads (format {JOURNAL_FORMAT}); finish the operation ({}) with the snapvisor that started it",
+                journal.format, journal.op
+            ));
+        }
+        for step in &journal.steps {
+            step.validate()?;
+        }
+        Ok(journal)
     }
 
     /// What tells this plan from any other (progress records carry it).
@@ -238,8 +318,7 @@ fn run_step(vm_dir: &Path, journal: &Journal, step: &Step, progress: Progress<'_
         Step::WriteCheckpointConfig { id, config } => {
             let dir = vm_dir.join(CHECKPOINTS_DIR).join(id.to_string());
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            let mut bytes = serde_json::to_vec_pretty(config).expect("config serializes");
-            bytes.push(b'\n');
+            let bytes = crate::config::checkpoint_config_bytes(config);
             fsutil::atomic_write(&dir.join(CHECKPOINT_CONFIG_FILE), &bytes)?;
             fsutil::sync_dir_of(&dir)
         }
@@ -381,24 +460,109 @@ pub fn locator_parent_name(path: &Path) -> Result<Option<String>> {
         .and_then(|p| p.rsplit(['\\', '/']).next().map(str::to_owned)))
 }
 
+/// Layout version of `merge-progress.json`. A record without the field was written before
+/// versions and has the same layout; a newer one is ignored (the merge starts over, which
+/// is always safe).
+pub const MERGE_PROGRESS_FORMAT: u32 = 1;
+
+/// `merge-progress.json`: how far a merge into a parent got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeProgress {
+    /// Layout version ([`MERGE_PROGRESS_FORMAT`]; 0 when absent).
+    #[serde(default)]
+    pub format: u32,
+    /// The journal that planned the merge ([`Journal::token`]).
+    pub journal: String,
+    /// The child being merged into its parent.
+    pub child: String,
+    /// Everything the child stores below this offset is in the parent and flushed.
+    pub durable: u64,
+}
+
 /// Where an interrupted merge of `child` into its parent, planned by the journal that
 /// `token` names ([`Journal::token`]), can resume (0: from the start). Progress of any
 /// other plan says nothing: the child may have been written since.
 pub fn merge_progress(vm_dir: &Path, token: &str, child: &str) -> u64 {
     std::fs::read(vm_dir.join(MERGE_PROGRESS_FILE))
         .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .filter(|v| v["child"] == child && v["journal"] == token)
-        .and_then(|v| v["durable"].as_u64())
-        .unwrap_or(0)
+        .and_then(|b| serde_json::from_slice::<MergeProgress>(&b).ok())
+        .filter(|p| p.format <= MERGE_PROGRESS_FORMAT && p.child == child && p.journal == token)
+        .map_or(0, |p| p.durable)
 }
 
 /// Records that everything `child` stores below `durable` is in its parent and flushed,
 /// for the journal that `token` names.
 pub fn record_merge_progress(vm_dir: &Path, token: &str, child: &str, durable: u64) -> Result<()> {
-    let bytes = serde_json::to_vec(
-        &serde_json::json!({"journal": token, "child": child, "durable": durable}),
-    )
+    let bytes = serde_json::to_vec(&MergeProgress {
+        format: MERGE_PROGRESS_FORMAT,
+        journal: token.to_owned(),
+        child: child.to_owned(),
+        durable,
+    })
     .expect("serializes");
     fsutil::atomic_write(&vm_dir.join(MERGE_PROGRESS_FILE), &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journals_without_a_format_are_read_and_newer_ones_refused() {
+        let old = br#"{"op": "checkpoint delete \"a\"", "started": 5, "steps": [{"step": "remove-layer", "file": "disk0_abc.avhdx"}]}"#;
+        let j = Journal::from_slice(old).unwrap();
+        assert_eq!((j.format, j.steps.len()), (0, 1));
+        let newer = br#"{"format": 2, "op": "x", "started": 5, "steps": []}"#;
+        let e = Journal::from_slice(newer).unwrap_err();
+        assert!(
+            e.contains("format 2") && e.contains("snapvisor that started it"),
+            "{e}"
+        );
+        let mut fresh = Journal::new("checkpoint create");
+        fresh.steps.push(Step::RemoveFile {
+            path: "firmware/vars_1.fd".into(),
+        });
+        let bytes = serde_json::to_vec(&fresh).unwrap();
+        assert_eq!(Journal::from_slice(&bytes).unwrap(), fresh);
+        assert_eq!(fresh.format, JOURNAL_FORMAT);
+    }
+
+    #[test]
+    fn journals_naming_files_outside_the_vm_folder_are_refused() {
+        for step in [
+            r#"{"step": "remove-file", "path": "../../etc/passwd"}"#,
+            r#"{"step": "remove-file", "path": "/etc/passwd"}"#,
+            r#"{"step": "remove-layer", "file": "../disk0.vhdx"}"#,
+            r#"{"step": "copy-file", "from": "firmware/a", "to": "saved/../../x"}"#,
+            r#"{"step": "create-child", "file": "a/b.avhdx", "parent": "disk0.vhdx"}"#,
+        ] {
+            let j = format!(r#"{{"format": 1, "op": "x", "started": 1, "steps": [{step}]}}"#);
+            let e = Journal::from_slice(j.as_bytes()).unwrap_err();
+            assert!(e.contains("not"), "{step}: {e}");
+        }
+    }
+
+    #[test]
+    fn merge_progress_without_a_format_is_read_and_a_newer_one_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let progress = dir.path().join(MERGE_PROGRESS_FILE);
+        std::fs::write(
+            &progress,
+            br#"{"journal": "1 op", "child": "c.avhdx", "durable": 4096}"#,
+        )
+        .unwrap();
+        assert_eq!(merge_progress(dir.path(), "1 op", "c.avhdx"), 4096);
+        assert_eq!(merge_progress(dir.path(), "2 op", "c.avhdx"), 0);
+        std::fs::write(
+            &progress,
+            br#"{"format": 9, "journal": "1 op", "child": "c.avhdx", "durable": 4096}"#,
+        )
+        .unwrap();
+        assert_eq!(merge_progress(dir.path(), "1 op", "c.avhdx"), 0);
+        record_merge_progress(dir.path(), "1 op", "c.avhdx", 8192).unwrap();
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&progress).unwrap()).unwrap();
+        assert_eq!(written["format"], MERGE_PROGRESS_FORMAT);
+        assert_eq!(merge_progress(dir.path(), "1 op", "c.avhdx"), 8192);
+    }
 }

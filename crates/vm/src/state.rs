@@ -126,23 +126,25 @@ impl VmState {
     /// Reads and validates `vm.json`.
     pub fn load(path: &Path) -> Result<VmState> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let state: VmState = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+        VmState::from_slice(&bytes).map_err(|reason| Error::Corrupt {
             path: path.to_owned(),
-            reason: format!("not a valid VM state file ({e}); restore it from a backup"),
-        })?;
+            reason,
+        })
+    }
+
+    /// Parses and validates the contents of a `vm.json`; `Err` says what is wrong.
+    pub fn from_slice(bytes: &[u8]) -> std::result::Result<VmState, String> {
+        let state: VmState = serde_json::from_slice(bytes)
+            .map_err(|e| format!("not a valid VM state file ({e}); restore it from a backup"))?;
         if state.format != STATE_FORMAT {
-            return Err(Error::Corrupt {
-                path: path.to_owned(),
-                reason: format!(
-                    "state format {} is not supported (this snapvisor reads format {STATE_FORMAT})",
-                    state.format
-                ),
-            });
+            return Err(format!(
+                "state format {} is not supported (this snapvisor reads format {STATE_FORMAT})",
+                state.format
+            ));
         }
-        state.validate().map_err(|reason| Error::Corrupt {
-            path: path.to_owned(),
-            reason: format!("inconsistent VM state: {reason}"),
-        })?;
+        state
+            .validate()
+            .map_err(|reason| format!("inconsistent VM state: {reason}"))?;
         Ok(state)
     }
 
@@ -170,6 +172,12 @@ impl VmState {
                 "UEFI variable store {n:?} is not a plain file name"
             ));
         }
+        for d in disks {
+            // Layer files are named after their disk.
+            if !is_plain_file_name(&d.name) {
+                return Err(format!("disk name {:?} is not a plain file name", d.name));
+            }
+        }
         let ids: BTreeSet<Uuid> = self.checkpoints.iter().map(|c| c.id).collect();
         if ids.len() != self.checkpoints.len() {
             return Err("two checkpoints share an id".into());
@@ -183,6 +191,9 @@ impl VmState {
             {
                 return Err(format!("layer {name} has an unknown parent {p}"));
             }
+        }
+        // Every parent is known now, so the walk up stays inside the map.
+        for name in self.layers.keys() {
             let mut at = name;
             for _ in 0..=self.layers.len() {
                 match &self.layers[at].parent {

@@ -6,7 +6,7 @@ use crate::config::{
     validate_settings, validate_vm_name,
 };
 use crate::error::{Error, Result};
-use crate::fsutil::{self, crashpoint};
+use crate::fsutil::{self, copy_file, copy_tree, crashpoint, write_folder_atomically};
 use crate::journal::{CHECKPOINTS_DIR, DISKS_DIR, FIRMWARE_DIR, JOURNAL_FILE, Journal, STATE_FILE};
 use crate::lock::Lock;
 use crate::state::{Layer, Now, STATE_FORMAT, VmState};
@@ -332,7 +332,7 @@ impl Store {
             // Registered in place: unregister first, then remove its folder.
             let folder_aside = target.with_file_name(format!(
                 ".deleting-{}.{}",
-                crate::vm::folder_name(&target),
+                fsutil::folder_name(&target),
                 std::process::id()
             ));
             std::fs::rename(&target, &folder_aside).map_err(|e| Error::io(&target, e))?;
@@ -530,85 +530,4 @@ fn verify_folder(dir: &Path, state: &VmState) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Builds a folder at `dest` (which must not exist, or be empty) under a temporary
-/// sibling name and renames it into place, so `dest` appears whole or not at all.
-pub(crate) fn write_folder_atomically(
-    dest: &Path,
-    build: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
-    match std::fs::read_dir(dest) {
-        Ok(mut rd) => {
-            if rd.next().is_some() {
-                return Err(Error::InvalidArgument(format!(
-                    "{} exists and is not empty; name a new folder",
-                    dest.display()
-                )));
-            }
-            std::fs::remove_dir(dest).map_err(|e| Error::io(dest, e))?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(dest, e)),
-    }
-    let name = crate::vm::folder_name(dest);
-    if name.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "{} is not a folder name",
-            dest.display()
-        )));
-    }
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    if !parent.is_dir() {
-        return Err(Error::InvalidArgument(format!(
-            "the folder {} does not exist",
-            parent.display()
-        )));
-    }
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = build(&tmp).and_then(|()| {
-        fsutil::sync_dir(&tmp)?;
-        std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))?;
-        fsutil::sync_dir(&parent)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
-}
-
-fn copy_file(src: &Path, dst: &Path) -> Result<()> {
-    // std::fs::copy uses copy_file_range: extents are shared or copied in the kernel.
-    std::fs::copy(src, dst).map_err(|e| Error::io(src, e))?;
-    std::fs::File::open(dst)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(dst, e))
-}
-
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
-    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
-    let rd = match std::fs::read_dir(src) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(src, e)),
-    };
-    for e in rd {
-        let e = e.map_err(|e| Error::io(src, e))?;
-        let name = e.file_name();
-        if name.to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let ty = e.file_type().map_err(|err| Error::io(e.path(), err))?;
-        if ty.is_dir() {
-            copy_tree(&e.path(), &dst.join(&name))?;
-        } else if ty.is_file() {
-            copy_file(&e.path(), &dst.join(&name))?;
-        }
-    }
-    fsutil::sync_dir(dst)
 }

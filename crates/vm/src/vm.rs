@@ -49,7 +49,7 @@ pub struct MergeDone {
 }
 
 /// What reconciliation did after an operation.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reconciled {
     /// Merges done.
     pub merged: Vec<MergeDone>,
@@ -116,7 +116,7 @@ pub struct Settings {
 impl Vm {
     /// Locks the VM folder `dir`, finishes any unfinished operation, and reconciles layers.
     pub(crate) fn open(dir: &Path, what: &str, wait: std::time::Duration) -> Result<Vm> {
-        let name = folder_name(dir);
+        let name = fsutil::folder_name(dir);
         if !dir.join(STATE_FILE).exists() {
             return Err(Error::Corrupt {
                 path: dir.join(STATE_FILE),
@@ -561,7 +561,7 @@ impl Vm {
         let nvram = nvram_src.as_ref().map(|_| "vars.fd".to_owned());
         let config = &mut config;
         let progress = &mut self.progress;
-        crate::store::write_folder_atomically(dest, |tmp| {
+        fsutil::write_folder_atomically(dest, |tmp| {
             if let (Some(src), Some(file)) = (&nvram_src, &nvram) {
                 let fw = tmp.join(FIRMWARE_DIR);
                 std::fs::create_dir_all(&fw).map_err(|e| Error::io(&fw, e))?;
@@ -886,7 +886,7 @@ impl Vm {
         crashpoint("vm folder renamed");
         self.dir = new_dir.to_owned();
         let mut next = self.next_state();
-        next.config.name = folder_name(new_dir);
+        next.config.name = fsutil::folder_name(new_dir);
         self.commit(next)
     }
 
@@ -1146,9 +1146,9 @@ pub fn read_checkpoint_config(vm_dir: &Path, id: Uuid) -> Result<VmConfig> {
         .join(id.to_string())
         .join(CHECKPOINT_CONFIG_FILE);
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+    crate::config::parse_checkpoint_config(&bytes).map_err(|reason| Error::Corrupt {
         path: path.clone(),
-        reason: format!("not a valid checkpoint config ({e})"),
+        reason,
     })
 }
 
@@ -1161,10 +1161,4 @@ pub fn default_checkpoint_name(vm: &str) -> String {
         name = vm.chars().take(keep).collect::<String>() + &tail;
     }
     name
-}
-
-pub(crate) fn folder_name(dir: &Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }

@@ -24,10 +24,10 @@
 //! VM runs the journal (the engine's merge), which finds what was already copied (into the
 //! child, nothing is copied twice; into the parent, the copy is redone).
 
+use crate::error::{Context, Error, Result};
+use crate::protocol::LiveMerge;
 use crate::served::ServedDisk;
-use crate::worker::Shared;
-use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use crate::session::Session;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,11 +43,11 @@ const FLUSH_EVERY: u64 = 64 << 20;
 
 /// Merges every hidden layer of Now's chains that one layer depends on; returns what each
 /// merge did and measured.
-pub fn merge_all(shared: &Shared) -> Result<Vec<Value>> {
+pub(crate) fn merge_all(session: &Session) -> Result<Vec<LiveMerge>> {
     let mut out = Vec::new();
     loop {
         let next = {
-            let vm = shared.vm();
+            let vm = session.vm();
             vm.live_merge_candidate().map(|(layer, child)| {
                 let disk = vm.state().layers[&layer].disk.clone();
                 let index = vm
@@ -72,7 +72,7 @@ pub fn merge_all(shared: &Shared) -> Result<Vec<Value>> {
             break;
         };
         out.push(merge_one(
-            shared,
+            session,
             index,
             (&layer, &layer_path),
             (&child, &child_path),
@@ -83,13 +83,13 @@ pub fn merge_all(shared: &Shared) -> Result<Vec<Value>> {
 }
 
 fn merge_one(
-    shared: &Shared,
+    session: &Session,
     index: usize,
     (layer, layer_path): (&str, &Path),
     (child, child_path): (&str, &Path),
     is_top: bool,
-) -> Result<Value> {
-    let served = &shared.disks[index];
+) -> Result<LiveMerge> {
+    let served = &session.disks[index];
     let estimate = if is_top {
         served.with_chain(|c| vhdx::merge::estimate_open(c.top(), &c.layers()[1]))??
     } else {
@@ -101,7 +101,7 @@ fn merge_one(
         Direction::IntoParent
     };
     let started = Instant::now();
-    let planned = shared.vm().plan_merge(layer, direction)?;
+    let planned = session.vm().plan_merge(layer, direction)?;
     let token = planned.token();
     if !is_top {
         // Still timed: the switch holds writes back.
@@ -115,7 +115,7 @@ fn merge_one(
             (true, Direction::IntoParent) => copy_top_into_parent(served, &|durable| {
                 // A merge run again after a crash resumes here.
                 if let Err(e) =
-                    vm::journal::record_merge_progress(&shared.dir, &token, child, durable)
+                    vm::journal::record_merge_progress(&session.dir, &token, child, durable)
                 {
                     tracing::warn!("recording the progress of merging {child}: {e}");
                 }
@@ -135,10 +135,10 @@ fn merge_one(
         Err(e) => {
             // Nothing was committed and what moved changed nothing the chain reads.
             served.end_merge(|_, mirror| drop(mirror));
-            let _ = shared.vm().abandon_merge(planned);
-            return Err(e.context(format!(
+            let _ = session.vm().abandon_merge(planned);
+            return Err(e).context(format!(
                 "merging layer {layer} with {child} under the running guest failed; it stays hidden and is merged when the VM stops"
-            )));
+            ));
         }
     };
     let copy_secs = t.elapsed().as_secs_f64();
@@ -151,7 +151,9 @@ fn merge_one(
     let aside = child_path.with_file_name(format!(".{child}.tmp-{}", std::process::id()));
     let switch = Instant::now();
     let old = served.end_merge(|slot, mirror| -> Result<Option<disk::VhdxDisk>> {
-        let current = slot.take().context("the disk is not open")?;
+        let current = slot.take().ok_or_else(|| Error::ServedChain {
+            reason: "the disk is not open".into(),
+        })?;
         let rebuilt = rebuild(
             current, mirror, layer_path, child_path, is_top, direction, &aside,
         );
@@ -170,26 +172,26 @@ fn merge_one(
     let old = match old {
         Ok(old) => old,
         Err(e) => {
-            let _ = shared.vm().abandon_merge(planned);
-            return Err(e.context("switching to the merged chain; the layer stays hidden and is merged when the VM stops"));
+            let _ = session.vm().abandon_merge(planned);
+            return Err(e).context("switching to the merged chain; the layer stays hidden and is merged when the VM stops");
         }
     };
     // The replaced chain's files close here (Now's old layer, when it merged away).
     drop(old);
-    shared.vm().commit_merge(&planned, true)?;
+    session.vm().commit_merge(&planned, true)?;
     let longest_write_ms = served.longest_write_ms();
     let _ = std::fs::remove_file(&aside);
-    let done = shared.vm().finish_merge(planned)?;
-    Ok(json!({
-        "removed": done.removed,
-        "into": done.into,
-        "direction": match done.direction { Direction::IntoParent => "into-parent", Direction::IntoChild => "into-child" },
-        "bytes_copied": bytes,
-        "copy_seconds": copy_secs,
-        "switch_ms": switch_ms,
-        "longest_write_ms": longest_write_ms,
-        "total_seconds": started.elapsed().as_secs_f64(),
-    }))
+    let done = session.vm().finish_merge(planned)?;
+    Ok(LiveMerge {
+        removed: done.removed,
+        into: done.into,
+        direction: done.direction,
+        bytes_copied: bytes,
+        copy_seconds: copy_secs,
+        switch_ms,
+        longest_write_ms,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 type Rebuilt = (disk::VhdxDisk, Option<disk::VhdxDisk>);
@@ -215,11 +217,8 @@ fn link_up(
                 return Ok(());
             }
             let gp = &c.layers()[2];
-            let locator = vhdx::create::locator_for(
-                &std::path::absolute(child_path)?,
-                gp.path(),
-                gp.data_write_guid(),
-            )?;
+            let locator =
+                vhdx::create::locator_for(&absolute(child_path)?, gp.path(), gp.data_write_guid())?;
             c.top().set_parent_locator(&locator)?;
             Ok(())
         })?,
@@ -234,15 +233,12 @@ fn link_up(
                     .map(|i| (i, paths[i].clone()))
             })?;
             let Some((index, path)) = dependant else {
-                anyhow::bail!("{} is not in the served chain", child_path.display());
+                return Err(not_in_chain(child_path));
             };
             let parent = vhdx::VhdxFile::open(layer_path, OpenOptions::default())?;
-            let locator = vhdx::create::locator_for(
-                &std::path::absolute(&path)?,
-                layer_path,
-                parent.data_write_guid(),
-            )
-            .with_context(|| format!("relinking to {layer}"))?;
+            let locator =
+                vhdx::create::locator_for(&absolute(&path)?, layer_path, parent.data_write_guid())
+                    .with_context(|| format!("relinking to {layer}"))?;
             if index == 0 {
                 served.with_chain(|c| c.top().set_parent_locator(&locator))??;
             } else {
@@ -263,13 +259,24 @@ fn link_up(
     }
 }
 
+fn absolute(path: &Path) -> Result<std::path::PathBuf> {
+    std::path::absolute(path).map_err(|e| Error::io(path, e))
+}
+
+fn not_in_chain(path: &Path) -> Error {
+    Error::ServedChain {
+        reason: format!("{} is not in the served chain", path.display()),
+    }
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     std::path::absolute(a).ok() == std::path::absolute(b).ok()
 }
 
 /// With requests held back: the served chain after the merge, and what it replaces (to be
 /// dropped once requests flow again). On failure the current chain comes back.
-#[allow(clippy::type_complexity)]
+// The failure hands the chain back with the error; it happens once per merge at most.
+#[allow(clippy::type_complexity, clippy::result_large_err)]
 fn rebuild(
     current: disk::VhdxDisk,
     mirror: Option<Chain>,
@@ -278,7 +285,7 @@ fn rebuild(
     is_top: bool,
     direction: Direction,
     aside: &Path,
-) -> std::result::Result<Rebuilt, (anyhow::Error, Option<disk::VhdxDisk>)> {
+) -> std::result::Result<Rebuilt, (Error, Option<disk::VhdxDisk>)> {
     match (is_top, direction) {
         (true, Direction::IntoParent) => {
             // The parent, written through the mirror, holds all of Now's data: Now's
@@ -287,10 +294,15 @@ fn rebuild(
             // old layer over newer writes.
             let mirror = match mirror {
                 Some(m) => m,
-                None => return Err((anyhow::anyhow!("no mirror"), Some(current))),
+                None => {
+                    let e = Error::ServedChain {
+                        reason: "no mirror".into(),
+                    };
+                    return Err((e, Some(current)));
+                }
             };
             let moved = std::fs::rename(child_path, aside)
-                .map_err(anyhow::Error::from)
+                .map_err(|e| Error::io(child_path, e))
                 .and_then(|()| Ok(vm::fsutil::sync_dir_of(child_path)?));
             if let Err(e) = moved {
                 return Err((e, Some(current)));
@@ -328,7 +340,7 @@ fn rebuild(
                 let top = layers[0].path().to_owned();
                 drop(layers);
                 return Err((
-                    anyhow::anyhow!("{} is not in the served chain", child_path.display()),
+                    not_in_chain(child_path),
                     disk::VhdxDisk::open(&top, true).ok(),
                 ));
             };
@@ -358,7 +370,9 @@ fn rebuild(
 fn copy_top_into_parent(served: &ServedDisk, durable: &(dyn Fn(u64) + Sync)) -> Result<u64> {
     let mirror = served.with_chain(|c| -> Result<Chain> {
         let top = c.top();
-        let mut locator = top.parent_locator().context("Now's layer has no parent")?;
+        let mut locator = top.parent_locator().ok_or_else(|| Error::ServedChain {
+            reason: "Now's layer has no parent".into(),
+        })?;
         let guid = match locator
             .get(KEY_PARENT_LINKAGE2)
             .and_then(parse_braced_guid)

@@ -136,7 +136,7 @@ impl ServedDisk {
     ) -> disk::Result<T> {
         let slot = self.chain.read().unwrap_or_else(|p| p.into_inner());
         let d = slot.as_ref().ok_or_else(detached)?;
-        let _held = self.lock_stripes(offset, len);
+        let _held = self.lock_stripes(offset, len)?;
         let mirror = self.mirror.read().unwrap_or_else(|p| p.into_inner());
         Ok(f(d.chain(), mirror.as_ref()))
     }
@@ -147,20 +147,32 @@ impl ServedDisk {
         self.longest_write_us.load(Ordering::SeqCst) as f64 / 1e3
     }
 
-    fn lock_stripes(&self, offset: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
+    /// Locks the stripes of `[offset, offset+len)`; a range beyond the disk is refused
+    /// first (the chain would refuse it too, but its end must not wrap around here).
+    fn lock_stripes(&self, offset: u64, len: u64) -> disk::Result<Vec<MutexGuard<'_, ()>>> {
+        let end =
+            offset
+                .checked_add(len)
+                .filter(|&e| e <= self.size)
+                .ok_or(disk::Error::OutOfRange {
+                    offset,
+                    len,
+                    size: self.size,
+                })?;
         if len == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let first = offset / STRIPE_BYTES;
-        let last = (offset + len - 1) / STRIPE_BYTES;
+        let last = (end - 1) / STRIPE_BYTES;
         let mut idx: Vec<usize> = (first..=last.min(first + STRIPES as u64 - 1))
             .map(|s| (s % STRIPES as u64) as usize)
             .collect();
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter()
+        Ok(idx
+            .into_iter()
             .map(|i| self.stripes[i].lock().unwrap_or_else(|p| p.into_inner()))
-            .collect()
+            .collect())
     }
 
     /// A change: to the chain, then (during a merge into the parent) to the mirror, under
@@ -178,7 +190,7 @@ impl ServedDisk {
         if !self.merging.load(Ordering::SeqCst) {
             op(d.chain())?;
         } else {
-            let _held = self.lock_stripes(offset, len);
+            let _held = self.lock_stripes(offset, len)?;
             op(d.chain())?;
             if let Some(m) = self
                 .mirror

@@ -25,10 +25,13 @@
 //! 5. `cont`, then the thaw, whatever failed on the way: the freeze never outlives the
 //!    request.
 
-use crate::worker::{Shared, migration_setup, shell_quote, wait_migration};
-use anyhow::{Context, Result, bail};
+use crate::error::{Context, Error, Result};
+use crate::protocol::{Capture, LiveDelete, MemoryKept};
+use crate::qemu_process::{self, migration_setup, wait_migration};
+use crate::session::Session;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
+use vhdx::ErrorKind;
 use vm::{CheckpointKind, CheckpointType, Consistency};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -37,75 +40,47 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 /// back to a standard one.
 pub const AGENT_BOUND: Duration = Duration::from_secs(3);
 
-/// Answers `{"cmd": "checkpoint", "op": ...}` from the CLI.
-pub fn checkpoint_request(shared: &Shared, req: &Value) -> Result<Value> {
-    let _op = shared.op.lock().unwrap_or_else(|p| p.into_inner());
-    let query = req["checkpoint"].as_str().unwrap_or_default();
-    match req["op"].as_str().unwrap_or_default() {
-        "create" => take(shared, req["name"].as_str()),
-        "delete" => {
-            let subtree = req["subtree"].as_bool().unwrap_or(false);
-            let mut vm = shared.vm();
-            let id = vm.find_checkpoint(query)?;
-            let count = if subtree {
-                vm.state().subtree(id).len()
-            } else {
-                1
-            };
-            let name = vm.state().checkpoint(id).expect("found").name.clone();
-            let r = vm.delete_checkpoint(query, subtree)?;
-            drop(vm);
-            // The layers of the running chains merge under the guest.
-            let (live, failed) = match crate::live_merge::merge_all(shared) {
-                Ok(m) => (m, None),
-                Err(e) => {
-                    tracing::warn!("{e:#}");
-                    (Vec::new(), Some(format!("{e:#}")))
-                }
-            };
-            let vm = shared.vm();
-            // Whatever could not merge live merges once the VM stops.
-            let waiting: Vec<String> = vm
-                .state()
-                .hidden_layers()
-                .into_iter()
-                .filter(|(_, d)| *d < 2)
-                .map(|(l, _)| l)
-                .collect();
-            Ok(json!({
-                "deleted": id, "name": name, "checkpoints_removed": count,
-                "reconciled": r, "live_merges": live, "live_merge_failed": failed,
-                "merge_when_stopped": waiting,
-            }))
+/// Deletes a checkpoint (or its subtree) of the running VM: the tree changes at once, the
+/// layers outside the running chains merge as for a stopped VM, and those of the running
+/// chains merge under the guest ([`crate::live_merge`]).
+pub(crate) fn delete(session: &Session, query: &str, subtree: bool) -> Result<LiveDelete> {
+    let _op = session.exclusive();
+    let mut vm = session.vm();
+    let id = vm.find_checkpoint(query)?;
+    let checkpoints_removed = if subtree {
+        vm.state().subtree(id).len()
+    } else {
+        1
+    };
+    let name = vm.state().checkpoint(id).expect("found").name.clone();
+    let reconciled = vm.delete_checkpoint(query, subtree)?;
+    drop(vm);
+    // The layers of the running chains merge under the guest.
+    let (live_merges, live_merge_failed) = match crate::live_merge::merge_all(session) {
+        Ok(m) => (m, None),
+        Err(e) => {
+            tracing::warn!("{}", e.chain());
+            (Vec::new(), Some(e.chain()))
         }
-        "rename" => {
-            let new = req["new_name"].as_str().unwrap_or_default();
-            let id = shared.vm().rename_checkpoint(query, new)?;
-            Ok(json!({"renamed": id}))
-        }
-        "export" => {
-            let dest = std::path::PathBuf::from(req["dir"].as_str().unwrap_or_default());
-            let id = shared.vm().export_checkpoint(query, &dest)?;
-            Ok(json!({"exported": id}))
-        }
-        "settings" => {
-            let checkpoint_type = match req["checkpoint_type"].as_str() {
-                None => None,
-                Some(t) => Some(
-                    serde_json::from_value::<CheckpointType>(json!(t))
-                        .with_context(|| format!("unknown checkpoint type {t:?}"))?,
-                ),
-            };
-            shared.vm().set(&vm::Settings {
-                checkpoint_type,
-                max_checkpoints: req["max_checkpoints"].as_u64().map(|n| n as u32),
-                automatic_checkpoints: req["automatic_checkpoints"].as_bool(),
-                ..Default::default()
-            })?;
-            Ok(json!({"ok": true}))
-        }
-        other => bail!("unknown checkpoint operation {other:?}"),
-    }
+    };
+    let vm = session.vm();
+    // Whatever could not merge live merges once the VM stops.
+    let merge_when_stopped: Vec<String> = vm
+        .state()
+        .hidden_layers()
+        .into_iter()
+        .filter(|(_, d)| *d < 2)
+        .map(|(l, _)| l)
+        .collect();
+    Ok(LiveDelete {
+        deleted: id,
+        name,
+        checkpoints_removed,
+        reconciled,
+        live_merges,
+        live_merge_failed,
+        merge_when_stopped,
+    })
 }
 
 /// The guest agent, frozen: thawed on every path out.
@@ -138,7 +113,7 @@ impl Frozen {
                 // It may have frozen some file systems before failing.
                 frozen.agent = Some(agent);
                 frozen.thaw();
-                Err(anyhow::Error::new(e).context("the guest agent did not freeze the guest"))
+                Err(e).context("the guest agent did not freeze the guest")
             }
         }
     }
@@ -171,16 +146,17 @@ impl Drop for Frozen {
 }
 
 /// Takes a checkpoint of the running (or paused) VM.
-fn take(shared: &Shared, name: Option<&str>) -> Result<Value> {
+pub(crate) fn take(session: &Session, name: Option<&str>) -> Result<Capture> {
+    let _op = session.exclusive();
     let ctype = {
-        let vm = shared.vm();
+        let vm = session.vm();
         vm.check_can_take()?;
         if let Some(n) = name {
             vm::config::validate_checkpoint_name(n)?;
         }
         vm.state().config.checkpoint_type
     };
-    let was_paused = shared.qmp.status(SECS(5))? == "paused";
+    let was_paused = session.qmp.status(SECS(5))? == "paused";
     let mut fallback = None;
     let mut frozen: Option<Frozen> = None;
     if matches!(
@@ -190,17 +166,20 @@ fn take(shared: &Shared, name: Option<&str>) -> Result<Value> {
         if was_paused {
             fallback = Some("the VM is paused, so its guest agent cannot quiesce it".to_owned());
         } else {
-            match Frozen::freeze(&shared.agent) {
+            match Frozen::freeze(&session.agent) {
                 Ok(f) => frozen = Some(f),
-                Err(e) => fallback = Some(format!("{e:#}")),
+                Err(e) => fallback = Some(e.chain()),
             }
         }
         if ctype == CheckpointType::ProductionOnly
             && let Some(why) = &fallback
         {
-            bail!(
-                "no production checkpoint: {why}; the checkpoint type is production-only, so nothing was taken (set --checkpoint-type production to fall back to a standard checkpoint)"
-            );
+            return Err(Error::Refused {
+                kind: ErrorKind::Unsupported,
+                reason: format!(
+                    "no production checkpoint: {why}; the checkpoint type is production-only, so nothing was taken (set --checkpoint-type production to fall back to a standard checkpoint)"
+                ),
+            });
         }
     }
     let frozen_at = Instant::now();
@@ -217,43 +196,43 @@ fn take(shared: &Shared, name: Option<&str>) -> Result<Value> {
             has_memory: true,
         }
     };
-    let result = capture(shared, name, taken, was_paused);
+    let result = capture(session, name, taken, was_paused);
     let freeze_asked = frozen.as_ref().map(|f| f.asked);
     drop(frozen);
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
-    let mut out = result?;
-    out["fallback"] = json!(fallback);
+    let mut capture = result?;
+    capture.fallback = fallback;
     // From the freeze call's return (every file system frozen) to the thaw's; and from
     // the freeze request, which includes the guest flushing its dirty data first.
-    out["frozen_ms"] = json!(freeze_asked.map(|_| ms(frozen_at)));
-    out["freeze_to_thaw_ms"] = json!(freeze_asked.map(ms));
-    Ok(out)
+    capture.frozen_ms = freeze_asked.map(|_| ms(frozen_at));
+    capture.freeze_to_thaw_ms = freeze_asked.map(ms);
+    Ok(capture)
 }
 
 /// Pauses the guest, switches its disks onto new layers (the journaled take), keeps its
 /// memory for a standard checkpoint, and lets it run again.
 fn capture(
-    shared: &Shared,
+    session: &Session,
     name: Option<&str>,
     taken: vm::Taken,
     was_paused: bool,
-) -> Result<Value> {
-    let qmp = &shared.qmp;
+) -> Result<Capture> {
+    let qmp = &session.qmp;
     qmp.drain_events();
     let paused_at = Instant::now();
     if !was_paused {
         qmp.execute("stop", Value::Null, SECS(10))?;
     }
-    let resume = |shared: &Shared| {
-        if !was_paused && let Err(e) = shared.qmp.execute("cont", Value::Null, SECS(10)) {
+    let resume = |session: &Session| {
+        if !was_paused && let Err(e) = session.qmp.execute("cont", Value::Null, SECS(10)) {
             tracing::error!("resuming the guest: {e}");
         }
     };
     let switched = (|| -> Result<uuid::Uuid> {
-        shared.detach_all()?;
-        let taken_id = shared.vm().create_checkpoint_taken(name, Some(taken));
+        session.detach_all()?;
+        let taken_id = session.vm().create_checkpoint_taken(name, Some(taken));
         // Whether or not the take committed, serve what Now is.
-        let attached = shared.attach_now();
+        let attached = session.attach_now();
         let id = taken_id?;
         attached?;
         Ok(id)
@@ -261,48 +240,51 @@ fn capture(
     let id = match switched {
         Ok(id) => id,
         Err(e) => {
-            resume(shared);
+            resume(session);
             return Err(e);
         }
     };
     let switch_ms = paused_at.elapsed().as_secs_f64() * 1e3;
-    let mut memory = Value::Null;
+    let mut memory = None;
     let paused_ms;
     if taken.has_memory {
-        match keep_memory(shared, id, was_paused) {
+        match keep_memory(session, id, was_paused) {
             Ok((m, p)) => {
-                memory = m;
+                memory = Some(m);
                 paused_ms = p.unwrap_or(switch_ms);
             }
             Err(e) => {
-                resume(shared);
+                resume(session);
                 // The checkpoint must not claim memory it does not have: take it back
                 // (its layer merges with Now's once the VM stops).
-                let undo = shared.vm().delete_checkpoint(&id.to_string(), false);
+                let undo = session.vm().delete_checkpoint(&id.to_string(), false);
                 if let Err(u) = undo {
                     tracing::error!("removing checkpoint {id} after its memory failed: {u}");
                 }
-                return Err(e.context(
+                return Err(e).context(
                     "the memory of the checkpoint could not be kept, so the checkpoint was removed",
-                ));
+                );
             }
         }
     } else {
-        resume(shared);
+        resume(session);
         paused_ms = event_gap(qmp).unwrap_or(paused_at.elapsed().as_secs_f64() * 1e3);
     }
-    let vm = shared.vm();
+    let vm = session.vm();
     let c = vm.state().checkpoint(id).expect("just taken");
-    Ok(json!({
-        "id": id,
-        "name": c.name,
-        "kind": c.kind.as_str(),
-        "consistency": c.consistency.as_str(),
-        "has_memory": c.has_memory,
-        "paused_ms": paused_ms,
-        "switch_ms": switch_ms,
-        "memory": memory,
-    }))
+    Ok(Capture {
+        id,
+        name: c.name.clone(),
+        kind: c.kind,
+        consistency: c.consistency,
+        has_memory: c.has_memory,
+        paused_ms,
+        switch_ms,
+        memory,
+        fallback: None,
+        frozen_ms: None,
+        freeze_to_thaw_ms: None,
+    })
 }
 
 /// The pause the guest saw, from QEMU's own STOP and RESUME timestamps.
@@ -315,9 +297,13 @@ fn event_gap(qmp: &qemu::Qmp) -> Option<f64> {
 
 /// Writes the guest's memory and device state as of now into the checkpoint's folder.
 /// Returns what was written and, with the background snapshot, the pause the guest saw.
-fn keep_memory(shared: &Shared, id: uuid::Uuid, was_paused: bool) -> Result<(Value, Option<f64>)> {
-    let qmp = &shared.qmp;
-    let file = shared.vm().memory_path(id);
+fn keep_memory(
+    session: &Session,
+    id: uuid::Uuid,
+    was_paused: bool,
+) -> Result<(MemoryKept, Option<f64>)> {
+    let qmp = &session.qmp;
+    let file = session.vm().memory_path(id);
     let tmp = file.with_extension("vsv.partial");
     let _ = std::fs::remove_file(&tmp);
     migration_setup(qmp)?;
@@ -332,14 +318,8 @@ fn keep_memory(shared: &Shared, id: uuid::Uuid, was_paused: bool) -> Result<(Val
             )
             .is_ok();
     let t = Instant::now();
-    let started = qmp.execute(
-        "migrate",
-        json!({"uri": format!("exec:cat > {}", shell_quote(&tmp))}),
-        SECS(10),
-    );
-    let finished = started
-        .map_err(anyhow::Error::new)
-        .and_then(|_| wait_migration(qmp, SECS(300)));
+    let finished =
+        qemu_process::migrate_to(qmp, &tmp).and_then(|()| wait_migration(qmp, SECS(300)));
     if background {
         let _ = qmp.execute(
             "migrate-set-capabilities",
@@ -360,16 +340,15 @@ fn keep_memory(shared: &Shared, id: uuid::Uuid, was_paused: bool) -> Result<(Val
         }
         None
     };
-    // QEMU does not sync what it wrote.
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &file)?;
-    vm::fsutil::sync_dir_of(&file)?;
-    let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    qemu_process::keep_file(&tmp, &file)?;
+    let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     Ok((
-        json!({
-            "file": file, "bytes": size, "background": background,
-            "ms": t.elapsed().as_secs_f64() * 1e3,
-        }),
+        MemoryKept {
+            file,
+            bytes,
+            background,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        },
         paused,
     ))
 }

@@ -1,0 +1,277 @@
+//! Errors of the host library, each with a [`kind`](Error::kind) that front ends map to
+//! their own terms (the CLI's exit codes, later the service's HTTP statuses).
+
+use crate::protocol::ProtocolError;
+use crate::run_state::RunState;
+use std::path::PathBuf;
+use vhdx::ErrorKind;
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong with a VM's lifecycle, its worker or a live operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The store, the VM's state or an offline operation failed.
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    /// A disk failed.
+    #[error(transparent)]
+    Disk(#[from] disk::Error),
+    /// The VHDX engine failed (its error names the file).
+    #[error(transparent)]
+    Vhdx(#[from] vhdx::Error),
+    /// QEMU's QMP or guest-agent channel failed.
+    #[error(transparent)]
+    Qemu(#[from] qemu::Error),
+    /// A disk's NBD server failed.
+    #[error(transparent)]
+    Nbd(#[from] nbd::Error),
+    /// A file system or process call failed.
+    #[error("{}", path.display())]
+    Io {
+        /// The file, folder or socket.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step failed; `what` says which, the source why.
+    #[error("{what}")]
+    Step {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The operation needs a running (or paused) VM.
+    #[error("VM {vm:?} is not running (it is {state})")]
+    NotRunning {
+        /// The VM.
+        vm: String,
+        /// Its run state.
+        state: RunState,
+    },
+    /// The VM runs already.
+    #[error("VM {vm:?} is already {state} (worker pid {pid})")]
+    AlreadyRunning {
+        /// The VM.
+        vm: String,
+        /// Its run state.
+        state: RunState,
+        /// Its worker's pid.
+        pid: u32,
+    },
+    /// The VM is saved: its memory belongs to its current disks, so they must not change.
+    #[error(
+        "VM {vm:?} is saved, and its saved memory belongs to its current disks; start it (`snapvisor vm start {vm}`) or discard the saved state (`snapvisor vm stop {vm}`) first"
+    )]
+    Saved {
+        /// The VM.
+        vm: String,
+    },
+    /// A change only a stopped VM takes.
+    #[error(
+        "VM {vm:?} is running: stop it to change its name or hardware (checkpoint settings can change while it runs)"
+    )]
+    RunningHardware {
+        /// The VM.
+        vm: String,
+    },
+    /// The VM's worker failed to bring the guest up.
+    #[error("VM {vm:?} did not start: {reason}")]
+    DidNotStart {
+        /// The VM.
+        vm: String,
+        /// What the worker recorded, or how it exited.
+        reason: String,
+    },
+    /// A timed wait ran out.
+    #[error("{what}")]
+    TimedOut {
+        /// What did not happen in time.
+        what: String,
+    },
+    /// The VM's worker reported a failure (its message carries the whole cause).
+    #[error("{message}")]
+    Worker {
+        /// The failure's kind, as the worker classified it.
+        kind: ErrorKind,
+        /// The worker's message.
+        message: String,
+    },
+    /// Nothing answers on the VM's control socket.
+    #[error("the VM's worker does not answer on {}", socket.display())]
+    Unreachable {
+        /// The control socket.
+        socket: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker took the request but sent no reply.
+    #[error("no reply from the VM's worker")]
+    NoReply {
+        /// The system's error (a timeout, or the connection closed).
+        #[source]
+        source: std::io::Error,
+    },
+    /// A control message broke the protocol.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// `qemu-system-x86_64` is not there.
+    #[error("{}", qemu_missing(program, *set_by_env))]
+    QemuMissing {
+        /// The program looked for.
+        program: PathBuf,
+        /// Whether `SNAPVISOR_QEMU` named it.
+        set_by_env: bool,
+    },
+    /// A program could not be started.
+    #[error("cannot run {}", program.display())]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// OVMF's firmware code is not there.
+    #[error(
+        "the UEFI firmware {} is missing: install Debian's ovmf package or set SNAPVISOR_OVMF_CODE",
+        path.display()
+    )]
+    FirmwareMissing {
+        /// The file looked for.
+        path: PathBuf,
+    },
+    /// QEMU failed; the message carries QEMU's own words from its log.
+    #[error("{message}")]
+    QemuFailed {
+        /// What failed, with QEMU's reason.
+        message: String,
+    },
+    /// The guest or the VM refused what was asked, for the reason given.
+    #[error("{reason}")]
+    Refused {
+        /// The failure's kind.
+        kind: ErrorKind,
+        /// What was refused and what to do.
+        reason: String,
+    },
+    /// A served chain is not what a live merge planned for.
+    #[error("{reason}")]
+    ServedChain {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The worker's run state cannot go where it was asked to (a bug, reported rather
+    /// than recorded).
+    #[error("the VM cannot go from {from} to {to}")]
+    Transition {
+        /// The current state.
+        from: RunState,
+        /// The state asked for.
+        to: RunState,
+    },
+}
+
+impl Error {
+    /// What kind of failure this is (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Vm(e) => e.kind(),
+            Error::Disk(e) => e.kind(),
+            Error::Vhdx(e) => e.kind(),
+            Error::Qemu(e) => qemu_kind(e),
+            Error::Nbd(e) => nbd_kind(e),
+            Error::Io { source, .. } | Error::Spawn { source, .. } => ErrorKind::of_io(source),
+            Error::Step { source, .. } => source.kind(),
+            Error::NotRunning { .. } | Error::Saved { .. } | Error::Transition { .. } => {
+                ErrorKind::Invalid
+            }
+            Error::AlreadyRunning { .. } | Error::RunningHardware { .. } => ErrorKind::Busy,
+            Error::DidNotStart { .. } | Error::QemuFailed { .. } => ErrorKind::Io,
+            Error::TimedOut { .. } => ErrorKind::Busy,
+            Error::Worker { kind, .. } | Error::Refused { kind, .. } => *kind,
+            Error::Unreachable { source, .. } | Error::NoReply { source } => {
+                ErrorKind::of_io(source)
+            }
+            Error::Protocol(e) => e.kind(),
+            Error::ServedChain { .. } => ErrorKind::Corrupt,
+            Error::QemuMissing { .. } | Error::FirmwareMissing { .. } => ErrorKind::NotFound,
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The message with every cause, one after the other (`what: why: why`).
+    pub fn chain(&self) -> String {
+        vhdx::error_chain(self)
+    }
+}
+
+fn qemu_missing(program: &std::path::Path, set_by_env: bool) -> String {
+    if set_by_env {
+        format!(
+            "cannot run {} (named by SNAPVISOR_QEMU): no such program; set SNAPVISOR_QEMU to a qemu-system-x86_64 binary, or unset it to use qemu-system-x86_64 from the PATH (Debian: `apt install qemu-system-x86`)",
+            program.display()
+        )
+    } else {
+        format!(
+            "cannot run {}: it is not installed (not on the PATH); install QEMU (Debian: `apt install qemu-system-x86`) or set SNAPVISOR_QEMU to a qemu-system-x86_64 binary",
+            program.display()
+        )
+    }
+}
+
+fn qemu_kind(e: &qemu::Error) -> ErrorKind {
+    match e {
+        qemu::Error::Connect { source, .. } | qemu::Error::Io { source, .. } => {
+            ErrorKind::of_io(source)
+        }
+        qemu::Error::Timeout { .. } => ErrorKind::Busy,
+        qemu::Error::Protocol { .. } | qemu::Error::Command { .. } | qemu::Error::Closed(_) => {
+            ErrorKind::Io
+        }
+    }
+}
+
+fn nbd_kind(e: &nbd::Error) -> ErrorKind {
+    match e {
+        nbd::Error::Io(source) | nbd::Error::Bind { source, .. } => ErrorKind::of_io(source),
+        nbd::Error::InUse { .. } => ErrorKind::Busy,
+        nbd::Error::Protocol(_) | nbd::Error::SizeMismatch { .. } => ErrorKind::Invalid,
+    }
+}
+
+/// Names the step that failed, keeping the failure as its cause (what `anyhow`'s
+/// `context` does, for typed errors).
+pub trait Context<T> {
+    /// Wraps the error with `what`.
+    fn context(self, what: impl Into<String>) -> Result<T>;
+    /// Wraps the error with what `what` returns.
+    fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|e| Error::Step {
+            what: what.into(),
+            source: Box::new(e.into()),
+        })
+    }
+    fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(|e| Error::Step {
+            what: what().into(),
+            source: Box::new(e.into()),
+        })
+    }
+}

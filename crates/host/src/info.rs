@@ -1,0 +1,280 @@
+//! What front ends show of VMs and their checkpoint trees: the committed state read from
+//! the VM folder, with what only the files and the worker's record know (sizes, chain
+//! depths, the run state). Built without the VM's lock, so it shows while a command or
+//! the VM's worker holds the VM.
+
+use crate::run_state::RunState;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+use vm::{CheckpointKind, Consistency, VmState};
+
+/// One VM of the store, as `vm list` shows it.
+#[derive(Debug)]
+pub struct VmListEntry {
+    /// The VM's name.
+    pub name: String,
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Its committed state, or why it cannot be read.
+    pub state: vm::Result<VmState>,
+    /// An unfinished operation, by name.
+    pub unfinished: Option<String>,
+    /// Whether it runs.
+    pub run: RunState,
+}
+
+/// One VM, as `vm show` shows it.
+#[derive(Clone, Debug)]
+pub struct VmInfo {
+    /// The VM folder.
+    pub dir: PathBuf,
+    /// The committed state (config, tree, layers).
+    pub state: VmState,
+    /// An unfinished operation, by name.
+    pub unfinished: Option<String>,
+    /// Whether it runs.
+    pub run: RunState,
+    /// Now's disks, in the guest's order.
+    pub disks: Vec<VmDisk>,
+    /// Now's UEFI variable store, for a UEFI VM.
+    pub uefi_vars: Option<PathBuf>,
+    /// Hidden layers (files, with how many layers depend on each).
+    pub hidden_layers: Vec<(PathBuf, usize)>,
+}
+
+/// One of Now's disks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmDisk {
+    /// Its name (`disk0`, ...).
+    pub name: String,
+    /// The virtual disk id every layer of it carries.
+    pub disk_id: Uuid,
+    /// Now's layer.
+    pub file: PathBuf,
+    /// The virtual size, when the file could be read (a running VM's worker has it open
+    /// and locked).
+    pub virtual_size: Option<u64>,
+    /// Files in its chain, from the layer graph.
+    pub chain_depth: usize,
+}
+
+impl VmInfo {
+    pub(crate) fn build(dir: PathBuf, state: VmState, unfinished: Option<String>) -> VmInfo {
+        let run = crate::record::RunStatus::read(&dir).state;
+        let disks = state
+            .config
+            .hardware
+            .disks
+            .iter()
+            .zip(&state.now.disks)
+            .map(|(d, file)| {
+                let path = layer_path(&dir, file);
+                // From the layer graph, so that it shows while a worker holds the files.
+                let mut chain_depth = 0;
+                let mut at = Some(file.clone());
+                while let Some(l) = at {
+                    chain_depth += 1;
+                    at = state.layers.get(&l).and_then(|x| x.parent.clone());
+                }
+                let virtual_size = vhdx::VhdxFile::open(&path, vhdx::OpenOptions::default())
+                    .ok()
+                    .map(|f| f.geometry().virtual_size);
+                VmDisk {
+                    name: d.name.clone(),
+                    disk_id: d.disk_id,
+                    file: path,
+                    virtual_size,
+                    chain_depth,
+                }
+            })
+            .collect();
+        let uefi_vars = state
+            .now
+            .nvram
+            .as_ref()
+            .map(|f| dir.join(vm::journal::FIRMWARE_DIR).join(f));
+        let hidden_layers = state
+            .hidden_layers()
+            .into_iter()
+            .map(|(f, n)| (layer_path(&dir, &f), n))
+            .collect();
+        VmInfo {
+            dir,
+            state,
+            unfinished,
+            run,
+            disks,
+            uefi_vars,
+            hidden_layers,
+        }
+    }
+
+    /// The checkpoint Now was last taken or applied from.
+    pub fn now_parent(&self) -> Option<&vm::Checkpoint> {
+        self.state.now.parent.and_then(|p| self.state.checkpoint(p))
+    }
+}
+
+/// One layer file of a checkpoint or of Now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LayerInfo {
+    /// The disk it belongs to.
+    pub disk: String,
+    /// The file.
+    pub file: PathBuf,
+    /// The file's size in bytes.
+    pub size: u64,
+}
+
+/// One checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckpointInfo {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// The checkpoint it was taken under.
+    pub parent: Option<Uuid>,
+    /// When it was taken, seconds since the Unix epoch.
+    pub created: u64,
+    /// What was taken.
+    pub kind: CheckpointKind,
+    /// The consistency achieved.
+    pub consistency: Consistency,
+    /// Whether memory and device state are kept.
+    pub has_memory: bool,
+    /// Its layer of each disk.
+    pub disks: Vec<LayerInfo>,
+}
+
+impl CheckpointInfo {
+    pub(crate) fn build(dir: &Path, state: &VmState, c: &vm::Checkpoint) -> CheckpointInfo {
+        CheckpointInfo {
+            id: c.id,
+            name: c.name.clone(),
+            parent: c.parent,
+            created: c.created,
+            kind: c.kind,
+            consistency: c.consistency,
+            has_memory: c.has_memory,
+            disks: c
+                .disks
+                .iter()
+                .map(|f| layer_info(dir, state, None, f))
+                .collect(),
+        }
+    }
+
+    /// The bytes its layer files take.
+    pub fn size(&self) -> u64 {
+        self.disks.iter().map(|d| d.size).sum()
+    }
+}
+
+/// A layer no checkpoint and not Now uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HiddenLayer {
+    /// The layer's file name in `disks/`.
+    pub name: String,
+    /// The disk it belongs to.
+    pub disk: String,
+    /// The file.
+    pub file: PathBuf,
+    /// The file's size in bytes.
+    pub size: u64,
+    /// The layers that depend on it.
+    pub dependants: Vec<String>,
+}
+
+/// A VM's checkpoint tree, as `checkpoint list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckpointTree {
+    /// The VM's name.
+    pub vm: String,
+    /// The checkpoint Now hangs under.
+    pub now_parent: Option<Uuid>,
+    /// Now's layer of each disk.
+    pub now: Vec<LayerInfo>,
+    /// Every checkpoint, in the order they were taken.
+    pub checkpoints: Vec<CheckpointInfo>,
+    /// Hidden layers.
+    pub hidden_layers: Vec<HiddenLayer>,
+    /// An unfinished operation, by name.
+    pub unfinished: Option<String>,
+}
+
+impl CheckpointTree {
+    pub(crate) fn build(dir: &Path, state: &VmState, unfinished: Option<String>) -> CheckpointTree {
+        let names: Vec<&str> = state
+            .config
+            .hardware
+            .disks
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        CheckpointTree {
+            vm: state.config.name.clone(),
+            now_parent: state.now.parent,
+            now: state
+                .now
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, f)| layer_info(dir, state, names.get(i).copied(), f))
+                .collect(),
+            checkpoints: state
+                .checkpoints
+                .iter()
+                .map(|c| CheckpointInfo::build(dir, state, c))
+                .collect(),
+            hidden_layers: state
+                .hidden_layers()
+                .into_iter()
+                .map(|(f, _)| HiddenLayer {
+                    disk: state.layers[&f].disk.clone(),
+                    file: layer_path(dir, &f),
+                    size: layer_size(dir, &f),
+                    dependants: state.dependants(&f),
+                    name: f,
+                })
+                .collect(),
+            unfinished,
+        }
+    }
+
+    /// The checkpoints taken directly under `parent` (the root for `None`), in order.
+    pub fn children(&self, parent: Option<Uuid>) -> Vec<&CheckpointInfo> {
+        self.checkpoints
+            .iter()
+            .filter(|c| c.parent == parent)
+            .collect()
+    }
+
+    /// The bytes Now's layer files take.
+    pub fn now_size(&self) -> u64 {
+        self.now.iter().map(|d| d.size).sum()
+    }
+}
+
+fn layer_path(dir: &Path, file: &str) -> PathBuf {
+    dir.join(vm::journal::DISKS_DIR).join(file)
+}
+
+fn layer_size(dir: &Path, file: &str) -> u64 {
+    std::fs::metadata(layer_path(dir, file))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+/// A layer's info; `disk` names its disk where the caller knows it (Now's layers take the
+/// config's names), else the layer graph does.
+fn layer_info(dir: &Path, state: &VmState, disk: Option<&str>, file: &str) -> LayerInfo {
+    LayerInfo {
+        disk: disk
+            .map(str::to_owned)
+            .unwrap_or_else(|| state.layers[file].disk.clone()),
+        file: layer_path(dir, file),
+        size: layer_size(dir, file),
+    }
+}

@@ -1,0 +1,125 @@
+//! A running VM as its worker holds it: QEMU and its QMP channel, the served disks, the
+//! open [`vm::Vm`] (whose lock the worker keeps), and the record of the run state.
+//! Every request the worker answers works on this.
+
+use crate::error::{Context, Error, Result};
+use crate::record::WorkerRecord;
+use crate::run_state::RunState;
+use crate::served::ServedDisk;
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The running VM (see the module doc).
+pub(crate) struct Session {
+    /// QEMU's QMP channel.
+    pub(crate) qmp: qemu::Qmp,
+    /// QEMU.
+    pub(crate) child: Arc<Mutex<Child>>,
+    /// The guest agent's socket.
+    pub(crate) agent: PathBuf,
+    /// The VM folder.
+    pub(crate) dir: PathBuf,
+    /// The run state, as last recorded.
+    pub(crate) record: Mutex<WorkerRecord>,
+    /// The VM (its lock is held for as long as the worker runs).
+    pub(crate) vm: Arc<Mutex<vm::Vm>>,
+    /// What each disk's NBD export serves, in the guest's order.
+    pub(crate) disks: Vec<Arc<ServedDisk>>,
+    /// Operations that pause or switch the guest run one at a time.
+    pub(crate) op: Mutex<()>,
+    /// QEMU was turned off rather than shut down by its guest.
+    pub(crate) forced: AtomicBool,
+}
+
+/// Locks a mutex, going on with the data of a holder that panicked (every holder leaves
+/// the data consistent between its steps).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Session {
+    /// The VM.
+    pub(crate) fn vm(&self) -> MutexGuard<'_, vm::Vm> {
+        lock(&self.vm)
+    }
+
+    /// One operation that pauses or switches the guest at a time.
+    pub(crate) fn exclusive(&self) -> MutexGuard<'_, ()> {
+        lock(&self.op)
+    }
+
+    /// Flushes and closes every disk's chain (waiting for requests in flight). Only while
+    /// the guest is paused or gone.
+    pub(crate) fn detach_all(&self) -> Result<()> {
+        for d in &self.disks {
+            d.close().context("closing a disk before switching it")?;
+        }
+        Ok(())
+    }
+
+    /// Opens Now's layers and serves them.
+    pub(crate) fn attach_now(&self) -> Result<()> {
+        let paths: Vec<PathBuf> = {
+            let vm = self.vm();
+            vm.state()
+                .now
+                .disks
+                .iter()
+                .map(|f| vm.layer_path(f))
+                .collect()
+        };
+        for (d, path) in self.disks.iter().zip(paths) {
+            d.reopen(&path)
+                .with_context(|| format!("cannot open disk {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Records a new run state (checked against the state machine) in `run/worker.json`.
+    pub(crate) fn set_state(&self, state: RunState) -> Result<()> {
+        let mut r = lock(&self.record);
+        r.transition(state)?;
+        r.write(&self.dir)
+    }
+
+    /// Fails unless the run state can become `state` now.
+    pub(crate) fn can_become(&self, state: RunState) -> Result<()> {
+        let from = lock(&self.record).state;
+        if from.can_become(state) {
+            Ok(())
+        } else {
+            Err(Error::Transition { from, to: state })
+        }
+    }
+
+    /// Changes the run state in memory only; the worker writes it when QEMU is gone.
+    pub(crate) fn note_state(&self, state: RunState) -> Result<()> {
+        lock(&self.record).transition(state)
+    }
+
+    /// Whether QEMU exits within `timeout`.
+    pub(crate) fn exited_within(&self, timeout: Duration) -> Result<bool> {
+        let t = Instant::now();
+        loop {
+            if lock(&self.child)
+                .try_wait()
+                .map_err(|e| Error::io(&self.dir, e))?
+                .is_some()
+            {
+                return Ok(true);
+            }
+            if t.elapsed() >= timeout {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills QEMU (SIGKILL).
+    pub(crate) fn kill_qemu(&self) {
+        let _ = lock(&self.child).kill();
+    }
+}
