@@ -13,7 +13,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use vhdx::io::MemFile;
+use vhdx::MemFile;
 use vhdx::{OpenOptions, Segment, VhdxFile};
 
 /// Inputs up to this size also get a writable session (it copies the input and may grow it

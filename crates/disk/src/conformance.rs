@@ -125,7 +125,7 @@ impl Backend for FileBackend {
 
     fn check(&self, path: &Path) {
         if *self != FileBackend::Raw {
-            let report = vhdx::check::check(path, false).unwrap();
+            let report = vhdx::check(path, false).unwrap();
             assert!(report.is_clean(), "{self:?}: {:?}", report.errors);
         }
     }

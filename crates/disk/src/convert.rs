@@ -114,7 +114,7 @@ pub fn convert(
             path: dst.to_owned(),
         });
     }
-    let tmp = vhdx::create::temp_name(dst);
+    let tmp = vhdx::temp_name(dst);
     let _ = std::fs::remove_file(&tmp);
     let result = convert_to(src, &tmp, options, progress);
     match result {
@@ -123,7 +123,7 @@ pub fn convert(
                 path: dst.to_owned(),
                 source: e,
             })?;
-            vhdx::create::sync_parent_dir(dst).map_err(|e| Error::Io {
+            vhdx::sync_parent_dir(dst).map_err(|e| Error::Io {
                 path: dst.to_owned(),
                 source: e,
             })?;

@@ -7,7 +7,7 @@
 //! besides waiting, per block, for a copy of that block):
 //!
 //! - `D` below the top (a checkpoint's layer): the engine merges the two files as it does
-//!   offline ([`vhdx::merge::merge_live`]), the chain's own read-only view staying valid
+//!   offline ([`vhdx::merge_live`]), the chain's own read-only view staying valid
 //!   throughout; the switch closes the chain, runs the journal (relinks, commit) and opens
 //!   the new chain.
 //! - `D` is Now's writable layer, merged into `H` (what Hyper-V does): `D` announces the
@@ -91,9 +91,9 @@ fn merge_one(
 ) -> Result<LiveMerge> {
     let served = &session.disks[index];
     let estimate = if is_top {
-        served.with_chain(|c| vhdx::merge::estimate_open(c.top(), &c.layers()[1]))??
+        served.with_chain(|c| vhdx::estimate_open(c.top(), &c.layers()[1]))??
     } else {
-        vhdx::merge::estimate(child_path)?
+        vhdx::estimate(child_path)?
     };
     let direction = if estimate.into_child < estimate.into_parent {
         Direction::IntoChild
@@ -123,10 +123,10 @@ fn merge_one(
             (true, Direction::IntoChild) => copy_parent_into_top(served),
             (false, d) => {
                 let d = match d {
-                    Direction::IntoParent => vhdx::merge::MergeDirection::IntoParent,
-                    Direction::IntoChild => vhdx::merge::MergeDirection::IntoChild,
+                    Direction::IntoParent => vhdx::MergeDirection::IntoParent,
+                    Direction::IntoChild => vhdx::MergeDirection::IntoChild,
                 };
-                Ok(vhdx::merge::merge_live(child_path, d, &mut |_, _| {})?.bytes_copied)
+                Ok(vhdx::merge_live(child_path, d, &mut |_, _| {})?.bytes_copied)
             }
         }
     })();
@@ -218,7 +218,7 @@ fn link_up(
             }
             let gp = &c.layers()[2];
             let locator =
-                vhdx::create::locator_for(&absolute(child_path)?, gp.path(), gp.data_write_guid())?;
+                vhdx::locator_for(&absolute(child_path)?, gp.path(), gp.data_write_guid())?;
             c.top().set_parent_locator(&locator)?;
             Ok(())
         })?,
@@ -237,7 +237,7 @@ fn link_up(
             };
             let parent = vhdx::VhdxFile::open(layer_path, OpenOptions::default())?;
             let locator =
-                vhdx::create::locator_for(&absolute(&path)?, layer_path, parent.data_write_guid())
+                vhdx::locator_for(&absolute(&path)?, layer_path, parent.data_write_guid())
                     .with_context(|| format!("relinking to {layer}"))?;
             if index == 0 {
                 served.with_chain(|c| c.top().set_parent_locator(&locator))??;
@@ -387,7 +387,7 @@ fn copy_top_into_parent(served: &ServedDisk, durable: &(dyn Fn(u64) + Sync)) -> 
                 g
             }
         };
-        let parent = vhdx::chain::open_parent_with(
+        let parent = vhdx::open_parent_with(
             top,
             OpenOptions {
                 writable: true,
@@ -430,8 +430,7 @@ fn copy_parent_into_top(served: &ServedDisk) -> Result<u64> {
     served.begin_merge(None);
     copy_blocks(served, None, |c, _, start, len| {
         let layers = c.layers();
-        let (pieces, fill_zeros) =
-            vhdx::merge::into_child_pieces(&layers[0], &layers[1], start, len)?;
+        let (pieces, fill_zeros) = vhdx::into_child_pieces(&layers[0], &layers[1], start, len)?;
         let mut copied = 0;
         for (offset, seg) in pieces {
             match seg {

@@ -189,7 +189,7 @@ fn qemu_io_and_qemu_img_see_the_chain_and_change_it_like_a_raw_file() {
     let mut buf = vec![0u8; raw.len()];
     d.read_at(&mut buf, 0).unwrap();
     assert!(buf == raw, "the chain differs from the oracle");
-    let report = vhdx::check::check(&top, false).unwrap();
+    let report = vhdx::check(&top, false).unwrap();
     assert!(
         report.errors.is_empty() && !report.needs_log_replay,
         "{:?}",

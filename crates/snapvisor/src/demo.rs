@@ -7,7 +7,7 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
-use vhdx::merge::MergeDirection;
+use vhdx::MergeDirection;
 use vhdx::{Chain, CreateParams};
 
 #[derive(Args, Debug)]
@@ -133,7 +133,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
 
     let s = Step::start("verify the merged disk and check its structure");
     verify(&outcome.result, &expected)?;
-    let report = vhdx::check::check(&outcome.result, false)?;
+    let report = vhdx::check(&outcome.result, false)?;
     ensure!(report.is_clean(), "check found errors: {:?}", report.errors);
     s.done("data matches; check is clean");
 
@@ -224,7 +224,7 @@ fn checkpoint_demo(dir: &Path, disk: &Path, expected: &[(u64, Vec<u8>)]) -> Resu
     let (d, st, _) = store.read_vm("demo")?;
     for f in st.layers.keys() {
         ensure!(
-            vhdx::check::check(&d.join("disks").join(f), false)?.is_clean(),
+            vhdx::check(&d.join("disks").join(f), false)?.is_clean(),
             "check found errors in {f}"
         );
     }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vhdx::merge::MergeDirection;
+use vhdx::MergeDirection;
 use vhdx::{Chain, DiskKind, OpenOptions, VhdxFile};
 
 #[derive(Subcommand, Debug)]
@@ -300,7 +300,7 @@ pub fn gather_info(path: &Path) -> Result<DiskInfo> {
     let mut parent = None;
     let mut chain_error = None;
     if file.kind() == DiskKind::Differencing {
-        match vhdx::chain::open_parent(&file) {
+        match vhdx::open_parent(&file) {
             Ok(p) => {
                 parent = Some(p.path().to_owned());
                 drop(p);
@@ -399,7 +399,7 @@ struct CheckJson<'a> {
 }
 
 fn check(a: CheckArgs) -> Result<ExitCode> {
-    let report = vhdx::check::check(&a.path, a.repair)
+    let report = vhdx::check(&a.path, a.repair)
         .with_context(|| format!("cannot check {}", a.path.display()))?;
     if a.json {
         print_json(&CheckJson {

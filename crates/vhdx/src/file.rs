@@ -329,7 +329,7 @@ impl VhdxFile {
                     write_header_pair(io.as_ref(), &mut h, current_slot).map_err(ioerr)?;
                 header = h;
                 file_guid_done = true;
-                tracing::info!(path = %path.display(), entries = seq.entries, "replayed the vhdx log");
+                tracing::info!(path = %path.display(), entries = seq.entries, sequence = seq.head_sequence, "replayed the vhdx log");
             } else {
                 let overlay = ReplayOverlay::new(io, &seq).map_err(ioerr)?;
                 io = Arc::new(overlay);

@@ -11,13 +11,14 @@
 //! | module | role |
 //! |---|---|
 //! | [`format`](mod@format) | every on-disk structure, parsed and encoded with explicit little-endian code |
-//! | [`io`] | [`FileIo`]: positional reads and writes; memory, fault-injecting and crash-simulating files |
-//! | [`log`](mod@log) | the metadata log: active-sequence search, replay in place or in memory, entry building |
-//! | [`file`](mod@file) | [`VhdxFile`]: one file: validation at open, read resolution, write paths, commits |
-//! | [`chain`] | [`Chain`]: a file and its parents read as one disk; reads start at the layer that answers them |
-//! | [`create`](mod@create) | new fixed, dynamic and differencing files |
-//! | [`merge`](mod@merge) | child into parent, parent into child, restartable |
-//! | [`check`](mod@check) | structure report and repair |
+//! | `io` | [`FileIo`]: positional reads and writes, and which parts of a file hold data |
+//! | `testing` | memory, fault-injecting and crash-simulating files (feature `testing`) |
+//! | `log` | the metadata log: active-sequence search, replay in place or in memory, entry building |
+//! | `file` | [`VhdxFile`]: one file: validation at open, read resolution, write paths, commits |
+//! | `chain` | [`Chain`]: a file and its parents read as one disk; reads start at the layer that answers them |
+//! | `create` | new fixed, dynamic and differencing files |
+//! | `merge` | child into parent, parent into child, restartable |
+//! | `check` | structure report and repair |
 //!
 //! ## Guarantees and invariants
 //!
@@ -79,22 +80,37 @@
 const _: () = assert!(usize::BITS == 64, "snapvisor needs a 64-bit host");
 
 mod bat;
-pub mod chain;
-pub mod check;
-pub mod create;
-pub mod error;
-pub mod file;
+mod chain;
+mod check;
+mod create;
+mod error;
+mod file;
+/// Every on-disk structure of MS-VHDX, with its offsets and meaning, parsed and encoded
+/// with explicit little-endian code. Public as the crate's reference to the format: tools,
+/// the corruption tests and the fuzzers build and damage files with it.
 pub mod format;
-pub mod io;
-pub mod log;
-pub mod merge;
+mod io;
+mod log;
+mod merge;
+#[cfg(any(test, feature = "testing"))]
+mod testing;
 
-pub use chain::{Chain, Extent};
-pub use create::{CreateParams, create, create_differencing};
+pub use chain::{Chain, Extent, MAX_CHAIN_DEPTH, open_parent, open_parent_with, parent_candidates};
+pub use check::{CheckReport, check};
+pub use create::{
+    CreateParams, create, create_differencing, locator_for, sync_parent_dir, temp_name,
+};
 pub use error::{Corruption, Error, ErrorKind, Result};
-pub use file::{DiskKind, Geometry, OpenOptions, Segment, VhdxFile};
+pub use file::{Allocation, DiskKind, Geometry, OpenOptions, Segment, VhdxFile};
 pub use io::FileIo;
-pub use merge::{MergeDirection, MergeOutcome, merge};
+pub use merge::{
+    MergeDirection, MergeEstimate, MergeOutcome, dependants, estimate, estimate_open,
+    into_child_pieces, merge, merge_into_parent_from, merge_live, merge_unchecked, relink,
+};
+/// Files for tests: in memory, with injected faults, with simulated power loss. Only with
+/// the `testing` feature, so release builds carry none of them.
+#[cfg(feature = "testing")]
+pub use testing::{CrashIo, Fault, FaultyIo, MemFile};
 
 /// Formats an error with its sources, `outer: inner: ...`, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

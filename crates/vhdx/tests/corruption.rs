@@ -17,8 +17,8 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::sync::Arc;
 use vhdx::format::{BatEntry, checksum_with_zeroed_field};
-use vhdx::io::{CrashIo, Fault, FaultyIo, MemFile};
 use vhdx::{Chain, Corruption, CreateParams, DiskKind, Error, FileIo, OpenOptions, VhdxFile};
+use vhdx::{CrashIo, Fault, FaultyIo, MemFile};
 
 #[path = "../../../fuzz/src/lib.rs"]
 mod fuzz_body;
@@ -477,14 +477,14 @@ fn each_damaged_structure_is_a_precise_corruption() {
             let err = open_mem(b.clone(), writable).expect_err(dmg.name);
             assert!((dmg.expect)(err.corruption().unwrap()), "{}", dmg.name);
         }
-        let report = vhdx::check::check(&path, false).unwrap();
+        let report = vhdx::check(&path, false).unwrap();
         assert!(
             !report.errors.is_empty(),
             "{}: check reports no error",
             dmg.name
         );
         assert!(
-            vhdx::check::check(&path, true).is_err(),
+            vhdx::check(&path, true).is_err(),
             "{}: repair of an unusable file must fail",
             dmg.name
         );
@@ -544,7 +544,7 @@ fn damaged_parent_locator_is_a_precise_corruption() {
             Chain::open(&child, false),
             Err(Error::Corrupt { .. })
         ));
-        assert!(!vhdx::check::check(&child, false).unwrap().errors.is_empty());
+        assert!(!vhdx::check(&child, false).unwrap().errors.is_empty());
     }
 }
 
@@ -569,14 +569,14 @@ fn one_bad_copy_still_opens_and_repair_fixes_it() {
             .unwrap_or_else(|e| panic!("{name}: {}", vhdx::error_chain(&e)));
         assert!(read_whole(&f) == oracle, "{name}: contents");
         drop(f);
-        let report = vhdx::check::check(&path, false).unwrap();
+        let report = vhdx::check(&path, false).unwrap();
         assert!(report.errors.is_empty(), "{name}: {:?}", report.errors);
         assert!(
             report.warnings.iter().any(|w| w.contains(word)),
             "{name}: {:?}",
             report.warnings
         );
-        let report = vhdx::check::check(&path, true).unwrap();
+        let report = vhdx::check(&path, true).unwrap();
         assert!(
             report.repaired.iter().any(|r| r.contains(word)),
             "{name}: {:?}",
@@ -742,7 +742,7 @@ fn mutate_and_exercise(
         }
         if let Some(path) = run_check.filter(|_| n % 8 == 0) {
             std::fs::write(path, &seed).unwrap();
-            let report = vhdx::check::check(path, false)
+            let report = vhdx::check(path, false)
                 .unwrap_or_else(|e| panic!("{what}: check failed: {}", vhdx::error_chain(&e)));
             let opens = open_mem(seed.clone(), false).is_ok();
             // Check may find more than open does (two valid but different region table
@@ -1087,7 +1087,7 @@ fn repair_never_truncates_below_the_structures() {
     // Entry 3072 is padding after the last payload block (3072 blocks, chunk ratio 4096).
     put_u64(&mut bytes, (3 << 20) + 3072 * 8, 0xFFFF_FFFF_FFF0_0006);
     std::fs::write(&child, &bytes).unwrap();
-    let report = vhdx::check::check(&child, true).unwrap();
+    let report = vhdx::check(&child, true).unwrap();
     assert_eq!(
         std::fs::metadata(&child).unwrap().len(),
         len as u64,

@@ -57,8 +57,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vhdx::merge::{MergeDirection, merge};
-use vhdx::{Chain, CreateParams, DiskKind, check};
+use vhdx::{Chain, CheckReport, CreateParams, DiskKind, check};
+use vhdx::{MergeDirection, merge};
 
 const MIB: u64 = 1 << 20;
 /// Disk size of the write trials (16 blocks of 1 MiB in the base).
@@ -155,8 +155,8 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 
-fn assert_clean(path: &Path, ctx: &str) -> check::CheckReport {
-    let report = check::check(path, false).unwrap_or_else(|e| {
+fn assert_clean(path: &Path, ctx: &str) -> CheckReport {
+    let report = check(path, false).unwrap_or_else(|e| {
         panic!(
             "{ctx}: check of {} failed: {}",
             path.display(),
@@ -743,7 +743,7 @@ impl RecordedSession {
             exp.durable_ops,
             exp.ops
         );
-        let mem = std::sync::Arc::new(vhdx::io::MemFile::new(image));
+        let mem = std::sync::Arc::new(vhdx::MemFile::new(image));
         let file = vhdx::VhdxFile::open_io(mem.clone(), top, writable())
             .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {}", vhdx::error_chain(&e)));
         let chain = Chain::from_top(file).unwrap();
@@ -993,7 +993,7 @@ impl Replay {
                 ctx: &ctx,
             };
             let after = session.check(&at, image, k, false);
-            let mem = std::sync::Arc::new(vhdx::io::MemFile::new(after.clone()));
+            let mem = std::sync::Arc::new(vhdx::MemFile::new(after.clone()));
             let f = vhdx::VhdxFile::open_io(mem, &self.top, vhdx::OpenOptions::default()).unwrap();
             let reads = read_all(&Chain::from_top(f).unwrap());
             checked += self.round(round + 1, after, reads);

@@ -10,8 +10,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use vhdx::merge::{MergeDirection, merge};
 use vhdx::{Chain, CreateParams, DiskKind, Error, OpenOptions, VhdxFile};
+use vhdx::{MergeDirection, merge};
 
 const MIB: u64 = 1 << 20;
 
@@ -324,7 +324,7 @@ fn qemu_created_files_read_identically() {
         io_args.push(s(&path));
         ok("qemu-io", &io_args);
 
-        let report = vhdx::check::check(&path, false).unwrap();
+        let report = vhdx::check(&path, false).unwrap();
         assert!(report.errors.is_empty(), "{}: {:?}", v.name, report.errors);
         assert!(!report.needs_log_replay, "{}", v.name);
 
@@ -418,7 +418,7 @@ fn sample_windows_dynamic_1g() {
     assert_uniform(&chain, 0, 0x2100000, 0xA5);
     assert_uniform(&chain, 0x2100000, 0x4200000, 0x96);
     assert_uniform(&chain, 0x4200000, 1 << 30, 0);
-    let report = vhdx::check::check(&path, false).unwrap();
+    let report = vhdx::check(&path, false).unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
 
@@ -473,7 +473,7 @@ fn sample_dirty_log_is_replayed() {
     }
     let after = std::fs::read(&path).unwrap();
     assert!(before == after, "a read-only open changed the file");
-    let report = vhdx::check::check(&path, false).unwrap();
+    let report = vhdx::check(&path, false).unwrap();
     assert!(report.needs_log_replay);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 
@@ -575,7 +575,7 @@ fn our_files_pass_qemu_check_and_compare() {
         assert_same(&name, 0, &read_all(&chain), &oracle);
         chain.close().unwrap();
 
-        let report = vhdx::check::check(&path, false).unwrap();
+        let report = vhdx::check(&path, false).unwrap();
         assert!(report.errors.is_empty(), "{name}: {:?}", report.errors);
         let raw = dir.path().join(format!("{name}.raw"));
         std::fs::write(&raw, &oracle).unwrap();
@@ -703,7 +703,7 @@ fn killed_writer_is_replayed_and_qemu_agrees() {
     assert!(!file.replayed_log());
     drop(file);
 
-    let report = vhdx::check::check(&path, false).unwrap();
+    let report = vhdx::check(&path, false).unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     qemu_check(&path);
     let theirs = qemu_convert(&path, &dir.path().join("killed.raw"));
@@ -871,7 +871,7 @@ fn differencing_chain_on_qemu_parent() {
         check_child_structure(&child, &parent, &guids, block);
         run_child(&child, &random, &mut oracle);
         assert_eq!(disk_id(&parent), guids, "the parent changed");
-        let report = vhdx::check::check(&child, false).unwrap();
+        let report = vhdx::check(&child, false).unwrap();
         assert!(report.errors.is_empty(), "{:?}", report.errors);
 
         // E.3: the chain converted to raw equals the oracle for qemu-img too.
@@ -908,7 +908,7 @@ fn differencing_chain_on_qemu_parent() {
         Err(Error::ParentNotFound { tried, .. }) => assert!(tried.contains("p.vhdx"), "{tried}"),
         other => panic!("expected ParentNotFound, got {other:?}"),
     }
-    let report = vhdx::check::check(&child, false).unwrap();
+    let report = vhdx::check(&child, false).unwrap();
     assert!(
         !report.errors.is_empty(),
         "check must report the missing parent"
@@ -927,7 +927,7 @@ fn differencing_chain_on_qemu_parent() {
         }
         other => panic!("expected ParentLinkageMismatch, got {other:?}"),
     }
-    let report = vhdx::check::check(&child, false).unwrap();
+    let report = vhdx::check(&child, false).unwrap();
     assert!(
         !report.errors.is_empty(),
         "check must report the linkage mismatch"
@@ -1092,7 +1092,7 @@ fn assert_standalone(dir: &Path, path: &Path, expected: &[u8]) {
     assert!(f.parent_locator().is_none());
     drop(f);
     assert_chain(path, 1, expected);
-    let report = vhdx::check::check(path, false).unwrap();
+    let report = vhdx::check(path, false).unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let raw = dir.join("expected.raw");
     std::fs::write(&raw, expected).unwrap();

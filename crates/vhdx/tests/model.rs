@@ -32,8 +32,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use std::path::{Path, PathBuf};
-use vhdx::merge::{MergeDirection, merge, merge_unchecked, relink};
 use vhdx::{Chain, CreateParams, DiskKind, OpenOptions, VhdxFile, check};
+use vhdx::{MergeDirection, merge, merge_unchecked, relink};
 
 const MIB: u64 = 1 << 20;
 /// Longest single write or write-zeroes.
@@ -360,7 +360,7 @@ impl Model {
     /// and no log to replay.
     fn check_files(&self, from: usize) {
         for layer in &self.layers[from..] {
-            let r = check::check(&layer.path, false);
+            let r = check(&layer.path, false);
             let report = self.ok(r, "check");
             if !report.is_clean() || report.needs_log_replay {
                 self.fail(&format!(

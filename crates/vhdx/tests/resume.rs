@@ -2,7 +2,7 @@
 //! the parent, the offset below which the copy is durable, and a run started at such an
 //! offset copies only what lies above it.
 
-use vhdx::merge::merge_into_parent_from;
+use vhdx::merge_into_parent_from;
 use vhdx::{Chain, CreateParams, VhdxFile};
 
 const MIB: u64 = 1 << 20;

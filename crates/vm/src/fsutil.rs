@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Writes `path` whole: a temporary sibling is written and synced, renamed over `path`,
 /// and the folder is synced, so a crash leaves either the old or the new contents.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = vhdx::create::temp_name(path);
+    let tmp = vhdx::temp_name(path);
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -27,7 +27,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Syncs the folder holding `path`.
 pub fn sync_dir_of(path: &Path) -> Result<()> {
-    vhdx::create::sync_parent_dir(path).map_err(|e| Error::io(path, e))
+    vhdx::sync_parent_dir(path).map_err(|e| Error::io(path, e))
 }
 
 /// Syncs a folder itself.

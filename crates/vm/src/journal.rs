@@ -19,8 +19,8 @@ use crate::state::VmState;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use uuid::Uuid;
+use vhdx::MergeDirection;
 use vhdx::format::KEY_RELATIVE_PATH;
-use vhdx::merge::MergeDirection;
 use vhdx::{OpenOptions, VhdxFile};
 
 /// File name of the journal in a VM folder.
@@ -422,7 +422,7 @@ fn run_merge(
                 fsutil::set_read_only(&child_path, false)?;
                 crashpoint("merge into parent: starting");
                 let start = merge_progress(vm_dir, token, child);
-                vhdx::merge::merge_into_parent_from(&child_path, start, &mut report, &mut |d| {
+                vhdx::merge_into_parent_from(&child_path, start, &mut report, &mut |d| {
                     if let Err(e) = record_merge_progress(vm_dir, token, child, d) {
                         tracing::warn!("recording the progress of merging {child}: {e}");
                     }
@@ -433,7 +433,7 @@ fn run_merge(
             for r in relink {
                 let path = disks.join(r);
                 fsutil::set_read_only(&path, false)?;
-                vhdx::merge::relink(&path, &parent_path)?;
+                vhdx::relink(&path, &parent_path)?;
                 crashpoint("merge into parent: relinked a dependant");
             }
         }
@@ -444,7 +444,7 @@ fn run_merge(
             {
                 fsutil::set_read_only(&child_path, false)?;
                 crashpoint("merge into child: starting");
-                vhdx::merge::merge_unchecked(&child_path, MergeDirection::IntoChild, &mut report)?;
+                vhdx::merge_unchecked(&child_path, MergeDirection::IntoChild, &mut report)?;
             }
         }
     }

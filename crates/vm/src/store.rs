@@ -446,7 +446,7 @@ impl Store {
                 if let Some(parent) = &layer.parent {
                     let child = tmp.join(DISKS_DIR).join(file);
                     fsutil::set_read_only(&child, false)?;
-                    vhdx::merge::relink(&child, &tmp.join(DISKS_DIR).join(parent))?;
+                    vhdx::relink(&child, &tmp.join(DISKS_DIR).join(parent))?;
                     fsutil::set_read_only(&child, !next.now.disks.contains(file))?;
                 }
             }

@@ -681,7 +681,7 @@ impl Vm {
 
     fn merge_layer(&mut self, layer: &str) -> Result<MergeDone> {
         let child = self.state.dependants(layer).remove(0);
-        let estimate = vhdx::merge::estimate(&self.layer_path(&child))?;
+        let estimate = vhdx::estimate(&self.layer_path(&child))?;
         let direction = if estimate.into_child < estimate.into_parent {
             Direction::IntoChild
         } else {

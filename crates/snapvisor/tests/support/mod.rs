@@ -308,7 +308,7 @@ pub fn observe_list(list: &Value) -> Model {
 pub fn check_all_files(vm_dir: &Path) {
     for e in std::fs::read_dir(vm_dir.join("disks")).unwrap() {
         let path = e.unwrap().path();
-        let report = vhdx::check::check(&path, false)
+        let report = vhdx::check(&path, false)
             .unwrap_or_else(|e| panic!("check {}: {}", path.display(), vhdx::error_chain(&e)));
         assert!(
             report.errors.is_empty(),
