@@ -386,26 +386,32 @@ impl Reply {
         self.parts.push(Part::Buf(start, end));
     }
 
-    fn send(&self, w: &mut impl Write) -> std::io::Result<()> {
-        let mut slices: Vec<IoSlice<'_>> = self
-            .parts
-            .iter()
-            .map(|p| match *p {
-                Part::Head(s, e) => IoSlice::new(&self.head[s..e]),
-                Part::Buf(s, e) => IoSlice::new(&self.buf[s..e]),
-            })
-            .collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match w.write_vectored(rest) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    /// The reply's parts, in order.
+    fn slices(&self) -> impl Iterator<Item = IoSlice<'_>> {
+        self.parts.iter().map(|p| match *p {
+            Part::Head(s, e) => IoSlice::new(&self.head[s..e]),
+            Part::Buf(s, e) => IoSlice::new(&self.buf[s..e]),
+        })
     }
+
+    fn send(&self, w: &mut impl Write) -> std::io::Result<()> {
+        send_all(w, std::slice::from_ref(self))
+    }
+}
+
+/// Writes replies one after the other, with as few system calls as the vectors allow.
+fn send_all(w: &mut impl Write, replies: &[Reply]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = replies.iter().flat_map(Reply::slices).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What the threads of one connection share.
@@ -413,24 +419,61 @@ struct Shared {
     export: Arc<Export>,
     session: Session,
     writer: Mutex<UnixStream>,
+    /// Replies ready while another thread held the writer: that thread sends them too
+    /// before it lets go, so no thread sleeps waiting to send, and replies that pile up
+    /// go out together.
+    ready: Mutex<Vec<Reply>>,
     pool: Pool,
     /// Requests handed to the workers and not yet answered.
     queued: AtomicUsize,
 }
 
 impl Shared {
-    /// Executes a request and sends its reply whole (replies never interleave). A reply
-    /// that cannot be sent ends the connection: the client would wait for it forever.
+    /// Executes a request and has its reply sent whole (replies never interleave).
     fn serve(&self, job: Job) {
         let reply = execute(&self.export, self.session, &self.pool, job);
-        {
-            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = reply.send(&mut *w) {
-                tracing::debug!("writing a reply: {e}");
-                let _ = w.shutdown(std::net::Shutdown::Both);
+        self.ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(reply);
+        self.send_ready();
+    }
+
+    /// Sends the ready replies unless another thread is sending (it will send them). A
+    /// reply that cannot be sent ends the connection: the client would wait for it forever.
+    fn send_ready(&self) {
+        loop {
+            let mut w = match self.writer.try_lock() {
+                Ok(w) => w,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            loop {
+                let batch =
+                    std::mem::take(&mut *self.ready.lock().unwrap_or_else(|p| p.into_inner()));
+                if batch.is_empty() {
+                    break;
+                }
+                if let Err(e) = send_all(&mut *w, &batch) {
+                    tracing::debug!("writing a reply: {e}");
+                    let _ = w.shutdown(std::net::Shutdown::Both);
+                }
+                for r in batch {
+                    self.pool.give(r.buf);
+                }
+            }
+            drop(w);
+            // A reply queued after the last look, by a thread that found the writer
+            // taken, is ours to send.
+            if self
+                .ready
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                return;
             }
         }
-        self.pool.give(reply.buf);
     }
 }
 
@@ -444,6 +487,7 @@ fn transmit(
         export,
         session,
         writer: Mutex::new(w),
+        ready: Mutex::new(Vec::new()),
         pool: Pool::default(),
         queued: AtomicUsize::new(0),
     });

@@ -425,6 +425,19 @@ fn many_requests_in_flight_are_all_answered() {
         let (_, _, d) = c.simple(4096);
         assert!(d.iter().all(|&b| b == (i % 251) as u8 + 1));
     }
+    // 200 reads in flight, served by the workers: every reply comes once, whole, with
+    // its own data.
+    for i in 0..200u64 {
+        c.send(CMD_READ, 0, 7000 + i, i * 65536, 4096, &[]);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let (err, cookie, d) = c.simple(4096);
+        assert_eq!(err, 0);
+        let i = cookie - 7000;
+        assert!(d.iter().all(|&b| b == (i % 251) as u8 + 1), "read {i}");
+        assert!(seen.insert(cookie));
+    }
     if have("qemu-img") {
         run(
             "qemu-img",
