@@ -845,8 +845,24 @@ fn qemu_bench(uri: &str, args: &str) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// The NBD server against `qemu-nbd -f vhdx` serving an identical dynamic VHDX file,
-/// measured with `qemu-img bench` at queue depth 16.
+/// One `qemu-img bench` case of [`bench_nbd`].
+struct NbdCase {
+    /// What is read or written, for the row's name.
+    what: &'static str,
+    /// Request size in bytes.
+    size: u64,
+    /// Queue depth.
+    depth: u32,
+    /// Requests per run.
+    count: u64,
+    /// Further `qemu-img bench` arguments (`-w`, offset, stride).
+    args: &'static str,
+}
+
+/// The NBD server against `qemu-nbd -f vhdx` serving an identical dynamic VHDX file
+/// (4 GiB: data in the first 2 GiB, never written from 3 GiB on), measured with
+/// `qemu-img bench` for every request shape: reads of data and of holes and writes, of
+/// 4 KiB, 64 KiB and 1 MiB, at queue depth 1 and 16.
 fn bench_nbd(o: &Opts) -> Result<Vec<Row>> {
     eprintln!("nbd: snapvisor disk serve vs qemu-nbd -f vhdx");
     let dir = o.dir.join("nbd");
@@ -895,58 +911,79 @@ fn bench_nbd(o: &Opts) -> Result<Vec<Row>> {
     wait_for_socket(&peer_sock)?;
     let ours_uri = format!("nbd+unix:///disk?socket={}", ours_sock.display());
     let peer_uri = format!("nbd+unix:///disk?socket={}", peer_sock.display());
-    let cases: [(&str, &str, u64); 4] = [
-        (
-            "sequential 1 MiB reads (2 GiB)",
-            "-d 16 -s 1M -c 2048",
-            2 * GIB,
-        ),
-        (
-            "4 KiB reads, 128 KiB stride (2 GiB span)",
-            "-d 16 -s 4k -S 128k -c 16384 -o 0",
-            16384 * 4096,
-        ),
-        (
-            "sequential 1 MiB writes (1 GiB, into allocated and new blocks)",
-            "-w -d 16 -s 1M -c 1024 -o 1536M",
-            GIB,
-        ),
-        (
-            "4 KiB writes, 128 KiB stride (into allocated blocks)",
-            "-w -d 16 -s 4k -S 128k -c 12288 -o 4096",
-            12288 * 4096,
-        ),
-    ];
+    // Counts make each run last roughly 0.2-1 s on the slower side. Reads of data stay in
+    // the first 2 GiB, reads of holes in the last GiB, and writes below 2.5 GiB, so the
+    // holes stay holes whatever order the cases run in. 4 KiB requests use a 128 KiB
+    // stride (`qemu-img bench` has no random mode) so that they touch many blocks.
+    let k4 = 4096;
+    let k64 = 64 << 10;
+    const DATA: &str = "reads of data";
+    const HOLES: &str = "reads of holes";
+    const WRITES: &str = "writes into allocated blocks";
+    let cases = [
+        (k4, 1, 16384, "-S 128k -o 0", DATA),
+        (k4, 16, 16384, "-S 128k -o 0", DATA),
+        (k64, 1, 8192, "-o 0", DATA),
+        (k64, 16, 16384, "-o 0", DATA),
+        (MIB, 1, 1024, "-o 0", DATA),
+        (MIB, 16, 2048, "-o 0", DATA),
+        (k4, 1, 16384, "-S 64k -o 3G", HOLES),
+        (k4, 16, 16384, "-S 64k -o 3G", HOLES),
+        (k64, 1, 16384, "-o 3G", HOLES),
+        (k64, 16, 16384, "-o 3G", HOLES),
+        (MIB, 1, 1024, "-o 3G", HOLES),
+        (MIB, 16, 1024, "-o 3G", HOLES),
+        (k4, 1, 8192, "-w -S 128k -o 4096", WRITES),
+        (k4, 16, 12288, "-w -S 128k -o 4096", WRITES),
+        (k64, 1, 4096, "-w -o 256M", WRITES),
+        (k64, 16, 8192, "-w -o 256M", WRITES),
+        // The warm-up run allocates the blocks from 2 GiB to 2.5 GiB.
+        (MIB, 1, 1024, "-w -o 1536M", WRITES),
+        (MIB, 16, 1024, "-w -o 1536M", WRITES),
+    ]
+    .map(|(size, depth, count, args, what)| NbdCase {
+        what,
+        size,
+        depth,
+        count,
+        args,
+    });
     let mut rows = Vec::new();
-    for (name, args, bytes) in cases {
+    for c in &cases {
+        let args = format!("-d {} -s {} -c {} {}", c.depth, c.size, c.count, c.args);
         // Warm both once (page cache, and the blocks a first write allocates).
-        qemu_bench(&ours_uri, args)?;
-        qemu_bench(&peer_uri, args)?;
+        qemu_bench(&ours_uri, &args)?;
+        qemu_bench(&peer_uri, &args)?;
         let mut ours = Vec::new();
         let mut peer = Vec::new();
         for run in 0..o.runs {
             sh("sync")?;
             if run % 2 == 0 {
-                ours.push(qemu_bench(&ours_uri, args)?);
+                ours.push(qemu_bench(&ours_uri, &args)?);
                 sh("sync")?;
-                peer.push(qemu_bench(&peer_uri, args)?);
+                peer.push(qemu_bench(&peer_uri, &args)?);
             } else {
-                peer.push(qemu_bench(&peer_uri, args)?);
+                peer.push(qemu_bench(&peer_uri, &args)?);
                 sh("sync")?;
-                ours.push(qemu_bench(&ours_uri, args)?);
+                ours.push(qemu_bench(&ours_uri, &args)?);
             }
         }
         let (m, p) = (median(ours), median(peer));
         let speed = p.as_secs_f64() / m.as_secs_f64();
         let rate = |d: Duration| {
-            if bytes >= GIB {
-                mbps(bytes, d)
+            if c.size >= MIB {
+                mbps(c.size * c.count, d)
             } else {
-                format!("{:.0} IOPS", (bytes / 4096) as f64 / d.as_secs_f64())
+                format!("{:.0} IOPS", c.count as f64 / d.as_secs_f64())
             }
         };
+        let size = if c.size >= MIB {
+            format!("{} MiB", c.size / MIB)
+        } else {
+            format!("{} KiB", c.size >> 10)
+        };
         rows.push(Row {
-            name: format!("NBD: {name}, depth 16"),
+            name: format!("NBD: {size} {}, depth {}", c.what, c.depth),
             ours: rate(m),
             peer: format!("{} (qemu-nbd -f vhdx)", rate(p)),
             ratio: format!("{speed:.2}x qemu-nbd"),

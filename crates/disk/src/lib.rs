@@ -133,6 +133,16 @@ pub trait Disk: Send + Sync {
         check_range(self.size(), offset, len)?;
         Ok(vec![Extent::Data(len)])
     }
+    /// Reads like [`Disk::read_at`], except that the parts of `buf` over ranges that read
+    /// as zeros without stored data may be left as they were: those ranges are returned as
+    /// [`Extent::Zero`], the rest as [`Extent::Data`], in order, covering `buf`. A caller
+    /// that can send or store holes without their bytes (NBD's hole chunks) is then spared
+    /// filling them; any other caller fills the `Zero` extents itself. The default reads
+    /// everything and reports one data extent.
+    fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<Extent>> {
+        self.read_at(buf, offset)?;
+        Ok(vec![Extent::Data(buf.len() as u64)])
+    }
 }
 
 pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
@@ -199,6 +209,10 @@ impl Disk for VhdxDisk {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         Ok(self.chain.block_status(offset, len)?)
+    }
+    /// The chain's own sparse read: one walk of the block map, holes reported, not filled.
+    fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<Extent>> {
+        Ok(self.chain.read_sparse(buf, offset)?)
     }
 }
 
@@ -383,5 +397,66 @@ mod tests {
             shell_quote(Path::new("my disk's.img")),
             "'my disk'\\''s.img'"
         );
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    /// What `read_sparse` must give: the bytes of `read_at` once its `Zero` extents are
+    /// filled with zeros, and extents that cover the range.
+    fn check_sparse(d: &dyn Disk, offset: u64, len: u64) -> Vec<Extent> {
+        let mut want = vec![0u8; len as usize];
+        d.read_at(&mut want, offset).unwrap();
+        // A buffer full of something else, as a reused one would be.
+        let mut buf = vec![0xee; len as usize];
+        let extents = d.read_sparse(&mut buf, offset).unwrap();
+        assert_eq!(extents.iter().map(|x| x.len()).sum::<u64>(), len);
+        let mut at = 0usize;
+        for x in &extents {
+            if let Extent::Zero(n) = x {
+                buf[at..at + *n as usize].fill(0);
+            }
+            at += x.len() as usize;
+        }
+        assert!(buf == want, "{offset}+{len}");
+        extents
+    }
+
+    #[test]
+    fn read_sparse_reads_what_read_at_reads_and_reports_the_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.vhdx");
+        let params = vhdx::CreateParams {
+            block_size: Some(MIB as u32),
+            ..vhdx::CreateParams::dynamic(8 * MIB)
+        };
+        vhdx::create(&path, &params).unwrap();
+        let d = VhdxDisk::open(&path, true).unwrap();
+        d.write_at(&vec![0x5a; MIB as usize], MIB).unwrap();
+        d.write_at(&[0x33; 3584], 3 * MIB + 512).unwrap();
+        let x = check_sparse(&d, 0, 5 * MIB);
+        assert_eq!(
+            x,
+            [
+                Extent::Zero(MIB),
+                Extent::Data(MIB),
+                Extent::Zero(MIB),
+                Extent::Data(MIB),
+                Extent::Zero(MIB)
+            ]
+        );
+        assert_eq!(x, d.block_status(0, 5 * MIB).unwrap());
+        check_sparse(&d, MIB - 512, 1024);
+        check_sparse(&d, 3 * MIB + 100, 4000);
+        assert!(matches!(
+            d.read_sparse(&mut [0u8; 512], 8 * MIB),
+            Err(e) if e.kind() == ErrorKind::Invalid
+        ));
+        d.close().unwrap();
+
+        // The default: everything read, one data extent.
+        let raw_path = dir.path().join("d.raw");
+        std::fs::write(&raw_path, vec![0x44; 64 << 10]).unwrap();
+        let raw = RawDisk::open(&raw_path, false).unwrap();
+        assert_eq!(check_sparse(&raw, 512, 4096), [Extent::Data(4096)]);
     }
 }

@@ -245,11 +245,7 @@ fn qemu_kind(e: &qemu::Error) -> ErrorKind {
 }
 
 fn nbd_kind(e: &nbd::Error) -> ErrorKind {
-    match e {
-        nbd::Error::Io(source) | nbd::Error::Bind { source, .. } => ErrorKind::of_io(source),
-        nbd::Error::InUse { .. } => ErrorKind::Busy,
-        nbd::Error::Protocol(_) | nbd::Error::SizeMismatch { .. } => ErrorKind::Invalid,
-    }
+    e.kind()
 }
 
 /// Names the step that failed, keeping the failure as its cause (what `anyhow`'s

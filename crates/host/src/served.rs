@@ -250,4 +250,8 @@ impl Disk for ServedDisk {
             .ok_or_else(detached)?
             .block_status(offset, len)
     }
+    fn read_sparse(&self, buf: &mut [u8], offset: u64) -> disk::Result<Vec<Extent>> {
+        let slot = self.chain.read().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().ok_or_else(detached)?.read_sparse(buf, offset)
+    }
 }

@@ -8,17 +8,29 @@
 //! `FLUSH`, `TRIM`, `WRITE_ZEROES`, `CACHE`, `BLOCK_STATUS` (with `REQ_ONE`) and `DISC`.
 //! The export answers to its name and to the empty (default) name.
 //!
+//! With structured replies, a read goes out as data chunks and hole chunks: the ranges
+//! [`disk::Disk::read_sparse`] reports as reading zeros without stored data (holes of a
+//! VHDX chain) cost a 32-byte chunk instead of their bytes, unless shorter than a page
+//! (then they are zeros inside the data chunk around them) or the client asked for one
+//! chunk (`DF`: one data chunk, zeros included, unless the whole range is a hole).
+//!
 //! # Guarantees
 //!
 //! - `FLUSH` returns once every write completed before it is durable (the disk's own
 //!   flush: for a VHDX chain, data synced and metadata committed through the log); a write
 //!   with `FUA` is durable when answered.
 //! - Requests run concurrently: one thread reads requests and up to eight serve them,
-//!   answering in completion order (each reply written whole, never interleaved).
+//!   answering in completion order (each reply written whole, never interleaved). Small
+//!   writes, and small reads when nothing else is in flight, are served by the reading
+//!   thread itself.
 //! - A bad request (out of range, write to a read-only export, unknown command or flag,
 //!   block status without a negotiated context) gets an error reply and the connection
 //!   goes on; a request that breaks framing (bad magic, oversized write) closes the
-//!   connection. On disconnect, requests already read finish and are answered first.
+//!   connection. On disconnect, requests already read finish and are answered first. A
+//!   client that ends negotiation (`ABORT`, an unknown export) sees the connection closed.
+//! - A failure of the disk goes out as the errno of its [`disk::ErrorKind`] (no space:
+//!   `ENOSPC`; read-only or permission denied: `EPERM`; invalid: `EINVAL`; unsupported:
+//!   `ENOTSUP`; anything else: `EIO`), decided in one place.
 //! - [`Export::swap`] replaces the disk behind the export without clients reconnecting:
 //!   it waits for requests in flight, so callers switch a running VM's disk while QEMU is
 //!   paused (QEMU drains its requests on pause) and the guest never sees the switch.
@@ -29,10 +41,11 @@ mod conn;
 pub mod proto;
 
 use disk::Disk;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +79,22 @@ pub enum Error {
         /// The offered disk's size.
         new: u64,
     },
+    /// The disk failed (flushing it when the server stops).
+    #[error("the served disk failed")]
+    Disk(#[source] disk::Error),
+}
+
+impl Error {
+    /// What kind of failure this is (see [`disk::ErrorKind`]).
+    pub fn kind(&self) -> disk::ErrorKind {
+        use disk::ErrorKind;
+        match self {
+            Error::Io(e) | Error::Bind { source: e, .. } => ErrorKind::of_io(e),
+            Error::InUse { .. } => ErrorKind::Busy,
+            Error::Protocol(_) | Error::SizeMismatch { .. } => ErrorKind::Invalid,
+            Error::Disk(e) => e.kind(),
+        }
+    }
 }
 
 /// Result with this crate's [`Error`].
@@ -156,7 +185,6 @@ pub struct Server {
     path: PathBuf,
     export: Arc<Export>,
     stopping: Arc<AtomicBool>,
-    clients: Arc<Mutex<Vec<UnixStream>>>,
 }
 
 /// Stops a [`Server::run`] from another thread.
@@ -196,7 +224,6 @@ impl Server {
             path: socket.to_owned(),
             export,
             stopping: Arc::new(AtomicBool::new(false)),
-            clients: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -216,7 +243,9 @@ impl Server {
     /// Accepts clients (each on its own thread) until stopped; then disconnects them, waits
     /// for their requests in flight, flushes the disk, and removes the socket file.
     pub fn run(&self) -> Result<()> {
-        let mut threads = Vec::new();
+        // Each client's thread, with a handle on its socket to disconnect it at the stop;
+        // both are dropped once the thread is done, so the socket closes with it.
+        let mut clients: Vec<(std::thread::JoinHandle<()>, Option<UnixStream>)> = Vec::new();
         for stream in self.listener.incoming() {
             if self.stopping.load(Ordering::SeqCst) {
                 break;
@@ -228,35 +257,34 @@ impl Server {
                     continue;
                 }
             };
-            if let Ok(s) = stream.try_clone() {
-                self.clients
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(s);
-            }
+            let handle = stream.try_clone().ok();
             let export = self.export.clone();
-            threads.push(std::thread::spawn(move || {
+            let thread = std::thread::spawn(move || {
                 if let Err(e) = conn::serve(stream, export) {
                     tracing::debug!("client connection ended: {e}");
                 }
-            }));
-            threads.retain(|t| !t.is_finished());
+            });
+            clients.retain(|(t, _)| !t.is_finished());
+            clients.push((thread, handle));
         }
-        for c in self
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = c.shutdown(std::net::Shutdown::Read);
+        for (_, handle) in &clients {
+            if let Some(s) = handle {
+                let _ = s.shutdown(std::net::Shutdown::Read);
+            }
         }
-        for t in threads {
+        for (t, _) in clients {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
-        self.export
-            .disk()
-            .flush()
-            .map_err(|e| Error::Io(std::io::Error::other(e)))
+        self.export.disk().flush().map_err(Error::Disk)
     }
+}
+
+/// Serves one client over any pair of byte streams on the calling thread, answering each
+/// request before reading the next: the negotiation, request parsing, execution and
+/// replies of [`Server`], without its threads. For fuzzing and protocol tests. Returns at
+/// the end of the input, after `NBD_OPT_ABORT` or `NBD_CMD_DISC`, or with an error at the
+/// first request that breaks framing.
+pub fn serve_stream(input: impl Read, output: impl Write, export: &Export) -> Result<()> {
+    conn::serve_sequential(input, output, export)
 }

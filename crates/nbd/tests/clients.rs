@@ -425,6 +425,19 @@ fn many_requests_in_flight_are_all_answered() {
         let (_, _, d) = c.simple(4096);
         assert!(d.iter().all(|&b| b == (i % 251) as u8 + 1));
     }
+    // 200 reads in flight, served by the workers: every reply comes once, whole, with
+    // its own data.
+    for i in 0..200u64 {
+        c.send(CMD_READ, 0, 7000 + i, i * 65536, 4096, &[]);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let (err, cookie, d) = c.simple(4096);
+        assert_eq!(err, 0);
+        let i = cookie - 7000;
+        assert!(d.iter().all(|&b| b == (i % 251) as u8 + 1), "read {i}");
+        assert!(seen.insert(cookie));
+    }
     if have("qemu-img") {
         run(
             "qemu-img",
@@ -499,5 +512,417 @@ fn a_live_socket_is_refused_and_a_stale_one_replaced() {
     drop(_l);
     let s = serve(d, dir.path(), true);
     run("qemu-img", &["info", &s.uri()]);
+    s.stop();
+}
+
+/// The test chain with two small writes into the child, 1 KiB apart: a hole shorter than a
+/// page between two runs of data.
+fn chain_with_small_hole(dir: &Path) -> PathBuf {
+    let top = chain(dir);
+    let d = VhdxDisk::open(&top, true).unwrap();
+    d.write_at(&[0x77; 4096], 20 * MIB).unwrap();
+    d.write_at(&[0x77; 4096], 20 * MIB + 5120).unwrap();
+    d.close().unwrap();
+    top
+}
+
+/// The chain flattened into a raw file: what every client must read.
+fn oracle(top: &Path, dir: &Path) -> (PathBuf, Vec<u8>) {
+    let path = dir.join("oracle.raw");
+    let d = VhdxDisk::open(top, false).unwrap();
+    disk::convert(
+        &d,
+        &path,
+        &disk::ConvertOptions {
+            format: disk::OutputFormat::Raw,
+            physical_sector_size: 4096,
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    (path, bytes)
+}
+
+/// A content chunk: type, offset, length, data (empty for a hole).
+type Chunk = (u16, u64, u64, Vec<u8>);
+
+/// The next structured read reply (the server writes each reply whole): its cookie and
+/// its content chunks in the order sent, (type, offset, length, data), checking that only
+/// the last one is marked done.
+fn read_chunks(c: &mut RawClient) -> (u64, Vec<Chunk>) {
+    let mut out = Vec::new();
+    let mut cookie = None;
+    loop {
+        let (flags, kind, got, payload) = c.chunk();
+        assert_eq!(
+            *cookie.get_or_insert(got),
+            got,
+            "chunks of two replies interleave"
+        );
+        match kind {
+            REPLY_TYPE_OFFSET_DATA => {
+                let off = u64::from_be_bytes(payload[0..8].try_into().unwrap());
+                out.push((kind, off, payload.len() as u64 - 8, payload[8..].to_vec()));
+            }
+            REPLY_TYPE_OFFSET_HOLE => {
+                assert_eq!(payload.len(), 12);
+                let off = u64::from_be_bytes(payload[0..8].try_into().unwrap());
+                let len = u32::from_be_bytes(payload[8..12].try_into().unwrap());
+                out.push((kind, off, u64::from(len), Vec::new()));
+            }
+            other => panic!("chunk type {other} in a read reply"),
+        }
+        if flags & REPLY_FLAG_DONE != 0 {
+            return (got, out);
+        }
+    }
+}
+
+/// Sends reads of data, several in flight, so that every buffer the server keeps for
+/// reuse holds data afterwards: a later read that leaked a reused buffer's old bytes in
+/// place of zeros would show them.
+fn dirty_buffers(c: &mut RawClient, structured: bool) {
+    for i in 0..12 {
+        c.send(CMD_READ, 0, 900 + i, 5 * MIB + i * 65536, 65536, &[]);
+    }
+    for _ in 0..12 {
+        if structured {
+            let (_, chunks) = read_chunks(c);
+            assert!(chunks.iter().all(|x| x.3.iter().all(|&b| b == 0x5a)));
+        } else {
+            let (err, _, d) = c.simple(65536);
+            assert_eq!(err, 0);
+            assert!(d.iter().all(|&b| b == 0x5a));
+        }
+    }
+}
+
+#[test]
+fn holes_go_out_as_hole_chunks_and_read_as_zeros_with_or_without_structured_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain_with_small_hole(dir.path());
+    let s = serve(
+        Arc::new(VhdxDisk::open(&top, false).unwrap()),
+        dir.path(),
+        true,
+    );
+    let mut c = RawClient::connect(&s.socket, true);
+    // Hole, data, hole: three chunks, the holes without their bytes.
+    c.send(CMD_READ, 0, 1, 4 * MIB, (5 * MIB) as u32, &[]);
+    let (cookie, chunks) = read_chunks(&mut c);
+    assert_eq!(cookie, 1);
+    let shape: Vec<(u16, u64, u64)> = chunks.iter().map(|x| (x.0, x.1, x.2)).collect();
+    assert_eq!(
+        shape,
+        [
+            (REPLY_TYPE_OFFSET_HOLE, 4 * MIB, MIB),
+            (REPLY_TYPE_OFFSET_DATA, 5 * MIB, 3 * MIB),
+            (REPLY_TYPE_OFFSET_HOLE, 8 * MIB, MIB),
+        ]
+    );
+    assert!(chunks[1].3.iter().all(|&b| b == 0x5a));
+    // All hole: one hole chunk, done.
+    c.send(CMD_READ, 0, 2, 10 * MIB, 4096, &[]);
+    let (cookie, chunks) = read_chunks(&mut c);
+    assert_eq!(cookie, 2);
+    assert_eq!(
+        chunks,
+        [(REPLY_TYPE_OFFSET_HOLE, 10 * MIB, 4096, Vec::new())]
+    );
+    // "Don't fragment": one data chunk with the zeros in it, from a reused buffer.
+    dirty_buffers(&mut c, true);
+    c.send(CMD_READ, CMD_FLAG_DF, 3, 8 * MIB - 32768, 65536, &[]);
+    let (cookie, chunks) = read_chunks(&mut c);
+    assert_eq!(cookie, 3);
+    assert_eq!(chunks.len(), 1);
+    let (kind, off, len, data) = &chunks[0];
+    assert_eq!(
+        (*kind, *off, *len),
+        (REPLY_TYPE_OFFSET_DATA, 8 * MIB - 32768, 65536)
+    );
+    assert!(data[..32768].iter().all(|&b| b == 0x5a));
+    assert!(data[32768..].iter().all(|&b| b == 0));
+    // A 1 KiB hole between two runs of data goes out as zeros inside one data chunk.
+    dirty_buffers(&mut c, true);
+    c.send(CMD_READ, 0, 4, 20 * MIB, 9216, &[]);
+    let (cookie, chunks) = read_chunks(&mut c);
+    assert_eq!(cookie, 4);
+    assert_eq!(chunks.len(), 1);
+    let data = &chunks[0].3;
+    assert_eq!(
+        (chunks[0].0, chunks[0].1),
+        (REPLY_TYPE_OFFSET_DATA, 20 * MIB)
+    );
+    assert!(data[..4096].iter().all(|&b| b == 0x77));
+    assert!(data[4096..5120].iter().all(|&b| b == 0));
+    assert!(data[5120..].iter().all(|&b| b == 0x77));
+    drop(c);
+
+    // A client without structured replies gets every byte, zeros included, from reused
+    // buffers too.
+    let (_, raw) = oracle(&top, dir.path());
+    let mut c = RawClient::connect(&s.socket, false);
+    for (off, len) in [
+        (10 * MIB, 65536),
+        (4 * MIB, 2 * MIB),
+        (20 * MIB, 9216),
+        (39 * MIB, 4096 * 3),
+    ] {
+        dirty_buffers(&mut c, false);
+        c.send(CMD_READ, 0, 7, off, len as u32, &[]);
+        let (err, _, d) = c.simple(len as usize);
+        assert_eq!(err, 0);
+        assert!(d == raw[off as usize..(off + len) as usize], "{off}+{len}");
+    }
+    drop(c);
+    s.stop();
+}
+
+#[test]
+fn real_clients_read_holes_and_data_over_structured_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain_with_small_hole(dir.path());
+    let (oracle_path, raw) = oracle(&top, dir.path());
+    let s = serve(
+        Arc::new(VhdxDisk::open(&top, false).unwrap()),
+        dir.path(),
+        true,
+    );
+    // qemu-io checks each read against the pattern it should hold: holes of every request
+    // size, data, the short hole between data, and reads across both.
+    let mut args = vec!["-r", "-f", "raw"];
+    let cmds = [
+        "read -P 0 10M 4k",
+        "read -P 0 10M 64k",
+        "read -P 0 10M 1M",
+        "read -P 0x5a 5M 3M",
+        "read -P 0 4M 1M",
+        "read -P 0x77 20M 4k",
+        "read -P 0 20484k 1k",
+        "read -P 0x77 20485k 4k",
+        "readv -P 0 8M 64k 64k",
+        "aio_read -P 0 30M 1M",
+        "aio_read -P 0x5b 40M 1M",
+        "aio_flush",
+    ];
+    for c in &cmds {
+        args.extend(["-c", c]);
+    }
+    let uri = s.uri();
+    args.push(&uri);
+    let out = run("qemu-io", &args);
+    assert!(
+        !out.contains("failed") && out.matches("read ").count() >= cmds.len() - 1,
+        "{out}"
+    );
+    // Whole-disk readers: qemu-img compare and nbdcopy read holes and data in large
+    // requests, several in flight.
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &s.uri(),
+            oracle_path.to_str().unwrap(),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    let copy = dir.path().join("nbdcopy.raw");
+    run("nbdcopy", &[&s.uri(), copy.to_str().unwrap()]);
+    assert!(std::fs::read(&copy).unwrap() == raw);
+    // nbdinfo's map: the written ranges are data, the rest holes that read as zeros.
+    let map = run("nbdinfo", &["--map", &s.uri()]);
+    let mut data = 0u64;
+    for line in map.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (start, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        if line.contains("hole") {
+            assert!(
+                raw[start as usize..(start + len) as usize]
+                    .iter()
+                    .all(|&b| b == 0)
+            );
+        } else {
+            data += len;
+        }
+    }
+    assert!((5 * MIB..64 * MIB).contains(&data), "{map}");
+    s.stop();
+}
+
+/// A disk whose reads and writes fail with a chosen error.
+struct Failing {
+    size: u64,
+    error: fn() -> disk::Error,
+}
+
+impl Disk for Failing {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, _: &mut [u8], _: u64) -> disk::Result<()> {
+        Err((self.error)())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> disk::Result<()> {
+        Err((self.error)())
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> disk::Result<()> {
+        Err((self.error)())
+    }
+    fn flush(&self) -> disk::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn disk_failures_reach_clients_as_the_errno_of_their_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each error, the errno it must go out as, and what qemu-io then says.
+    type Case = (fn() -> disk::Error, u32, &'static str);
+    let cases: [Case; 9] = [
+        (
+            || disk::Error::Io {
+                path: PathBuf::from("/disk"),
+                source: std::io::Error::from_raw_os_error(28),
+            },
+            ENOSPC,
+            "No space left on device",
+        ),
+        (
+            || {
+                disk::Error::Vhdx(vhdx::Error::Io {
+                    path: PathBuf::from("/disk"),
+                    source: std::io::ErrorKind::StorageFull.into(),
+                })
+            },
+            ENOSPC,
+            "No space left on device",
+        ),
+        (
+            || disk::Error::ReadOnly {
+                path: PathBuf::from("/disk"),
+            },
+            EPERM,
+            "Operation not permitted",
+        ),
+        (
+            || disk::Error::Io {
+                path: PathBuf::from("/disk"),
+                source: std::io::ErrorKind::PermissionDenied.into(),
+            },
+            EPERM,
+            "Operation not permitted",
+        ),
+        (
+            || disk::Error::OutOfRange {
+                offset: 0,
+                len: 1,
+                size: 0,
+            },
+            EINVAL,
+            "Invalid argument",
+        ),
+        (
+            || {
+                disk::Error::Vhdx(vhdx::Error::Unsupported {
+                    path: PathBuf::from("/disk"),
+                    reason: "no".into(),
+                })
+            },
+            ENOTSUP,
+            "Operation not supported",
+        ),
+        (
+            || {
+                disk::Error::Vhdx(vhdx::Error::Poisoned {
+                    path: PathBuf::from("/disk"),
+                })
+            },
+            EIO,
+            "Input/output error",
+        ),
+        (
+            || {
+                disk::Error::Vhdx(vhdx::Error::Locked {
+                    path: PathBuf::from("/disk"),
+                })
+            },
+            EIO,
+            "Input/output error",
+        ),
+        (
+            || disk::Error::Io {
+                path: PathBuf::from("/disk"),
+                source: std::io::Error::other("a device failure"),
+            },
+            EIO,
+            "Input/output error",
+        ),
+    ];
+    for (error, errno, text) in cases {
+        let s = serve(
+            Arc::new(Failing {
+                size: 8 * MIB,
+                error,
+            }),
+            dir.path(),
+            false,
+        );
+        let mut c = RawClient::connect(&s.socket, false);
+        c.send(CMD_WRITE, 0, 1, 0, 512, &[1u8; 512]);
+        assert_eq!(c.simple(0).0, errno, "{}", error());
+        c.send(CMD_READ, 0, 2, 0, 512, &[]);
+        assert_eq!(c.simple(512).0, errno, "{}", error());
+        drop(c);
+        let mut c = RawClient::connect(&s.socket, true);
+        c.send(CMD_WRITE_ZEROES, 0, 3, 0, 512, &[]);
+        let (_, kind, _, payload) = c.chunk();
+        assert_eq!(kind, REPLY_TYPE_ERROR);
+        assert_eq!(u32::from_be_bytes(payload[0..4].try_into().unwrap()), errno);
+        drop(c);
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 4k", &s.uri()])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains(text), "{}: {said}", error());
+        s.stop();
+    }
+}
+
+#[test]
+fn a_client_that_ends_negotiation_sees_the_connection_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain(dir.path());
+    let s = serve(
+        Arc::new(VhdxDisk::open(&top, false).unwrap()),
+        dir.path(),
+        true,
+    );
+    let mut s1 = UnixStream::connect(&s.socket).unwrap();
+    s1.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut hello = [0u8; 18];
+    s1.read_exact(&mut hello).unwrap();
+    s1.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut abort = IHAVEOPT.to_be_bytes().to_vec();
+    abort.extend_from_slice(&OPT_ABORT.to_be_bytes());
+    abort.extend_from_slice(&0u32.to_be_bytes());
+    s1.write_all(&abort).unwrap();
+    let mut rest = Vec::new();
+    s1.read_to_end(&mut rest)
+        .expect("the server closes the connection after NBD_OPT_ABORT");
+    assert_eq!(rest.len(), 20, "one acknowledgement, then the end");
     s.stop();
 }

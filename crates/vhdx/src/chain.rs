@@ -369,6 +369,59 @@ impl Chain {
             })
     }
 
+    /// Reads like [`Chain::read_at`] in the same single pass, except that ranges that read
+    /// as zeros without stored data are left untouched in `buf` and reported: the result
+    /// covers the range, [`Extent::Zero`] for those, [`Extent::Data`] for what was read. For
+    /// callers that send or store holes without their bytes (NBD hole chunks, backups).
+    pub fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut out = Vec::new();
+        self.read_sparse_from(0, buf, offset, &mut out)?;
+        Ok(out)
+    }
+
+    fn read_sparse_from(
+        &self,
+        layer: usize,
+        buf: &mut [u8],
+        offset: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
+        let push = |out: &mut Vec<Extent>, e: Extent| match (out.last_mut(), e) {
+            (Some(Extent::Data(l)), Extent::Data(n)) | (Some(Extent::Zero(l)), Extent::Zero(n)) => {
+                *l += n
+            }
+            _ => out.push(e),
+        };
+        if layer >= self.layers.len() {
+            push(out, Extent::Zero(buf.len() as u64));
+            return Ok(());
+        }
+        let file = &self.layers[layer];
+        let mut at = 0usize;
+        file.resolve(offset, buf.len() as u64, &mut |seg| {
+            let n = seg.len() as usize;
+            let part = &mut buf[at..at + n];
+            let pos = offset + at as u64;
+            match seg {
+                Segment::Data { file_offset, .. } => {
+                    file.read_stored(part, file_offset)?;
+                    push(out, Extent::Data(n as u64));
+                }
+                Segment::Zero { .. } => push(out, Extent::Zero(n as u64)),
+                Segment::Parent { .. } if layer == 0 => {
+                    self.lower.for_each_run(pos, n as u64, |l, p, len| {
+                        let start = (p - pos) as usize;
+                        self.read_sparse_from(l, &mut part[start..start + len as usize], p, out)
+                    })?
+                }
+                Segment::Parent { .. } => self.read_sparse_from(layer + 1, part, pos, out)?,
+            }
+            at += n;
+            Ok(())
+        })
+    }
+
     /// Which parts of a range hold data and which read as zeros.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
