@@ -1,0 +1,278 @@
+//! Where a repository's objects live: object semantics behind a small trait.
+//!
+//! A [`Backend`] stores named immutable objects: `put` (whole object, atomically visible,
+//! replacing any object of that name), `put_new` (create only if absent), `get`, `list` by
+//! prefix, `delete`, and `sync` (a durability barrier). There is no append and no in-place
+//! rewrite, so an S3 bucket (PUT, PUT with `If-None-Match: *`, GET, LIST, DELETE; every
+//! operation durable on return, `sync` a no-op) implements it without a format change.
+//!
+//! [`FolderBackend`] keeps each object in a file of that name under a folder. A `put`
+//! writes a temporary file in the object's folder, syncs it, and renames it over the name:
+//! readers see the old object or the new one, never a part. The rename becomes durable when
+//! the folder is synced: `sync` syncs every folder that the backend renamed into since the
+//! last `sync`, and with `everything` every chunk folder too (renames made by other
+//! processes included), which the commit of a recovery point needs (see the crate doc).
+
+use crate::error::{Error, Result};
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// One object found by [`Backend::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Its full name.
+    pub key: String,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// When it was last written.
+    pub modified: SystemTime,
+}
+
+/// Object storage: what a repository needs of the place that keeps it.
+///
+/// Keys are `/`-separated relative names of ASCII letters, digits, `-`, `_` and `.`.
+/// Every method may be called from many threads at once.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Stores `data` under `key`, replacing any object of that name. Atomic: readers see the
+    /// whole old object or the whole new one. Durable after the next [`Backend::sync`].
+    fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Stores `data` under `key` only if no object has that name; returns whether it did.
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool>;
+    /// Reads a whole object; [`Error::Missing`] if absent.
+    fn get(&self, key: &str) -> Result<Vec<u8>>;
+    /// Every object whose key starts with `prefix` (which ends with `/`), in no given order.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+    /// Whether an object exists.
+    fn exists(&self, key: &str) -> Result<bool>;
+    /// Removes an object; removing an absent one succeeds.
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Makes every completed `put`/`delete` of this backend durable; with `everything`,
+    /// also those of other writers of the same storage that have completed.
+    fn sync(&self, everything: bool) -> Result<()>;
+    /// A human-readable location for messages.
+    fn location(&self) -> String;
+}
+
+/// A repository in a local folder, one file per object.
+#[derive(Debug)]
+pub struct FolderBackend {
+    root: PathBuf,
+    /// Folders renamed into (or removed from) since the last sync.
+    dirty: Mutex<HashSet<PathBuf>>,
+    /// Makes temporary names unique within the process.
+    counter: AtomicU64,
+}
+
+impl FolderBackend {
+    /// A backend over `root` (which must exist to be read from).
+    pub fn new(root: &Path) -> FolderBackend {
+        FolderBackend {
+            root: root.to_owned(),
+            dirty: Mutex::new(HashSet::new()),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        let ok = !key.is_empty()
+            && key.split('/').all(|part| {
+                !part.is_empty()
+                    && part != "."
+                    && part != ".."
+                    && !part.starts_with('.')
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            });
+        if !ok {
+            return Err(Error::Invalid(format!("invalid object name {key:?}")));
+        }
+        Ok(self.root.join(key))
+    }
+
+    /// Writes `data` to a new temporary file in `dir` and syncs it.
+    fn write_temp(&self, dir: &Path, key: &str, data: &[u8]) -> Result<PathBuf> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
+        let io = |e| Error::io(key, e);
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_data()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        Ok(tmp)
+    }
+
+    fn ensure_dir(&self, key: &str, dir: &Path) -> Result<()> {
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(key, e))?;
+            // The new folder's own entry must survive a crash too.
+            if let Some(parent) = dir.parent() {
+                self.dirty.lock().unwrap().insert(parent.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_dirty(&self, dir: &Path) {
+        let mut dirty = self.dirty.lock().unwrap();
+        if !dirty.contains(dir) {
+            dirty.insert(dir.to_owned());
+        }
+    }
+}
+
+fn parent(p: &Path) -> &Path {
+    p.parent().unwrap_or(Path::new("."))
+}
+
+impl Backend for FolderBackend {
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        let path = self.path(key)?;
+        let dir = parent(&path);
+        self.ensure_dir(key, dir)?;
+        let tmp = self.write_temp(dir, key, data)?;
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(key, e));
+        }
+        self.mark_dirty(dir);
+        Ok(())
+    }
+
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
+        let path = self.path(key)?;
+        let dir = parent(&path);
+        self.ensure_dir(key, dir)?;
+        let tmp = self.write_temp(dir, key, data)?;
+        // link(2) fails if the name exists: an atomic create-if-absent of a whole file.
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                self.mark_dirty(dir);
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::io(key, e)),
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let path = self.path(key)?;
+        match std::fs::read(&path) {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Missing {
+                what: key.to_owned(),
+            }),
+            Err(e) => Err(Error::io(key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let prefix = prefix.trim_end_matches('/');
+        let dir = self.path(prefix)?;
+        let mut out = Vec::new();
+        let mut stack = vec![(dir, prefix.to_owned())];
+        while let Some((dir, key)) = stack.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&key, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(&key, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue; // temporary files of writers in progress
+                }
+                let child = format!("{key}/{name}");
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Deleted between readdir and stat: not there any more.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(&child, e)),
+                };
+                if meta.is_dir() {
+                    stack.push((entry.path(), child));
+                } else {
+                    let modified = SystemTime::UNIX_EPOCH
+                        + Duration::new(meta.mtime().max(0) as u64, meta.mtime_nsec() as u32);
+                    out.push(ObjectInfo {
+                        key: child,
+                        size: meta.len(),
+                        modified,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        let path = self.path(key)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(key, e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                self.mark_dirty(parent(&path));
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(key, e)),
+        }
+    }
+
+    fn sync(&self, everything: bool) -> Result<()> {
+        let mut dirs: Vec<PathBuf> = self.dirty.lock().unwrap().drain().collect();
+        if everything {
+            let chunks = self.root.join(crate::format::CHUNKS_PREFIX);
+            if let Ok(entries) = std::fs::read_dir(&chunks) {
+                for e in entries.flatten() {
+                    dirs.push(e.path());
+                }
+            }
+            dirs.push(chunks);
+        }
+        dirs.sort();
+        dirs.dedup();
+        for dir in &dirs {
+            match File::open(dir).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // Keep what is left for the next attempt.
+                    self.dirty.lock().unwrap().extend(dirs.iter().cloned());
+                    return Err(Error::io(dir.display().to_string(), e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}
