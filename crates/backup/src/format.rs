@@ -63,7 +63,7 @@ pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 /// The default, chosen by measurement (see `docs/repository-format.md`).
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 /// The default zstd level, chosen by measurement.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 2;
 /// Cap on a manifest object's size (a 64 TiB disk in 4 MiB chunks needs 512 MiB of ids).
 pub const MAX_MANIFEST: usize = 1 << 30;
 /// Cap on a manifest's JSON header.

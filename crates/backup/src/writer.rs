@@ -370,7 +370,7 @@ impl PointWriter {
         }
         let present: HashSet<ChunkId> = self.repo.list_chunks()?.into_keys().collect();
         let mut stored = 0;
-        let mut compressor = self.repo.compressor();
+        let mut encoder = self.repo.encoder();
         for (i, id) in stream.chunks.iter().enumerate() {
             if id.is_zero() || present.contains(id) {
                 continue;
@@ -381,7 +381,7 @@ impl PointWriter {
             if self.repo.chunk_id(&buf) != *id {
                 return Err(Error::SourceChanged { offset });
             }
-            let obj = self.repo.encode_chunk(id, &buf, &mut compressor);
+            let obj = self.repo.encode_chunk(id, &buf, &mut encoder);
             self.repo.backend().put(&id.key(), &obj)?;
             stored += obj.len() as u64;
         }
@@ -521,7 +521,7 @@ fn run_pipeline(
                 (&read_rx, obj_tx.clone(), res_tx.clone(), pool_tx.clone());
             let (failed, known) = (&failed, known);
             s.spawn(move || {
-                let mut compressor = repo.compressor();
+                let mut encoder = repo.encoder();
                 loop {
                     let next = read_rx.lock().unwrap().recv();
                     let Ok((i, buf)) = next else { return };
@@ -538,7 +538,7 @@ fn run_pipeline(
                         if same_as_base || !known.lock().unwrap().insert(id) {
                             (id, Outcome::Reused)
                         } else {
-                            let obj = repo.encode_chunk(&id, &buf, &mut compressor);
+                            let obj = repo.encode_chunk(&id, &buf, &mut encoder);
                             if obj_tx.send((id, obj)).is_err() {
                                 return;
                             }

@@ -6,7 +6,9 @@
 //! all sides pay for durability equally.
 //!
 //! Usage: `snapvisor-bench [--dir DIR] [--runs N] [--only NAME]...` where NAME is one of
-//! `create-child`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`, `nbd`, `vm`.
+//! `create-child`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`, `nbd`, `vm`,
+//! `live`, `live-merge`, `backup` (the backup repository against restic and borg, in
+//! `backup_bench.rs`).
 //!
 //! The checkpoint figures run the `snapvisor` binary as a user does (process start
 //! included) on a store under `--dir`.
@@ -22,6 +24,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vhdx::{Chain, CreateParams};
+
+mod backup_bench;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -42,6 +46,10 @@ struct Row {
 }
 
 fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("backup-op") {
+        return backup_bench::op(&argv[2..]);
+    }
     let mut args = std::env::args().skip(1);
     let mut opts = Opts {
         dir: PathBuf::from("target/bench-data"),
@@ -89,6 +97,9 @@ fn main() -> Result<()> {
     }
     if want("live-merge") {
         rows.extend(bench_live_merge(&opts)?);
+    }
+    if want("backup") {
+        rows.extend(backup_bench::bench(&opts.dir, opts.runs)?);
     }
     println!();
     println!("| benchmark | snapvisor | peer | ratio | target | met |");
