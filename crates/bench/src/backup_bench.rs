@@ -323,7 +323,7 @@ struct Sides {
     borg: PathBuf,
 }
 
-fn env<'a>(o: &'a Path) -> Vec<(&'a str, String)> {
+fn env(o: &Path) -> Vec<(&'static str, String)> {
     vec![
         ("SNAPVISOR_PASSPHRASE", PASSPHRASE.into()),
         ("RESTIC_PASSWORD", PASSPHRASE.into()),
