@@ -101,11 +101,20 @@ impl FolderBackend {
         Ok(self.root.join(key))
     }
 
+    /// An error of a write: a full storage is one clear error, whatever object it hit.
+    fn write_error(&self, key: &str, e: std::io::Error) -> Error {
+        match e.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => Error::NoSpace {
+                location: self.root.display().to_string(),
+            },
+            _ => Error::io(key, e),
+        }
+    }
+
     /// Writes `data` to a new temporary file in `dir` and syncs it.
     fn write_temp(&self, dir: &Path, key: &str, data: &[u8]) -> Result<PathBuf> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
-        let io = |e| Error::io(key, e);
         let write = || -> std::io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(data)?;
@@ -113,14 +122,14 @@ impl FolderBackend {
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(io(e));
+            return Err(self.write_error(key, e));
         }
         Ok(tmp)
     }
 
     fn ensure_dir(&self, key: &str, dir: &Path) -> Result<()> {
         if !dir.is_dir() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(key, e))?;
+            std::fs::create_dir_all(dir).map_err(|e| self.write_error(key, e))?;
             // The new folder's own entry must survive a crash too.
             if let Some(parent) = dir.parent() {
                 self.dirty.lock().unwrap().insert(parent.to_owned());
@@ -149,7 +158,7 @@ impl Backend for FolderBackend {
         let tmp = self.write_temp(dir, key, data)?;
         if let Err(e) = std::fs::rename(&tmp, &path) {
             let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io(key, e));
+            return Err(self.write_error(key, e));
         }
         self.mark_dirty(dir);
         Ok(())
@@ -169,7 +178,7 @@ impl Backend for FolderBackend {
                 Ok(true)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(Error::io(key, e)),
+            Err(e) => Err(self.write_error(key, e)),
         }
     }
 

@@ -25,6 +25,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The storage that holds the repository is full.
+    #[error(
+        "the repository's storage is full ({location}): free space there, or prune and gc, then run the operation again"
+    )]
+    NoSpace {
+        /// The repository.
+        location: String,
+    },
     /// An object the operation needs is absent.
     #[error("{what} is missing from the repository")]
     Missing {
@@ -140,6 +148,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { source, .. } => ErrorKind::of_io(source),
+            Error::NoSpace { .. } => ErrorKind::NoSpace,
             Error::Missing { .. } | Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::NoRepository { .. } | Error::PointNotFound { .. } => ErrorKind::NotFound,
             Error::NoSuchItem { .. } => ErrorKind::NotFound,
