@@ -10,8 +10,10 @@
 //! writes a temporary file in the object's folder, syncs it, and renames it over the name:
 //! readers see the old object or the new one, never a part. The rename becomes durable when
 //! the folder is synced: `sync` syncs every folder that the backend renamed into since the
-//! last `sync`, and with `everything` every chunk folder too (renames made by other
-//! processes included), which the commit of a recovery point needs (see the crate doc).
+//! last `sync`, and the folders it is given (renames made by other processes included),
+//! which the commit of a recovery point needs for chunks it reuses (see the crate doc).
+//! Syncing a folder costs a device cache flush even when nothing in it changed, so commits
+//! name only the folders that may hold renames not yet durable.
 
 use crate::error::{Error, Result};
 use std::collections::HashSet;
@@ -52,12 +54,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn exists(&self, key: &str) -> Result<bool>;
     /// Removes an object; removing an absent one succeeds.
     fn delete(&self, key: &str) -> Result<()>;
-    /// Makes every completed `put`/`delete` of this backend durable; with `everything`,
-    /// also those of other writers of the same storage that have completed.
-    fn sync(&self, everything: bool) -> Result<()>;
+    /// Makes every completed `put`/`delete` of this backend durable, and those that other
+    /// writers of the same storage completed under the folders `also` (key prefixes
+    /// without the trailing `/`).
+    fn sync(&self, also: &[String]) -> Result<()>;
     /// A human-readable location for messages.
     fn location(&self) -> String;
 }
+
+/// Folder syncs in flight at once.
+const SYNC_THREADS: usize = 16;
 
 /// A repository in a local folder, one file per object.
 #[derive(Debug)]
@@ -254,29 +260,44 @@ impl Backend for FolderBackend {
         }
     }
 
-    fn sync(&self, everything: bool) -> Result<()> {
+    fn sync(&self, also: &[String]) -> Result<()> {
         let mut dirs: Vec<PathBuf> = self.dirty.lock().unwrap().drain().collect();
-        if everything {
-            let chunks = self.root.join(crate::format::CHUNKS_PREFIX);
-            if let Ok(entries) = std::fs::read_dir(&chunks) {
-                for e in entries.flatten() {
-                    dirs.push(e.path());
-                }
-            }
-            dirs.push(chunks);
+        for prefix in also {
+            let dir = self.path(prefix)?;
+            // The folder's own entry, too.
+            dirs.push(parent(&dir).to_owned());
+            dirs.push(dir);
         }
         dirs.sort();
         dirs.dedup();
-        for dir in &dirs {
-            match File::open(dir).and_then(|f| f.sync_all()) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    // Keep what is left for the next attempt.
-                    self.dirty.lock().unwrap().extend(dirs.iter().cloned());
-                    return Err(Error::io(dir.display().to_string(), e));
-                }
+        // Each folder sync may cost a device cache flush; flushes issued together are
+        // merged by the block layer, so sync the folders from several threads at once.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..dirs.len().min(SYNC_THREADS) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(dir) = dirs.get(i) else { return };
+                        match File::open(dir).and_then(|f| f.sync_all()) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => {
+                                failed
+                                    .lock()
+                                    .unwrap()
+                                    .get_or_insert(Error::io(dir.display().to_string(), e));
+                            }
+                        }
+                    }
+                });
             }
+        });
+        if let Some(e) = failed.into_inner().unwrap() {
+            // Keep them all for the next attempt.
+            self.dirty.lock().unwrap().extend(dirs);
+            return Err(e);
         }
         Ok(())
     }

@@ -79,7 +79,7 @@ pub fn gc(repo: &Repository, options: &GcOptions) -> Result<GcReport> {
             report.stale_leases_removed += 1;
         }
     }
-    backend.sync(false)?;
+    backend.sync(&[])?;
     let waits = live.clone();
     marker.update(|v| {
         v["phase"] = "sweeping".into();
@@ -129,7 +129,7 @@ pub fn gc(repo: &Repository, options: &GcOptions) -> Result<GcReport> {
             report.bytes_freed += info.size;
         }
     }
-    backend.sync(false)?;
+    backend.sync(&[])?;
     marker.release()?;
     tracing::info!(
         deleted = report.chunks_deleted,

@@ -138,7 +138,7 @@ impl Held {
         };
         let bytes = serde_json::to_vec(&lease).expect("lease serializes");
         backend.put(&key, &bytes)?;
-        backend.sync(false)?;
+        backend.sync(&[])?;
         let body = serde_json::to_value(&lease).expect("lease serializes");
         Ok(Held::start(backend, key, id, body))
     }
@@ -161,7 +161,7 @@ impl Held {
         let bytes = serde_json::to_vec(&marker).expect("marker serializes");
         for _ in 0..3 {
             if backend.put_new(GC_KEY, &bytes)? {
-                backend.sync(false)?;
+                backend.sync(&[])?;
                 let body = serde_json::to_value(&marker).expect("marker serializes");
                 let held = Held::start(backend, GC_KEY.into(), marker.id.clone(), body);
                 return Ok((held, marker));
@@ -244,7 +244,7 @@ impl Held {
             serde_json::to_vec(&*b).expect("serializes")
         };
         self.backend.put(&self.key, &bytes)?;
-        self.backend.sync(false)
+        self.backend.sync(&[])
     }
 
     /// Stops the heartbeat and removes the object.
@@ -253,7 +253,7 @@ impl Held {
         let r = self.backend.delete(&self.key);
         self.key.clear();
         r?;
-        self.backend.sync(false)
+        self.backend.sync(&[])
     }
 
     fn stop_heartbeat(&mut self) {
@@ -269,7 +269,7 @@ impl Drop for Held {
         self.stop_heartbeat();
         if !self.key.is_empty() {
             let _ = self.backend.delete(&self.key);
-            let _ = self.backend.sync(false);
+            let _ = self.backend.sync(&[]);
         }
     }
 }

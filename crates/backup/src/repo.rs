@@ -142,7 +142,7 @@ impl Repository {
                 path: PathBuf::from(backend.location()),
             });
         }
-        backend.sync(false)?;
+        backend.sync(&[])?;
         tracing::info!(repo = %backend.location(), encryption = %config.encryption, "repository created");
         Ok(Repository {
             backend,
@@ -275,12 +275,16 @@ impl Repository {
         }
     }
 
-    /// Opens a stored chunk and checks that its plaintext is `len` bytes and hashes to `id`.
-    pub(crate) fn decode_chunk(
+    /// Opens a stored chunk and checks that its plaintext is `len` bytes and, with
+    /// `rehash`, that it hashes to `id`. The tag (or checksum, bound to the id) already
+    /// proves the stored bytes are those written under this id, so restores skip the
+    /// re-hash; verify does not.
+    pub(crate) fn decode_chunk_checked(
         &self,
         id: &ChunkId,
         object: Vec<u8>,
         len: usize,
+        rehash: bool,
     ) -> Result<Vec<u8>> {
         let what = || format!("chunk {}", id.hex());
         let (compression, payload) = self.keys.open(&what(), CHUNK_MAGIC, &id.0, object)?;
@@ -299,19 +303,24 @@ impl Repository {
                 format!("holds {} bytes, not {len}", data.len()),
             ));
         }
-        if self.keys.chunk_id(&data) != *id {
+        if rehash && self.keys.chunk_id(&data) != *id {
             return Err(Error::corrupt(what(), "contents do not match the id"));
         }
         Ok(data)
     }
 
-    /// Reads, opens and checks one chunk of `len` bytes.
+    /// Reads, opens and checks one chunk of `len` bytes (re-hashing its plaintext too).
     pub fn read_chunk(&self, id: &ChunkId, len: usize) -> Result<Vec<u8>> {
+        self.fetch_chunk(id, len, true)
+    }
+
+    /// Reads and opens one chunk; `rehash` as in [`Repository::decode_chunk_checked`].
+    pub(crate) fn fetch_chunk(&self, id: &ChunkId, len: usize, rehash: bool) -> Result<Vec<u8>> {
         if id.is_zero() {
             return Ok(vec![0; len]);
         }
         let obj = self.backend.get(&id.key())?;
-        self.decode_chunk(id, obj, len)
+        self.decode_chunk_checked(id, obj, len, rehash)
     }
 
     /// Every chunk object in the repository.
@@ -371,13 +380,13 @@ impl Repository {
             .seal(POINT_MAGIC, COMPRESSION_ZSTD, p.id.as_bytes(), &compressed);
         self.backend
             .put(&format!("{POINTS_PREFIX}/{}", p.id), &obj)?;
-        self.backend.sync(false)
+        self.backend.sync(&[])
     }
 
     /// Removes a point's manifest (its chunks go at the next [`crate::gc`]).
     pub fn delete_point(&self, id: &str) -> Result<()> {
         self.backend.delete(&format!("{POINTS_PREFIX}/{id}"))?;
-        self.backend.sync(false)
+        self.backend.sync(&[])
     }
 
     /// Every point, oldest first, and those whose manifest is damaged.

@@ -66,15 +66,82 @@ impl Sink for DiskSink<'_> {
     }
 }
 
+/// A new raw file. Whole aligned chunks go through a second descriptor opened with
+/// `O_DIRECT`, so the data goes from our buffer to the device instead of through the page
+/// cache (a profile of buffered restores showed most of the CPU time in the kernel's copy
+/// into the page cache, and the final sync writing everything back while nothing else ran).
+/// A file system that refuses direct I/O gets buffered writes from then on.
 struct FileSink<'a> {
     file: &'a std::fs::File,
+    direct: Option<std::fs::File>,
+    direct_ok: AtomicBool,
     path: &'a Path,
 }
+
+/// Alignment of memory, offsets and lengths of direct writes.
+const DIRECT_ALIGN: usize = 4096;
+
+thread_local! {
+    /// Each restore thread's aligned staging buffer for direct writes.
+    static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl FileSink<'_> {
+    fn new<'a>(file: &'a std::fs::File, path: &'a Path) -> FileSink<'a> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .ok();
+        FileSink {
+            file,
+            direct_ok: AtomicBool::new(direct.is_some()),
+            direct,
+            path,
+        }
+    }
+
+    fn try_direct(&self, buf: &[u8], offset: u64) -> Option<std::io::Result<()>> {
+        let direct = self.direct.as_ref()?;
+        if !self.direct_ok.load(Ordering::Relaxed)
+            || !buf.len().is_multiple_of(DIRECT_ALIGN)
+            || !offset.is_multiple_of(DIRECT_ALIGN as u64)
+        {
+            return None;
+        }
+        let r = STAGING.with(|staging| {
+            let mut staging = staging.borrow_mut();
+            if staging.len() < buf.len() + DIRECT_ALIGN {
+                *staging = vec![0u8; buf.len() + DIRECT_ALIGN];
+            }
+            let start = (DIRECT_ALIGN - staging.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+            let aligned = &mut staging[start..start + buf.len()];
+            aligned.copy_from_slice(buf);
+            direct.write_all_at(aligned, offset)
+        });
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                self.direct_ok.store(false, Ordering::Relaxed);
+                None
+            }
+            r => Some(r),
+        }
+    }
+
+    /// Whether direct writes are still in use.
+    fn direct(&self) -> bool {
+        self.direct_ok.load(Ordering::Relaxed)
+    }
+}
+
 impl Sink for FileSink<'_> {
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::io(self.path.display().to_string(), e))
+        let r = match self.try_direct(buf, offset) {
+            Some(r) => r,
+            None => self.file.write_all_at(buf, offset),
+        };
+        r.map_err(|e| Error::io(self.path.display().to_string(), e))
     }
 }
 
@@ -112,7 +179,7 @@ fn copy_stream(
                     let r = if id.is_zero() {
                         if fresh { Ok(()) } else { zero(offset, len) }
                     } else {
-                        repo.read_chunk(&id, len as usize).and_then(|data| {
+                        repo.fetch_chunk(&id, len as usize, false).and_then(|data| {
                             fetched.fetch_add(1, Ordering::Relaxed);
                             sink.write(&data, offset)?;
                             bytes_written.fetch_add(len, Ordering::Relaxed);
@@ -320,16 +387,14 @@ fn write_raw(
             Ok(())
         })
     };
+    let sink = FileSink::new(&file, tmp);
     let unflushed = AtomicU64::new(0);
     let written = |n: u64| {
-        if unflushed.fetch_add(n, Ordering::Relaxed) + n >= FLUSH_EVERY {
+        // Direct writes are on the device already; buffered ones are synced along the way.
+        if !sink.direct() && unflushed.fetch_add(n, Ordering::Relaxed) + n >= FLUSH_EVERY {
             unflushed.store(0, Ordering::Relaxed);
             let _ = kick.try_send(());
         }
-    };
-    let sink = FileSink {
-        file: &file,
-        path: tmp,
     };
     let stats = copy_stream(
         repo,

@@ -110,6 +110,9 @@ pub struct PointWriter {
     disks: Vec<Stream>,
     /// Chunks stored in the repository (listed at the start, plus those written since).
     known: Arc<Mutex<HashSet<ChunkId>>>,
+    /// Chunk folders holding chunks this point reuses from the listing (not from its base):
+    /// another writer may have renamed them there without syncing the folder yet.
+    reused_folders: HashSet<String>,
     /// A garbage collection that ran when this backup began and may not wait for it
     /// (see the crate doc): until it is over, every stream is checked after its copy.
     unsettled_gc: Option<String>,
@@ -140,6 +143,7 @@ impl PointWriter {
             blobs: Vec::new(),
             disks: Vec::new(),
             known: Arc::new(Mutex::new(known)),
+            reused_folders: HashSet::new(),
             unsettled_gc,
             stats: CopyStats::default(),
         })
@@ -317,7 +321,16 @@ impl PointWriter {
             table[i as usize] = id;
             match outcome {
                 Outcome::Zero => stats.chunks_zero += 1,
-                Outcome::Reused => stats.chunks_reused += 1,
+                Outcome::Reused => {
+                    stats.chunks_reused += 1;
+                    // Chunks of the base were made durable by the base's commit.
+                    if base.is_none_or(|b| b.chunks.get(i as usize) != Some(&id)) {
+                        let key = id.key();
+                        self.reused_folders.insert(
+                            key[..key.rfind('/').expect("chunk keys have folders")].to_owned(),
+                        );
+                    }
+                }
                 Outcome::New => stats.chunks_new += 1,
             }
         }
@@ -398,9 +411,12 @@ impl PointWriter {
             ));
         }
         let backend = Arc::clone(self.repo.backend());
-        // Chunks this backup relies on may have been written by another one whose folder
-        // sync has not happened yet: make every completed write durable.
-        backend.sync(true)?;
+        // Chunks this backup wrote, and those it reuses that another writer may have
+        // renamed into place without syncing the folder yet, must be durable before the
+        // manifest names them.
+        let mut also: Vec<String> = self.reused_folders.drain().collect();
+        also.sort();
+        backend.sync(&also)?;
         let lease = self.lease.take().expect("lease held until commit");
         if !lease.still_held()? {
             return Err(Error::LeaseLost);
