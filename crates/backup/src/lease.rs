@@ -166,17 +166,26 @@ impl Held {
                 let held = Held::start(backend, GC_KEY.into(), marker.id.clone(), body);
                 return Ok((held, marker));
             }
-            match read_gc(backend.as_ref())? {
-                Some(m) => {
+            let bytes = match backend.get(GC_KEY) {
+                Err(e) if e.is_missing() => continue,
+                r => r?,
+            };
+            let dead = match crate::format::parse_json::<GcMarker>("gc marker", &bytes) {
+                Ok(m) if alive(&m.host, m.pid, m.pid_start, m.renewed_ns) => {
                     return Err(Error::GcRunning {
                         pid: m.pid,
                         host: m.host,
                     });
                 }
-                None => {
-                    tracing::info!("removing the marker of a garbage collection that died");
-                    backend.delete(GC_KEY)?;
-                }
+                Ok(m) => m.id,
+                Err(_) => hex(blake3::hash(&bytes).as_bytes()),
+            };
+            // Two collectors may find the same dead marker: only the one that creates its
+            // takeover object removes it, so a live marker the other put meanwhile is never
+            // removed by mistake. Takeover objects stay (one per dead collector, empty).
+            if backend.put_new(&format!("gc/takeover-{dead}"), b"")? {
+                tracing::info!("removing the marker of a garbage collection that died");
+                backend.delete(GC_KEY)?;
             }
         }
         Err(Error::GcRunning {

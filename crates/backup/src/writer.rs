@@ -249,13 +249,21 @@ impl PointWriter {
         let mut stats = CopyStats::default();
         if let Method::Incremental { base, changed } = method {
             // Unchanged chunks are the base's, provided the base has the chunk at the same
-            // length (a grown or shrunk disk changes its last chunk).
+            // length (a grown or shrunk disk changes its last chunk) and the repository
+            // still has it (the base may have been pruned and collected since the caller
+            // read it): otherwise it is read again.
+            let known = self.known.lock().unwrap();
             for (i, slot) in need.iter_mut().enumerate() {
                 let i = i as u64;
                 let same_len = i < base.chunks.len() as u64
                     && (base.size - i * cs).min(cs) as usize == len_of(i);
-                *slot = !same_len;
+                let stored = same_len && {
+                    let id = &base.chunks[i as usize];
+                    id.is_zero() || known.contains(id)
+                };
+                *slot = !stored;
             }
+            drop(known);
             for r in changed {
                 if r.start >= r.end || r.start >= size {
                     continue;
@@ -312,7 +320,6 @@ impl PointWriter {
             source,
             &to_read,
             &len_of,
-            base,
             &self.known,
             total,
             progress,
@@ -478,7 +485,6 @@ fn run_pipeline(
     source: &dyn Disk,
     to_read: &[u64],
     len_of: &(dyn Fn(u64) -> usize + Sync),
-    base: Option<&Stream>,
     known: &Mutex<HashSet<ChunkId>>,
     total: u64,
     progress: Progress,
@@ -549,9 +555,9 @@ fn run_pipeline(
                         (ChunkId::ZERO, Outcome::Zero)
                     } else {
                         let id = repo.chunk_id(&buf);
-                        let same_as_base =
-                            base.is_some_and(|b| b.chunks.get(i as usize) == Some(&id));
-                        if same_as_base || !known.lock().unwrap().insert(id) {
+                        // Stored already (listed when the backup began, or written since):
+                        // the base's chunks are found here too.
+                        if !known.lock().unwrap().insert(id) {
                             (id, Outcome::Reused)
                         } else {
                             let obj = repo.encode_chunk(&id, &buf, &mut encoder);

@@ -268,3 +268,37 @@ fn a_dead_collectors_marker_blocks_nothing_and_a_live_one_refuses_a_second() {
     drop(held);
     gc(&repo, &GcOptions::default()).unwrap();
 }
+
+#[test]
+fn an_incremental_whose_base_was_collected_reads_again_what_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(&dir.path().join("repo"), EncryptionMode::None, CS);
+    let data = image(8 * CS as usize, 90);
+    let src = dir.path().join("src");
+    write_file(&src, &data);
+    // The caller read its base point, which is then pruned and collected.
+    let base = full(&repo, "vm", &src, &[("seed", "90")]);
+    repo.delete_point(&base.id).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let r = gc(&repo, &GcOptions::default()).unwrap();
+    assert!(r.chunks_deleted > 0);
+    // Nothing changed since the base, by the caller's tracking: yet what is gone is read.
+    let mut w = PointWriter::begin(&repo, "vm").unwrap();
+    let st = w
+        .add_disk(
+            "disk0",
+            &RawDisk::open(&src, false).unwrap(),
+            Method::Incremental {
+                base: &base.disks[0],
+                changed: &[],
+            },
+            BTreeMap::new(),
+            &|_, _| {},
+        )
+        .unwrap();
+    let p = w.commit().unwrap();
+    assert_eq!(st.chunks_new, r.chunks_deleted);
+    let out = dir.path().join("out");
+    restore_to_file(&repo, &p, 0, &out, FileFormat::Raw, &|_, _| {}).unwrap();
+    assert_same(&std::fs::read(&out).unwrap(), &data, "point");
+}

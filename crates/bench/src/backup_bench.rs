@@ -115,6 +115,8 @@ pub fn op(args: &[String]) -> Result<()> {
 /// One timed command: wall time and peak memory of the whole process.
 struct Measured {
     time: Duration,
+    /// User plus system CPU time of the whole process.
+    cpu: Duration,
     peak_kib: u64,
     stdout: String,
 }
@@ -125,7 +127,7 @@ fn measure(cmd: &str, env: &[(&str, &str)]) -> Result<Measured> {
     let t = Instant::now();
     let out = Command::new("/usr/bin/time")
         .arg("-f")
-        .arg("%M")
+        .arg("%M %U %S")
         .arg("-o")
         .arg(&peak)
         .arg("sh")
@@ -140,15 +142,23 @@ fn measure(cmd: &str, env: &[(&str, &str)]) -> Result<Measured> {
     );
     sh("sync")?;
     let time = t.elapsed();
-    let peak_kib = fs::read_to_string(&peak)?
+    let report = fs::read_to_string(&peak)?;
+    let fields: Vec<&str> = report
         .lines()
         .last()
         .context("no peak memory")?
-        .trim()
-        .parse()?;
+        .split_whitespace()
+        .collect();
+    ensure!(
+        fields.len() == 3,
+        "unexpected /usr/bin/time output {report:?}"
+    );
+    let peak_kib = fields[0].parse()?;
+    let cpu = Duration::from_secs_f64(fields[1].parse::<f64>()? + fields[2].parse::<f64>()?);
     let _ = fs::remove_file(&peak);
     Ok(Measured {
         time,
+        cpu,
         peak_kib,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
     })
@@ -392,6 +402,7 @@ pub fn bench(dir: &Path, runs: usize) -> Result<Vec<Row>> {
     };
 
     let mut t: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    let mut cpu: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     let mut peak: BTreeMap<&str, u64> = BTreeMap::new();
     let mut sizes: BTreeMap<&str, u64> = BTreeMap::new();
     let mut ours_incr_read = 0u64;
@@ -399,6 +410,7 @@ pub fn bench(dir: &Path, runs: usize) -> Result<Vec<Row>> {
     let mut clone_growth = (0u64, 0u64, 0u64);
     let mut rec = |name: &'static str, m: &Measured, t: &mut BTreeMap<&str, Vec<Duration>>| {
         t.entry(name).or_default().push(m.time);
+        cpu.entry(name).or_default().push(m.cpu);
         let p = peak.entry(name).or_default();
         *p = (*p).max(m.peak_kib);
     };
@@ -542,12 +554,24 @@ pub fn bench(dir: &Path, runs: usize) -> Result<Vec<Row>> {
     let _ = fs::remove_file(&image);
 
     let m = |k: &str| median(t[k].clone());
+    let c = |k: &str| format!("{:.1}", median(cpu[k].clone()).as_secs_f64());
     let (full, rfull, bfull) = (m("ours full"), m("restic full"), m("borg full"));
     let data = IMAGE_SIZE;
     let mut rows = vec![Row {
         name: "full backup of a 4 GiB ext4 image, 2.5 GiB mixed data (encrypted, synced)".into(),
-        ours: format!("{} ({})", secs(full), mib_s(data, full)),
-        peer: format!("restic {}; borg zstd,3 {}", secs(rfull), secs(bfull)),
+        ours: format!(
+            "{} ({}; CPU {} s)",
+            secs(full),
+            mib_s(data, full),
+            c("ours full")
+        ),
+        peer: format!(
+            "restic {} (CPU {} s); borg zstd,3 {} (CPU {} s)",
+            secs(rfull),
+            c("restic full"),
+            secs(bfull),
+            c("borg full")
+        ),
         ratio: format!(
             "{:.2}x restic's throughput; {:.2}x borg's",
             rfull.as_secs_f64() / full.as_secs_f64(),
@@ -592,8 +616,19 @@ pub fn bench(dir: &Path, runs: usize) -> Result<Vec<Row>> {
     let (res, rres, bres) = (m("ours restore"), m("restic restore"), m("borg restore"));
     rows.push(Row {
         name: "restore the latest point to a new raw file (synced)".into(),
-        ours: format!("{} ({})", secs(res), mib_s(data, res)),
-        peer: format!("restic {}; borg {}", secs(rres), secs(bres)),
+        ours: format!(
+            "{} ({}; CPU {} s)",
+            secs(res),
+            mib_s(data, res),
+            c("ours restore")
+        ),
+        peer: format!(
+            "restic {} (CPU {} s); borg {} (CPU {} s)",
+            secs(rres),
+            c("restic restore"),
+            secs(bres),
+            c("borg restore")
+        ),
         ratio: format!(
             "{:.2}x restic's speed; {:.2}x borg's",
             rres.as_secs_f64() / res.as_secs_f64(),
@@ -605,8 +640,12 @@ pub fn bench(dir: &Path, runs: usize) -> Result<Vec<Row>> {
     let (ver, rver) = (m("ours verify"), m("restic check"));
     rows.push(Row {
         name: "verify every chunk (3 points)".into(),
-        ours: secs(ver),
-        peer: format!("restic check --read-data {}", secs(rver)),
+        ours: format!("{} (CPU {} s)", secs(ver), c("ours verify")),
+        peer: format!(
+            "restic check --read-data {} (CPU {} s)",
+            secs(rver),
+            c("restic check")
+        ),
         ratio: format!(
             "{:.2}x restic's speed",
             rver.as_secs_f64() / ver.as_secs_f64()
