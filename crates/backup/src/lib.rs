@@ -38,6 +38,18 @@
 //! | check | [`verify()`] |
 //! | retention | [`prune()`] with a [`KeepPolicy`], then [`gc()`] |
 //!
+//! ## I/O and parallelism
+//!
+//! A backup reads the source with positional reads on one thread (skipping ranges the
+//! source reports as holes), hashes, compresses and seals on one worker per core, and puts
+//! objects from three writer threads, so reading, CPU work and the device's writes overlap
+//! (see [`writer`]). Memory is bounded by a fixed pool of chunk buffers, whatever the
+//! disk's size (about 100 MiB for 4 MiB chunks on two cores, measured). Chunk objects are
+//! written with `O_DIRECT` where the file system takes it, each synced before its rename.
+//! Restores and verifies fetch and open chunks on several threads at once (a restore writes
+//! each chunk in place with a positional, direct write), so the reads run ahead of the
+//! writes without a separate read-ahead queue.
+//!
 //! ## Crash model
 //!
 //! Every object appears whole or not at all (a put writes a temporary object, syncs it

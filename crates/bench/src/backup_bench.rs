@@ -11,6 +11,9 @@
 //! The incremental changes 1% of the image (ten runs of about 4.1 MiB of new random data
 //! at random 4 KiB-aligned offsets); ours is told the changed ranges, as change tracking
 //! would tell it; restic and borg reread the whole image, as they must.
+//!
+//! With `SNAPVISOR_BENCH_TUNE=1`, one full backup and one incremental per chunk size and
+//! zstd level follow (the measurements behind the defaults, `docs/repository-format.md`).
 
 use crate::{GIB, MIB, Row, median, secs, sh};
 use anyhow::{Context, Result, bail, ensure};
@@ -460,6 +463,14 @@ pub fn bench(dir: &Path, runs: usize) -> Result<Vec<Row>> {
         ours_express_stored = v["bytes_stored"].as_u64().unwrap_or(0);
         rec("ours express", &m, &mut t);
 
+        // Every repository warm in the page cache, as the image is: ours was written with
+        // O_DIRECT and would otherwise be read from the device while the peers' are cached.
+        for p in [&sides.ours, &sides.restic, &sides.borg] {
+            sh(&format!(
+                "find {} -type f -exec cat {{}} + > /dev/null",
+                p.display()
+            ))?;
+        }
         // Restore the latest point, turn by turn.
         let outs = [
             o.join("restore-ours.img"),
@@ -547,7 +558,13 @@ pub fn bench(dir: &Path, runs: usize) -> Result<Vec<Row>> {
             fs::remove_file(&clone)?;
         }
     }
-    let tuning = tune(&o, &base_image, &envs, &me.to_string())?;
+    // The tuning rows (one run per chunk size and level) on request: they add five full
+    // backups to the run.
+    let tuning = if std::env::var("SNAPVISOR_BENCH_TUNE").is_ok_and(|v| v == "1") {
+        tune(&o, &base_image, &envs, &me.to_string())?
+    } else {
+        Vec::new()
+    };
     for p in [&sides.ours, &sides.restic, &sides.borg] {
         let _ = fs::remove_dir_all(p);
     }
