@@ -61,6 +61,13 @@ fn raw_source_round_trips_bit_exact_and_sparse() {
         allocated <= data.len() as u64 - zero_chunks * u64::from(CS) + 4096,
         "{allocated} bytes allocated"
     );
+    // To a VHDX file too: the odd tail is padded to a whole sector of zeros.
+    let vout = dir.path().join("out.vhdx");
+    restore_to_file(&repo, &p, 0, &vout, FileFormat::Vhdx, &|_, _| {}).unwrap();
+    let v = read_disk(&VhdxDisk::open(&vout, false).unwrap());
+    assert_eq!(v.len() as u64, (data.len() as u64).next_multiple_of(512));
+    assert_same(&v[..data.len()], &data, "vhdx restore of an odd size");
+    assert!(v[data.len()..].iter().all(|&b| b == 0));
     // Restoring over an existing file is refused and leaves it alone.
     let again = restore_to_file(&repo, &p, 0, &out, FileFormat::Raw, &|_, _| {});
     assert!(again.is_err());
