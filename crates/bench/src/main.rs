@@ -7,7 +7,8 @@
 //!
 //! Usage: `snapvisor-bench [--dir DIR] [--runs N] [--only NAME]...` where NAME is one of
 //! `create-child`, `scale`, `seq-write`, `convert`, `random-read`, `merge`, `checkpoints`, `nbd`,
-//! `vm`, `live`, `live-merge`.
+//! `vm`, `live`, `live-merge`, `backup` (the backup repository against restic and borg, in
+//! `backup_bench.rs`).
 //!
 //! The checkpoint figures run the `snapvisor` binary as a user does (process start
 //! included) on a store under `--dir`.
@@ -25,6 +26,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vhdx::{Chain, CreateParams};
+
+mod backup_bench;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -45,6 +48,10 @@ struct Row {
 }
 
 fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("backup-op") {
+        return backup_bench::op(&argv[2..]);
+    }
     let mut args = std::env::args().skip(1);
     let mut opts = Opts {
         dir: PathBuf::from("target/bench-data"),
@@ -95,6 +102,9 @@ fn main() -> Result<()> {
     }
     if want("live-merge") {
         rows.extend(bench_live_merge(&opts)?);
+    }
+    if want("backup") {
+        rows.extend(backup_bench::bench(&opts.dir, opts.runs)?);
     }
     println!();
     println!("| benchmark | snapvisor | peer | ratio | target | met |");
