@@ -982,6 +982,21 @@ impl VhdxFile {
         Ok(())
     }
 
+    /// Grows the file once so that the next `blocks` block allocations need not each grow
+    /// it (a merge knows how many it will make). What stays unused after a crash is a leak
+    /// at the end of the file, as after any interrupted allocation; repair trims it.
+    pub fn reserve_blocks(&self, blocks: u64) -> Result<()> {
+        self.check_writable()?;
+        let st = self.lock();
+        self.check_poisoned(&st)?;
+        let end = st.file_end + blocks * u64::from(self.geometry.block_size);
+        let cur = self.io.len().map_err(|e| self.ioerr(e))?;
+        if cur < end {
+            self.io.set_len(end).map_err(|e| self.ioerr(e))?;
+        }
+        Ok(())
+    }
+
     /// Reserves `len` bytes at the end of the file (1 MiB aligned) and extends the file.
     fn allocate(&self, st: &mut State, len: u64) -> Result<u64> {
         let offset = st.file_end;

@@ -476,6 +476,23 @@ fn merge_into_parent(
         }
         Ok(())
     })?;
+    // The parent blocks the copy will allocate, reserved at once: growing the file block by
+    // block, under the allocation lock, queued behind the journal commits of the flushes
+    // that run beside the copy.
+    let pg = parent.geometry();
+    let pbs = u64::from(pg.block_size);
+    let mut new_blocks = std::collections::BTreeSet::new();
+    for job in &jobs {
+        for block in job.dest_offset / pbs..(job.dest_offset + job.len).div_ceil(pbs) {
+            if !matches!(
+                parent.block_entry(block).state(),
+                PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT
+            ) {
+                new_blocks.insert(block);
+            }
+        }
+    }
+    parent.reserve_blocks(new_blocks.len() as u64)?;
     let copied = copy_parallel(
         &jobs,
         &|source, buf| child.read_at(buf, source),

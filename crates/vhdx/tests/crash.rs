@@ -999,7 +999,6 @@ impl Replay {
                 c.apply(&mut image);
             }
             applied = k;
-            let image = image.clone();
             let at = CheckAt {
                 top: &self.top,
                 baseline: &baseline,
@@ -1007,11 +1006,17 @@ impl Replay {
                 sector: self.sector,
                 ctx: &ctx,
             };
-            let after = session.check(&at, image, k, false);
-            let mem = std::sync::Arc::new(vhdx::MemFile::new(after.clone()));
-            let f = vhdx::VhdxFile::open_io(mem, &self.top, vhdx::OpenOptions::default()).unwrap();
-            let reads = read_all(&Chain::from_top(f).unwrap());
-            checked += self.round(round + 1, after, reads);
+            // The round ends here, or with call `k` torn.
+            let ends = [Some(image.clone()), torn(&image, session.calls.get(k))];
+            for (end, was_torn) in ends.into_iter().zip([false, true]) {
+                let Some(end) = end else { continue };
+                let after = session.check(&at, end, k, was_torn);
+                let mem = std::sync::Arc::new(vhdx::MemFile::new(after.clone()));
+                let f =
+                    vhdx::VhdxFile::open_io(mem, &self.top, vhdx::OpenOptions::default()).unwrap();
+                let reads = read_all(&Chain::from_top(f).unwrap());
+                checked += self.round(round + 1, after, reads);
+            }
             if k % 50 == 0 {
                 eprintln!("round {round}: instant {k} of {}", session.calls.len());
             }
