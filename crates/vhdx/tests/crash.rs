@@ -187,6 +187,19 @@ fn max_write_delay_ms() -> u64 {
         .unwrap_or(300)
 }
 
+/// Free space of the file system holding `dir`, for failure messages: a full disk on a
+/// shared machine fails writes in ways no crash model covers.
+fn free_space(dir: &Path) -> String {
+    Command::new("df")
+        .args(["-h", "--output=avail"])
+        .arg(dir)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().nth(1).map(|l| l.trim().to_owned()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn trials_from_env() -> Option<usize> {
     std::env::var("SNAPVISOR_SOAK_TRIALS")
         .ok()
@@ -240,10 +253,17 @@ fn run_and_kill(dir: &Path, env: &[(&str, String)], delay: Option<Duration>, ctx
         child.kill().unwrap();
     }
     let status = child.wait().unwrap();
-    if !killed && !status.success() {
+    // A worker that died of an error of its own (a failed write on a full file system, a
+    // panic) just before the kill would otherwise pass for a killed one, and what it left
+    // be judged against the crash model.
+    use std::os::unix::process::ExitStatusExt;
+    if !status.success() && status.signal() != Some(9) {
         let err = std::fs::read_to_string(dir.join("worker.err")).unwrap_or_default();
         let out = std::fs::read_to_string(dir.join("worker.out")).unwrap_or_default();
-        panic!("{ctx}: the worker failed ({status}):\n{out}\n{err}");
+        panic!(
+            "{ctx}: the worker failed ({status}) instead of being killed; free space: {}:\n{out}\n{err}",
+            free_space(dir)
+        );
     }
     killed
 }
@@ -522,8 +542,10 @@ fn write_trial(seed: u64, max_rounds: usize, stats: &mut (usize, u64, u64)) -> u
         stats.1 += exp.ops;
         stats.2 += exp.durable_ops;
         let ctx = format!(
-            "{ctx}, killed after {delay:?}: {} of {} journaled operations durable",
-            exp.durable_ops, exp.ops
+            "{ctx}, killed after {delay:?}: {} of {} journaled operations durable (free space {})",
+            exp.durable_ops,
+            exp.ops,
+            free_space(dir.path())
         );
         for p in &paths {
             assert_clean(p, &format!("{ctx}, before replay"));
