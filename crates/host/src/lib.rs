@@ -98,6 +98,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod backups;
 mod checkpoints;
 pub mod control;
 pub mod error;
