@@ -18,6 +18,7 @@
 
 use crate::error::{Context, Error, Result};
 use crate::host::{Host, VmHandle};
+use crate::protocol::{Quiesce, Reply, Request};
 use crate::record::RunStatus;
 use backup::{Method, Point, Repository};
 use std::collections::BTreeMap;
@@ -277,48 +278,37 @@ impl VmHandle<'_> {
         started: Instant,
         progress: CopyProgress,
     ) -> Result<BackedUp> {
-        match opts.mode {
-            BackupMode::Crash | BackupMode::SavedState => {
+        let quiesce = match opts.mode {
+            BackupMode::Auto => Quiesce::Try,
+            BackupMode::Online => Quiesce::Required,
+            BackupMode::Crash => Quiesce::Skip,
+            BackupMode::SavedState => {
                 return Err(refused(
                     ErrorKind::Unsupported,
-                    format!(
-                        "--mode {} of a running VM is not available yet: use --mode online (the guest agent must answer) or stop the VM",
-                        opts.mode.as_str()
-                    ),
+                    "--mode saved-state is not available yet: use --mode auto, online or crash",
                 ));
             }
-            BackupMode::Auto | BackupMode::Online => {}
-        }
-        let (_, before, _) = self.store().read_vm(&self.name)?;
-        if before.config.checkpoint_type == vm::CheckpointType::Disabled {
-            return Err(refused(
-                ErrorKind::Invalid,
-                "checkpoints are disabled for this VM, and an online backup takes a recovery checkpoint: set a production checkpoint type (`vm set --checkpoint-type production`) or stop the VM",
-            ));
-        }
-        let name = format!(
-            "recovery checkpoint ({})",
-            vm::fsutil::format_time(vm::fsutil::now_unix())
-        );
-        let capture = self.take_live(dir, Some(&name))?;
-        let checkpoint = capture.id.to_string();
-        let remove_checkpoint = |result: Result<BackedUp>| -> Result<BackedUp> {
-            let deleted = self.delete_checkpoint(&checkpoint, false, crate::no_progress());
-            match (result, deleted) {
-                (Ok(done), Ok(_)) => Ok(done),
-                (Ok(_), Err(e)) => Err(e).context("the point is committed, but its recovery checkpoint could not be deleted (delete it with `checkpoint delete`)"),
-                (Err(e), _) => Err(e),
-            }
         };
-        if capture.consistency != vm::Consistency::ApplicationConsistent {
-            return remove_checkpoint(Err(refused(
-                ErrorKind::Unsupported,
-                format!(
-                    "the guest agent did not freeze the guest ({}): an online backup needs the agent; a crash-consistent backup of a running VM is not available yet, so stop the VM to back it up",
-                    capture.fallback.as_deref().unwrap_or("no answer")
-                ),
-            )));
-        }
+        let request = Request::RecoveryCheckpoint {
+            name: format!(
+                "recovery checkpoint ({})",
+                vm::fsutil::format_time(vm::fsutil::now_unix())
+            ),
+            quiesce,
+        };
+        let capture = match self
+            .call(dir, &request, crate::host::LIVE_OP_TIMEOUT)
+            .context("the running VM did not take a recovery checkpoint")?
+        {
+            Reply::CheckpointTaken(c) => c,
+            other => return Err(crate::control::unexpected(&request, &other)),
+        };
+        let consistency = match capture.consistency {
+            vm::Consistency::ApplicationConsistent => "application",
+            _ => "crash",
+        };
+        // The frozen layers are copied while the guest writes to Now's new layers; the
+        // worker never changes them until the recovery checkpoint is deleted.
         let result = (|| {
             let (vm_dir, state, _) = self.store().read_vm(&self.name)?;
             let c = state.checkpoint(capture.id).ok_or_else(|| {
@@ -351,14 +341,28 @@ impl VmHandle<'_> {
                 nvram.is_file().then_some(nvram.as_path()),
                 &disks,
                 opts.full,
-                "application",
+                consistency,
                 freeze,
                 pause,
                 started,
                 progress,
             )
         })();
-        remove_checkpoint(result)
+        // Merged away under the guest, whether or not the copy worked.
+        let deleted = self.delete_checkpoint(&capture.id.to_string(), false, crate::no_progress());
+        match (result, deleted) {
+            (Ok(done), Ok(_)) => Ok(done),
+            (Ok(done), Err(e)) => {
+                tracing::warn!(
+                    "point {} is committed, but its recovery checkpoint {} could not be deleted (delete it with `snapvisor checkpoint delete`): {}",
+                    done.point.id,
+                    capture.id,
+                    e.chain()
+                );
+                Ok(done)
+            }
+            (Err(e), _) => Err(e),
+        }
     }
 
     /// Restores `point` over the VM's disks (the VM must be off). Unless `discard`, what

@@ -104,7 +104,7 @@ impl VmHandle<'_> {
         })
     }
 
-    pub(crate) fn take_live(&self, dir: &Path, name: Option<&str>) -> Result<Capture> {
+    fn take_live(&self, dir: &Path, name: Option<&str>) -> Result<Capture> {
         let request = Request::CheckpointCreate {
             name: name.map(str::to_owned),
         };
