@@ -9,7 +9,7 @@
 //! | VM | what [`VmHandle::backup`] does | consistency |
 //! |---|---|---|
 //! | off | holds the VM's lock, copies Now's chain of each disk (read through the chain, holes skipped) | `offline` |
-//! | running | a recovery checkpoint through the worker (freeze through the agent, switch, thaw), the frozen layers copied read-only while the guest runs, the checkpoint deleted live (merged away) | `application` (agent froze the guest) |
+//! | running | a recovery checkpoint through the worker (`Request::RecoveryCheckpoint`: frozen through the agent as the mode says, switched, thawed; never with memory), its layers copied read-only while the guest runs, then the checkpoint deleted live (merged away) | `application` (the agent froze the guest) or `crash` (`--mode crash`, or `auto` without an answering agent) |
 //! | saved | refused: its memory belongs to its current disks | |
 //!
 //! A disk is copied in full when the VM has no earlier point, or with `full`; otherwise
@@ -303,6 +303,7 @@ impl VmHandle<'_> {
             Reply::CheckpointTaken(c) => c,
             other => return Err(crate::control::unexpected(&request, &other)),
         };
+        vm::fsutil::crashpoint("backup create: recovery checkpoint taken");
         let consistency = match capture.consistency {
             vm::Consistency::ApplicationConsistent => "application",
             _ => "crash",

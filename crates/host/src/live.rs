@@ -240,7 +240,7 @@ pub(crate) fn take_recovery(session: &Session, name: &str, quiesce: Quiesce) -> 
     }
     let frozen_at = Instant::now();
     let taken = vm::Taken {
-        kind: CheckpointKind::Production,
+        kind: CheckpointKind::Recovery,
         consistency: if frozen.is_some() {
             Consistency::ApplicationConsistent
         } else {

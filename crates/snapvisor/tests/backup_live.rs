@@ -149,8 +149,42 @@ fn online_mode_refuses_without_the_agent_and_auto_falls_back_to_crash() {
     // Paused only for the switch: milliseconds, not a memory save.
     assert!(p["pause_ms"].as_f64().unwrap() < 2000.0, "{p}");
     assert_eq!(checkpoint_count(&cli), 0);
+
+    // A backup that dies after its recovery checkpoint: nothing listed; the checkpoint is
+    // hidden from `checkpoint list` (not from `--all`) and not counted in the limit.
+    let mut c = cli.command(&["backup", "create", "g", "--mode", "crash"]);
+    c.env("SNAPVISOR_CRASH_AT", "1");
+    let out = c.output().unwrap();
+    assert!(!out.status.success(), "the backup should have died");
+    assert!(
+        cli.json(&["backup", "list", "--json"])["points"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    );
+    assert_eq!(checkpoint_count(&cli), 0);
+    let all = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
+    let left = all["checkpoints"].as_array().unwrap();
+    assert_eq!(left.len(), 1, "{all}");
+    assert_eq!(left[0]["type"], "recovery", "{all}");
+    let text = cli.ok(&["checkpoint", "list", "g"]);
+    assert!(!text.contains("recovery"), "{text}");
+    cli.ok(&["vm", "set", "g", "--max-checkpoints", "1"]);
+    cli.ok(&["checkpoint", "create", "g", "--name", "mine"]);
+    assert_eq!(checkpoint_count(&cli), 1);
     let at = max_tick(&store);
     wait("ticks", 60, || max_tick(&store) > at + 2);
     cli.ok(&["vm", "stop", "g", "--force"]);
+    // The next open of the VM removes what the dead backup left.
+    cli.ok(&["vm", "consolidate", "g"]);
+    let all = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
+    let names: Vec<&str> = all["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mine"], "{all}");
     support::check_all_files(&store.join("g"));
 }
