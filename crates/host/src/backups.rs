@@ -122,6 +122,8 @@ pub struct RestoredInPlace {
     pub kept_as: Option<(Uuid, String)>,
     /// Bytes written into the disks.
     pub bytes_written: u64,
+    /// The VM's new generation ID.
+    pub generation_id: Uuid,
 }
 
 /// Progress of a copy: `(bytes done, bytes in all)`.
@@ -367,7 +369,9 @@ impl VmHandle<'_> {
     }
 
     /// Restores `point` over the VM's disks (the VM must be off). Unless `discard`, what
-    /// the VM had is kept first as a checkpoint named `before restore (time)`.
+    /// the VM had is kept first as a checkpoint named `before restore (time)`; the VM
+    /// gets a new generation ID. A restore that fails or is killed half way leaves Now
+    /// partly restored: run it again, or apply the kept checkpoint.
     pub fn restore_in_place(
         &self,
         repo: &Repository,
@@ -421,9 +425,12 @@ impl VmHandle<'_> {
             let path = vm.dir().join(vm::journal::FIRMWARE_DIR).join(nvram);
             vm::fsutil::atomic_write(&path, &bytes).with_context(what)?;
         }
+        // The guest's disks went back in time, as after an apply.
+        let generation_id = vm.renew_generation_id().with_context(what)?;
         Ok(RestoredInPlace {
             kept_as,
             bytes_written,
+            generation_id,
         })
     }
 }

@@ -634,12 +634,14 @@ fn restore(a: RestoreArgs, store: &StoreArgs) -> Result<ExitCode> {
             "point": point.id, "vm": point.group,
             "kept_as": r.kept_as.as_ref().map(|(id, name)| json!({"id": id, "name": name})),
             "bytes_written": r.bytes_written,
+            "generation_id": r.generation_id,
         }))?;
     } else {
         println!(
-            "restored point {} over VM {:?}",
+            "restored point {} over VM {:?} (new generation ID {})",
             point.short_id(),
-            point.group
+            point.group,
+            r.generation_id
         );
         if let Some((id, name)) = &r.kept_as {
             println!("  what it had is kept as checkpoint {name:?} ({id})");

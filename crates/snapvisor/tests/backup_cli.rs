@@ -188,7 +188,11 @@ fn a_stopped_vm_backs_up_and_restores_as_a_clone_to_a_file_and_in_place() {
     // In place: what the VM had is kept as a checkpoint.
     cli.write_disk("web", 1, 0, b"after the last backup");
     let before = now_data(cli, "web");
+    let generation = cli.json(&["vm", "show", "web", "--json"])["generation_id"].clone();
     let r = cli.json(&["backup", "restore", &id1, "--in-place", "--json"]);
+    let renewed = cli.json(&["vm", "show", "web", "--json"])["generation_id"].clone();
+    assert_ne!(renewed, generation, "the disks went back in time");
+    assert_eq!(r["generation_id"], renewed);
     let kept = r["kept_as"]["name"].as_str().unwrap().to_owned();
     assert!(kept.starts_with("before restore ("), "{kept}");
     assert!(now_data(cli, "web") == at1, "Now holds point 1");

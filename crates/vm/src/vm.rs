@@ -214,6 +214,16 @@ impl Vm {
         Ok(())
     }
 
+    /// Gives the VM a new generation ID, for when its disks went back in time outside an
+    /// apply (a backup restored in place); returns it.
+    pub fn renew_generation_id(&mut self) -> Result<Uuid> {
+        let mut next = self.next_state();
+        next.config.generation_id = Uuid::new_v4();
+        let id = next.config.generation_id;
+        self.commit(next)?;
+        Ok(id)
+    }
+
     /// Sets the progress reporter for merges.
     pub fn set_progress(&mut self, progress: ProgressFn) {
         self.progress = progress;
