@@ -178,6 +178,15 @@ fn a_stopped_vm_backs_up_and_restores_as_a_clone_to_a_file_and_in_place() {
     assert_eq!(clone["memory"], orig["memory"]);
     assert!(now_data(cli, "clone") == at2, "the clone holds point 2");
     assert!(now_data(cli, "web") == at2, "the original is untouched");
+    // Into another store, under the original's own name.
+    let other = s.path("other-store");
+    let o = other.to_str().unwrap();
+    cli.ok(&["backup", "restore", &id2, "--as", "web", "--store", o]);
+    let elsewhere = Cli::new(&other);
+    assert!(
+        now_data(&elsewhere, "web") == at2,
+        "the other store's copy holds point 2"
+    );
     let taken = cli.fails(&["backup", "restore", &id1, "--as", "clone"]);
     assert!(taken.contains("clone"), "{taken}");
     assert!(
