@@ -19,6 +19,9 @@ pub enum Error {
     /// A disk failed.
     #[error(transparent)]
     Disk(#[from] disk::Error),
+    /// The backup repository failed.
+    #[error(transparent)]
+    Backup(#[from] backup::Error),
     /// The VHDX engine failed (its error names the file).
     #[error(transparent)]
     Vhdx(#[from] vhdx::Error),
@@ -184,6 +187,7 @@ impl Error {
         match self {
             Error::Vm(e) => e.kind(),
             Error::Disk(e) => e.kind(),
+            Error::Backup(e) => e.kind(),
             Error::Vhdx(e) => e.kind(),
             Error::Qemu(e) => qemu_kind(e),
             Error::Nbd(e) => nbd_kind(e),

@@ -243,6 +243,33 @@ impl CheckpointTree {
         }
     }
 
+    /// The tree without recovery checkpoints (a backup's, while it copies): their
+    /// children and Now hang under their parents instead.
+    pub fn without_recovery(mut self) -> CheckpointTree {
+        let parent_of: std::collections::HashMap<Uuid, Option<Uuid>> =
+            self.checkpoints.iter().map(|c| (c.id, c.parent)).collect();
+        let recovery: std::collections::HashSet<Uuid> = self
+            .checkpoints
+            .iter()
+            .filter(|c| c.kind == CheckpointKind::Recovery)
+            .map(|c| c.id)
+            .collect();
+        let visible = |mut at: Option<Uuid>| {
+            while let Some(id) = at
+                && recovery.contains(&id)
+            {
+                at = parent_of.get(&id).copied().flatten();
+            }
+            at
+        };
+        self.now_parent = visible(self.now_parent);
+        self.checkpoints.retain(|c| !recovery.contains(&c.id));
+        for c in &mut self.checkpoints {
+            c.parent = visible(c.parent);
+        }
+        self
+    }
+
     /// The checkpoints taken directly under `parent` (the root for `None`), in order.
     pub fn children(&self, parent: Option<Uuid>) -> Vec<&CheckpointInfo> {
         self.checkpoints

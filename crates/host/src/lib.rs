@@ -7,9 +7,10 @@
 //!
 //! ```text
 //! snapvisor (CLI) ─┐
-//! backup ──────────┼─> host ──> vm (store, tree, journal) ──> disk ──> vhdx
-//! service ─────────┘     ├────> nbd (disks served to QEMU) ──> disk
-//!                        └────> qemu (QMP, guest agent, command line)
+//! service ─────────┴─> host ──> vm (store, tree, journal) ──> disk ──> vhdx
+//!                        ├────> nbd (disks served to QEMU) ──> disk
+//!                        ├────> qemu (QMP, guest agent, command line)
+//!                        └────> backup (the repository) ──> disk
 //! ```
 //!
 //! ## The operation API
@@ -35,6 +36,8 @@
 //! | [`VmHandle::set`] | `vm::Vm::set` (and the store's rename) | checkpoint settings through the worker; name and hardware refused |
 //! | [`VmHandle::consolidate`], [`delete`](VmHandle::delete), [`export`](VmHandle::export) | `vm` | refused: the worker holds the VM's lock (busy) |
 //! | [`VmHandle::info`], [`checkpoints`](VmHandle::checkpoints), [`Host::list`] | read without a lock | the same |
+//! | [`VmHandle::backup`] | Now's chains copied into the repository under the VM's lock | worker: recovery checkpoint (`live.rs`), its layers copied by the caller, then deleted live ([`backups`]) |
+//! | [`VmHandle::restore_in_place`], [`Host::restore_as`] | a checkpoint then Now overwritten; a new VM filled from the point | in place refused (stop it first) |
 //!
 //! ## Layout
 //!
@@ -42,6 +45,7 @@
 //! |---|---|
 //! | `host.rs` | [`Host`], [`VmHandle`] and its lifecycle operations |
 //! | `checkpoints.rs` | the checkpoint operations of [`VmHandle`] |
+//! | `backups.rs` | backups of VMs into a `backup` repository, restores out of it |
 //! | `info.rs` | what listings show ([`info::VmInfo`], [`info::CheckpointTree`]) |
 //! | `lifecycle.rs` | the front end's side of a worker: spawning it, waiting for it |
 //! | `control.rs` | the control socket: a client's call, the worker's side of a connection |
@@ -56,7 +60,7 @@
 //! | `machine.rs` | QEMU's program, accelerator, firmware, machine |
 //! | `qemu_process.rs` | QEMU as the worker's child; its state streamed to files |
 //!
-//! Imports point one way. The front end's side: `checkpoints` → `host` → `lifecycle`,
+//! Imports point one way. The front end's side: `backups`, `checkpoints` → `host` → `lifecycle`,
 //! `info`, `control` → `record`, `machine` → `error` → `protocol`, `run_state`. The
 //! worker's side: `worker` → `live` → `live_merge` → `session` → `served`, and
 //! `qemu_process` → `machine`.
@@ -98,6 +102,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod backups;
 mod checkpoints;
 pub mod control;
 pub mod error;

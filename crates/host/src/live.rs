@@ -26,7 +26,7 @@
 //!    request.
 
 use crate::error::{Context, Error, Result};
-use crate::protocol::{Capture, LiveDelete, MemoryKept};
+use crate::protocol::{Capture, LiveDelete, MemoryKept, Quiesce};
 use crate::qemu_process::{self, migration_setup, wait_migration};
 use crate::session::Session;
 use serde_json::{Value, json};
@@ -204,6 +204,56 @@ pub(crate) fn take(session: &Session, name: Option<&str>) -> Result<Capture> {
     capture.fallback = fallback;
     // From the freeze call's return (every file system frozen) to the thaw's; and from
     // the freeze request, which includes the guest flushing its dirty data first.
+    capture.frozen_ms = freeze_asked.map(|_| ms(frozen_at));
+    capture.freeze_to_thaw_ms = freeze_asked.map(ms);
+    Ok(capture)
+}
+
+/// Takes a backup's recovery checkpoint: frozen through the agent as `quiesce` asks,
+/// never with memory (the backup copies its disk layers while the guest runs on, then
+/// deletes it).
+pub(crate) fn take_recovery(session: &Session, name: &str, quiesce: Quiesce) -> Result<Capture> {
+    let _op = session.exclusive();
+    vm::config::validate_checkpoint_name(name)?;
+    let was_paused = session.qmp.status(SECS(5))? == "paused";
+    let mut fallback = None;
+    let mut frozen: Option<Frozen> = None;
+    if quiesce != Quiesce::Skip {
+        if was_paused {
+            fallback = Some("the VM is paused, so its guest agent cannot quiesce it".to_owned());
+        } else {
+            match Frozen::freeze(&session.agent) {
+                Ok(f) => frozen = Some(f),
+                Err(e) => fallback = Some(e.chain()),
+            }
+        }
+        if quiesce == Quiesce::Required
+            && let Some(why) = &fallback
+        {
+            return Err(Error::Refused {
+                kind: ErrorKind::Unsupported,
+                reason: format!(
+                    "no application-consistent backup: {why}; nothing was taken (use --mode auto or crash for a crash-consistent backup)"
+                ),
+            });
+        }
+    }
+    let frozen_at = Instant::now();
+    let taken = vm::Taken {
+        kind: CheckpointKind::Recovery,
+        consistency: if frozen.is_some() {
+            Consistency::ApplicationConsistent
+        } else {
+            Consistency::CrashConsistent
+        },
+        has_memory: false,
+    };
+    let result = capture(session, Some(name), taken, was_paused);
+    let freeze_asked = frozen.as_ref().map(|f| f.asked);
+    drop(frozen);
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    let mut capture = result?;
+    capture.fallback = fallback;
     capture.frozen_ms = freeze_asked.map(|_| ms(frozen_at));
     capture.freeze_to_thaw_ms = freeze_asked.map(ms);
     Ok(capture)

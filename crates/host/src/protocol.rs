@@ -60,6 +60,14 @@ pub enum Request {
         /// Its name (default: `VM (YYYY-MM-DD hh:mm:ss)`).
         name: Option<String>,
     },
+    /// Take a recovery checkpoint for a backup: never with memory, quiesced as `quiesce`
+    /// says, whatever the VM's checkpoint type.
+    RecoveryCheckpoint {
+        /// Its name.
+        name: String,
+        /// Whether to freeze the guest through its agent first.
+        quiesce: Quiesce,
+    },
     /// Delete a checkpoint (or its subtree); its layers merge under the guest.
     CheckpointDelete {
         /// A checkpoint name or id.
@@ -92,6 +100,18 @@ pub enum Request {
     },
 }
 
+/// Whether a recovery checkpoint freezes the guest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Quiesce {
+    /// Freeze through the guest agent, or take nothing.
+    Required,
+    /// Freeze if the agent answers; otherwise take the disks as they are (crash-consistent).
+    Try,
+    /// Take the disks as they are.
+    Skip,
+}
+
 impl Request {
     /// The request's name on the wire (`checkpoint-create`), for messages.
     pub fn op(&self) -> &'static str {
@@ -102,6 +122,7 @@ impl Request {
             Request::Stop { .. } => "stop",
             Request::Save => "save",
             Request::CheckpointCreate { .. } => "checkpoint-create",
+            Request::RecoveryCheckpoint { .. } => "recovery-checkpoint",
             Request::CheckpointDelete { .. } => "checkpoint-delete",
             Request::CheckpointRename { .. } => "checkpoint-rename",
             Request::CheckpointExport { .. } => "checkpoint-export",
@@ -500,6 +521,10 @@ mod tests {
                 timeout_secs: 10,
             },
             Request::CheckpointCreate { name: None },
+            Request::RecoveryCheckpoint {
+                name: "r".into(),
+                quiesce: Quiesce::Try,
+            },
             Request::CheckpointExport {
                 checkpoint: "a b".into(),
                 dir: "/x/y".into(),

@@ -290,6 +290,9 @@ fn handle(session: &Session, request: Request) -> Result<Reply> {
             session,
             name.as_deref(),
         )?)),
+        Request::RecoveryCheckpoint { name, quiesce } => Ok(Reply::CheckpointTaken(
+            crate::live::take_recovery(session, &name, quiesce)?,
+        )),
         Request::CheckpointDelete {
             checkpoint,
             subtree,

@@ -18,7 +18,7 @@ pub enum CheckpointCommand {
     /// Take a checkpoint.
     Create(CreateArgs),
     /// Show the checkpoint tree with the Now marker.
-    List(VmJson),
+    List(ListArgs),
     /// Go back to a checkpoint (Now's changes are discarded unless --save-current).
     Apply(ApplyArgs),
     /// Delete a checkpoint (its layer is merged), or a whole subtree.
@@ -30,9 +30,12 @@ pub enum CheckpointCommand {
 }
 
 #[derive(Args, Debug)]
-pub struct VmJson {
+pub struct ListArgs {
     /// The VM.
     vm: String,
+    /// Also show recovery checkpoints (a running backup's).
+    #[arg(long)]
+    all: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -110,7 +113,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
     let host = store.open()?;
     match cmd {
         CheckpointCommand::Create(a) => create(&host, a),
-        CheckpointCommand::List(a) => list(&host, &a.vm, a.json),
+        CheckpointCommand::List(a) => list(&host, &a.vm, a.all, a.json),
         CheckpointCommand::Apply(a) => apply(&host, a),
         CheckpointCommand::Delete(a) => delete(&host, a),
         CheckpointCommand::Rename(a) => {
@@ -300,8 +303,11 @@ pub fn list_json(t: &CheckpointTree) -> Value {
     })
 }
 
-fn list(host: &Host, name: &str, as_json: bool) -> Result<ExitCode> {
-    let tree = host.vm(name).checkpoints()?;
+fn list(host: &Host, name: &str, all: bool, as_json: bool) -> Result<ExitCode> {
+    let mut tree = host.vm(name).checkpoints()?;
+    if !all {
+        tree = tree.without_recovery();
+    }
     if as_json {
         print_json(&list_json(&tree))?;
         return Ok(ExitCode::SUCCESS);

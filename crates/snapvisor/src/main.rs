@@ -7,6 +7,7 @@
 //! Errors print as one line on stderr (`snapvisor: <what failed>: <why>`); exit codes come
 //! from one place, `exit.rs`.
 
+mod backup_cmd;
 mod checkpoint_cmd;
 mod demo;
 mod disk_cmd;
@@ -41,6 +42,9 @@ enum Command {
     /// Take, list, apply, delete, rename and export checkpoints.
     #[command(subcommand)]
     Checkpoint(checkpoint_cmd::CheckpointCommand),
+    /// Back VMs up into a repository, and restore them.
+    #[command(subcommand)]
+    Backup(backup_cmd::BackupCommand),
     /// Show the disk engine at work on embedded defaults: base disk, writes, differencing
     /// child, more writes, the chain, a merge, verification.
     Demo(demo::DemoArgs),
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Command::Disk(cmd) => disk_cmd::run(cmd),
         Command::Vm(cmd) => vm_cmd::run(cmd, &cli.store),
         Command::Checkpoint(cmd) => checkpoint_cmd::run(cmd, &cli.store),
+        Command::Backup(cmd) => backup_cmd::run(cmd, &cli.store),
         Command::Demo(args) => demo::run(args),
     };
     match result {

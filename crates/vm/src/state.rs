@@ -24,6 +24,10 @@ pub enum CheckpointKind {
     Production,
     /// Memory and device state kept (when the VM ran).
     Standard,
+    /// A backup's recovery checkpoint: no memory, taken and deleted by `backup create`,
+    /// hidden from `checkpoint list` (unless `--all`), not counted in the limit, and
+    /// removed at the VM's next open when the backup that took it died.
+    Recovery,
 }
 
 impl CheckpointKind {
@@ -32,6 +36,7 @@ impl CheckpointKind {
         match self {
             CheckpointKind::Production => "production",
             CheckpointKind::Standard => "standard",
+            CheckpointKind::Recovery => "recovery",
         }
     }
 }

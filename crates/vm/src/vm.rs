@@ -136,6 +136,7 @@ impl Vm {
             _lock: lock,
         };
         vm.drop_interrupted_memory_checkpoints()?;
+        vm.drop_stale_recovery_checkpoints()?;
         if vm.state.config.name != name {
             // A rename stopped between renaming the folder and recording the new name.
             let mut next = vm.next_state();
@@ -190,6 +191,37 @@ impl Vm {
             self.remove_node(id, false, "checkpoint create (interrupted)")?;
         }
         Ok(())
+    }
+
+    /// A recovery checkpoint lives only while the backup that took it copies from the
+    /// running VM's worker, which holds the VM's lock meanwhile: one found at an open was
+    /// left by a backup or a worker that died, and is removed (its layer merges away).
+    fn drop_stale_recovery_checkpoints(&mut self) -> Result<()> {
+        let stale: Vec<Uuid> = self
+            .state
+            .checkpoints
+            .iter()
+            .filter(|c| c.kind == CheckpointKind::Recovery)
+            .map(|c| c.id)
+            .collect();
+        for id in stale {
+            tracing::warn!(
+                "removing the recovery checkpoint {id} of {}, left by a backup that did not finish",
+                self.name()
+            );
+            self.remove_node(id, false, "backup create (interrupted)")?;
+        }
+        Ok(())
+    }
+
+    /// Gives the VM a new generation ID, for when its disks went back in time outside an
+    /// apply (a backup restored in place); returns it.
+    pub fn renew_generation_id(&mut self) -> Result<Uuid> {
+        let mut next = self.next_state();
+        next.config.generation_id = Uuid::new_v4();
+        let id = next.config.generation_id;
+        self.commit(next)?;
+        Ok(id)
     }
 
     /// Sets the progress reporter for merges.
@@ -253,10 +285,13 @@ impl Vm {
         taken: Option<Taken>,
     ) -> Result<Uuid> {
         let config = &self.state.config;
-        if config.checkpoint_type == CheckpointType::Disabled {
-            return Err(Error::CheckpointsDisabled(config.name.clone()));
+        let recovery = taken.is_some_and(|t| t.kind == CheckpointKind::Recovery);
+        if !recovery {
+            if config.checkpoint_type == CheckpointType::Disabled {
+                return Err(Error::CheckpointsDisabled(config.name.clone()));
+            }
+            self.check_limit(1)?;
         }
-        self.check_limit(1)?;
         let name = match name {
             Some(n) => n.to_owned(),
             None => default_checkpoint_name(&config.name),
@@ -928,7 +963,14 @@ impl Vm {
 
     fn check_limit(&self, adding: usize) -> Result<()> {
         let limit = self.state.config.max_checkpoints;
-        if self.state.checkpoints.len() + adding > limit as usize {
+        // Recovery checkpoints are a backup's, for the time of its copy.
+        let counted = self
+            .state
+            .checkpoints
+            .iter()
+            .filter(|c| c.kind != CheckpointKind::Recovery)
+            .count();
+        if counted + adding > limit as usize {
             return Err(Error::LimitReached {
                 vm: self.state.config.name.clone(),
                 limit,
