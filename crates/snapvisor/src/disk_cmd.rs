@@ -28,9 +28,11 @@ pub enum DiskCommand {
     /// Write bytes from stdin into the virtual disk.
     Write(WriteArgs),
     /// Discard a range: it reads as zeros afterwards.
-    Discard(RangeArgs),
+    Discard(DiscardArgs),
     /// Serve a disk over NBD on a unix socket until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Extra(crate::extra_cmd::ExtraDiskCommand),
 }
 
 #[derive(Args, Debug)]
@@ -172,6 +174,19 @@ pub struct WriteArgs {
     /// Byte offset in the virtual disk.
     #[arg(long, value_parser = parse_size)]
     offset: u64,
+    /// Write even though differencing files in the same folder depend on this file
+    /// (their contents change underneath them).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DiscardArgs {
+    #[command(flatten)]
+    range: RangeArgs,
+    /// Discard even though differencing files in the same folder depend on this file.
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
@@ -185,6 +200,7 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
         DiskCommand::Write(a) => write(a),
         DiskCommand::Discard(a) => discard(a),
         DiskCommand::Serve(a) => serve(a),
+        DiskCommand::Extra(c) => crate::extra_cmd::run(c),
     }
 }
 
@@ -561,6 +577,7 @@ fn read(a: RangeArgs) -> Result<ExitCode> {
 }
 
 fn write(a: WriteArgs) -> Result<ExitCode> {
+    crate::extra_cmd::refuse_if_depended_on(&a.path, a.force, "writing into it")?;
     let d = open_for(&a.path, true)?;
     let mut input = std::io::stdin().lock();
     let mut buf = vec![0u8; 4 << 20];
@@ -590,7 +607,9 @@ fn write(a: WriteArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn discard(a: RangeArgs) -> Result<ExitCode> {
+fn discard(a: DiscardArgs) -> Result<ExitCode> {
+    crate::extra_cmd::refuse_if_depended_on(&a.range.path, a.force, "discarding in it")?;
+    let a = a.range;
     let d = open_for(&a.path, true)?;
     if a.offset.checked_add(a.length).is_none_or(|e| e > d.size()) {
         bail!(

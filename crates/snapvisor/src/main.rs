@@ -11,6 +11,7 @@ mod checkpoint_cmd;
 mod demo;
 mod disk_cmd;
 mod exit;
+mod extra_cmd;
 mod units;
 mod vm_cmd;
 
