@@ -94,6 +94,7 @@ pub struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
+    /// The disk (a VHDX file, its chain is followed, or a raw file).
     path: PathBuf,
     /// Print JSON.
     #[arg(long)]
@@ -102,6 +103,7 @@ pub struct InfoArgs {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
+    /// The VHDX file to check.
     path: PathBuf,
     /// Replay the log, rewrite a damaged header or region table copy, trim unused space
     /// at the end.
@@ -152,6 +154,10 @@ pub struct MergeArgs {
     /// auto picks the direction that copies fewer bytes.
     #[arg(long, value_enum, default_value_t = DirectionArg::Auto)]
     direction: DirectionArg,
+    /// Show the direction, the files and the bytes the merge would copy, and change
+    /// nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -159,6 +165,7 @@ pub struct MergeArgs {
 
 #[derive(Args, Debug)]
 pub struct RangeArgs {
+    /// The disk (a VHDX file with its parents, or a raw file).
     path: PathBuf,
     /// Byte offset in the virtual disk.
     #[arg(long, value_parser = parse_size)]
@@ -170,6 +177,7 @@ pub struct RangeArgs {
 
 #[derive(Args, Debug)]
 pub struct WriteArgs {
+    /// The disk to write into (a VHDX file, or a raw file); parents are only read.
     path: PathBuf,
     /// Byte offset in the virtual disk.
     #[arg(long, value_parser = parse_size)]
@@ -519,6 +527,9 @@ fn merge(a: MergeArgs) -> Result<ExitCode> {
         DirectionArg::IntoParent => MergeDirection::IntoParent,
         DirectionArg::IntoChild => MergeDirection::IntoChild,
     };
+    if a.dry_run {
+        return crate::safety::merge_dry_run(&a.child, direction, a.json);
+    }
     let bar = progress_bar("merging");
     let outcome = vhdx::merge(&a.child, direction, &mut |done, total| {
         bar.set_length(total);
