@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// Refuse writes.
     #[arg(long)]
     read_only: bool,
+    /// Serve writable even though differencing files in the same folder depend on this
+    /// file (a client's writes would change what they read).
+    #[arg(long)]
+    force: bool,
     /// The export's name (clients may also ask for the default, empty name).
     #[arg(long, default_value = "disk")]
     name: String,
@@ -646,6 +650,9 @@ pub fn print_json<T: Serialize>(v: &T) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<ExitCode> {
+    if !a.read_only {
+        crate::extra_cmd::refuse_if_depended_on(&a.path, a.force, "serving it writable")?;
+    }
     let d: std::sync::Arc<dyn Disk> = open_for(&a.path, !a.read_only)?.into();
     let export = std::sync::Arc::new(nbd::Export::new(&a.name, d, a.read_only));
     let server = nbd::Server::bind(&a.socket, export)

@@ -186,8 +186,8 @@ pub fn refuse_if_depended_on(path: &Path, force: bool, what: &str) -> Result<()>
         return Ok(());
     }
     bail!(
-        "{} is the parent of {}; {what} would corrupt {}: write into the child instead, or \
-         pass --force if you mean to",
+        "{} is the parent of {}; {what} would corrupt {}: use the child instead, or pass \
+         --force if you mean to",
         path.display(),
         list(&children),
         if children.len() == 1 { "it" } else { "them" }

@@ -258,6 +258,11 @@ fn writing_into_a_parent_is_refused_unless_forced() {
         d,
     );
     assert!(err.contains("is the parent of"), "{err}");
+    let err = fails(&["disk", "serve", "p.vhdx", "--socket", "s.sock"], d);
+    assert!(
+        err.contains("serving it writable") && err.contains("--force"),
+        "{err}"
+    );
     // Nothing changed: the child still opens and reads the parent's data.
     assert_eq!(read("c.vhdx", 0, 3, d), b"old");
     assert!(info("c.vhdx", d)["chain_error"].is_null());
