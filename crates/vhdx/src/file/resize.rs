@@ -11,9 +11,9 @@
 //! new end are cleared first (they read zeros either way), then the size is committed, so
 //! a later grow can never bring old data back.
 //!
-//! Differencing files are refused: a child has its parent's size (Hyper-V's Edit Disk
-//! offers no expand for them either). The DataWriteGuid changes, as for any change the
-//! guest would see.
+//! Differencing files are refused: a child must have its parent's size (a chain opens
+//! only when they agree), so the chain is resized by merging it first and resizing the
+//! result. The DataWriteGuid changes, as for any change the guest would see.
 
 use super::*;
 
