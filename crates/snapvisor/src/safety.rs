@@ -50,8 +50,8 @@ pub fn confirm(question: &str, yes: bool) -> Result<bool> {
 /// `vm delete`: with `--dry-run`, what it would remove; else (after confirming on a
 /// terminal) the deletion.
 pub fn delete_vm(host: &Host, a: DeleteVmArgs) -> Result<ExitCode> {
-    let info = host.vm(&a.name).info()?;
     if a.dry_run {
+        let info = host.vm(&a.name).info()?;
         let files = files_under(&info.dir)?;
         let bytes: u64 = files.iter().map(|(_, n)| n).sum();
         let checkpoints = info.state.checkpoints.len();
@@ -80,14 +80,19 @@ pub fn delete_vm(host: &Host, a: DeleteVmArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let question = format!(
-        "delete VM {:?} with its {} checkpoint(s) and every file in {}?",
-        a.name,
-        info.state.checkpoints.len(),
-        info.dir.display()
-    );
-    if !confirm(&question, a.yes)? {
-        bail!("not deleted: the answer was not yes");
+    // Only a question reads the VM first: a delete a crash interrupted may have left a
+    // folder the delete itself finishes removing but that no longer reads as a VM.
+    if !a.yes && std::io::stdin().is_terminal() {
+        let info = host.vm(&a.name).info()?;
+        let question = format!(
+            "delete VM {:?} with its {} checkpoint(s) and every file in {}?",
+            a.name,
+            info.state.checkpoints.len(),
+            info.dir.display()
+        );
+        if !confirm(&question, a.yes)? {
+            bail!("not deleted: the answer was not yes");
+        }
     }
     host.vm(&a.name).delete()?;
     if a.json {
