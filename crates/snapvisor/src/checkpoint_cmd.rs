@@ -381,11 +381,15 @@ fn branch(parent: Option<Uuid>, last: bool, prefix: &str) -> (String, String) {
 
 /// `checkpoint apply`: see [`host::VmHandle::apply`].
 fn apply(host: &Host, a: ApplyArgs) -> Result<ExitCode> {
-    if !a.save_current {
+    if !a.save_current && !a.yes && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // A name that does not resolve fails before the question, not after it.
+        let (_, state, _) = host.store().read_vm(&a.vm)?;
+        let id = vm::vm::find_checkpoint(&state, &a.checkpoint)?;
+        let name = state.checkpoint(id).map_or("", |c| c.name.as_str());
         let question = format!(
-            "apply checkpoint {:?} to VM {:?}? its current state (everything since its last \
-             checkpoint) is discarded; --save-current keeps it",
-            a.checkpoint, a.vm
+            "apply checkpoint {name:?} to VM {:?}? its current state (everything since its \
+             last checkpoint) is discarded; --save-current keeps it",
+            a.vm
         );
         if !crate::safety::confirm(&question, a.yes)? {
             anyhow::bail!("not applied: the answer was not yes");

@@ -123,6 +123,12 @@ fn checkpoint_apply_asks_before_discarding_the_current_state() {
     };
     let before = disk();
 
+    // A name that does not resolve fails at once, without a question.
+    let (success, text) = on_terminal(&["checkpoint", "apply", "web", "nosuch"], d, "");
+    assert!(
+        !success && !text.contains("[y/N]") && text.contains("nosuch"),
+        "{text}"
+    );
     let (success, text) = on_terminal(&["checkpoint", "apply", "web", "one"], d, "no\n");
     assert!(
         !success && text.contains("--save-current keeps it") && text.contains("not applied"),
