@@ -62,6 +62,10 @@ pub struct ApplyArgs {
     /// Checkpoint the current state first instead of discarding it.
     #[arg(long)]
     save_current: bool,
+    /// Do not ask for confirmation before discarding the current state (asked only when
+    /// stdin is a terminal and --save-current is not given).
+    #[arg(long, short = 'y')]
+    yes: bool,
     /// Start the VM afterwards (a checkpoint without memory comes back off; one with
     /// memory comes back saved, or running if the VM was running).
     #[arg(long)]
@@ -84,6 +88,10 @@ pub struct DeleteArgs {
     /// Delete the checkpoint and every checkpoint below it.
     #[arg(long)]
     subtree: bool,
+    /// Show the checkpoints it would remove and the merges (direction, bytes) that would
+    /// follow, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -115,6 +123,9 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
         CheckpointCommand::Create(a) => create(&host, a),
         CheckpointCommand::List(a) => list(&host, &a.vm, a.all, a.json),
         CheckpointCommand::Apply(a) => apply(&host, a),
+        CheckpointCommand::Delete(a) if a.dry_run => {
+            crate::safety::tree_dry_run(&host, &a.vm, Some((&a.checkpoint, a.subtree)), a.json)
+        }
         CheckpointCommand::Delete(a) => delete(&host, a),
         CheckpointCommand::Rename(a) => {
             let id = host
@@ -376,6 +387,20 @@ fn branch(parent: Option<Uuid>, last: bool, prefix: &str) -> (String, String) {
 
 /// `checkpoint apply`: see [`host::VmHandle::apply`].
 fn apply(host: &Host, a: ApplyArgs) -> Result<ExitCode> {
+    if !a.save_current && !a.yes && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // A name that does not resolve fails before the question, not after it.
+        let (_, state, _) = host.store().read_vm(&a.vm)?;
+        let id = vm::vm::find_checkpoint(&state, &a.checkpoint)?;
+        let name = state.checkpoint(id).map_or("", |c| c.name.as_str());
+        let question = format!(
+            "apply checkpoint {name:?} to VM {:?}? its current state (everything since its \
+             last checkpoint) is discarded; --save-current keeps it",
+            a.vm
+        );
+        if !crate::safety::confirm(&question, a.yes)? {
+            anyhow::bail!("not applied: the answer was not yes");
+        }
+    }
     let bar = progress_bar("merging");
     let applied = host.vm(&a.vm).apply(
         &a.checkpoint,

@@ -28,9 +28,11 @@ pub enum DiskCommand {
     /// Write bytes from stdin into the virtual disk.
     Write(WriteArgs),
     /// Discard a range: it reads as zeros afterwards.
-    Discard(RangeArgs),
+    Discard(DiscardArgs),
     /// Serve a disk over NBD on a unix socket until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Extra(crate::extra_cmd::ExtraDiskCommand),
 }
 
 #[derive(Args, Debug)]
@@ -43,6 +45,10 @@ pub struct ServeArgs {
     /// Refuse writes.
     #[arg(long)]
     read_only: bool,
+    /// Serve writable even though differencing files in the same folder depend on this
+    /// file (a client's writes would change what they read).
+    #[arg(long)]
+    force: bool,
     /// The export's name (clients may also ask for the default, empty name).
     #[arg(long, default_value = "disk")]
     name: String,
@@ -92,6 +98,7 @@ pub struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
+    /// The disk (a VHDX file, its chain is followed, or a raw file).
     path: PathBuf,
     /// Print JSON.
     #[arg(long)]
@@ -100,6 +107,7 @@ pub struct InfoArgs {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
+    /// The VHDX file to check.
     path: PathBuf,
     /// Replay the log, rewrite a damaged header or region table copy, trim unused space
     /// at the end.
@@ -150,6 +158,10 @@ pub struct MergeArgs {
     /// auto picks the direction that copies fewer bytes.
     #[arg(long, value_enum, default_value_t = DirectionArg::Auto)]
     direction: DirectionArg,
+    /// Show the direction, the files and the bytes the merge would copy, and change
+    /// nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -157,6 +169,7 @@ pub struct MergeArgs {
 
 #[derive(Args, Debug)]
 pub struct RangeArgs {
+    /// The disk (a VHDX file with its parents, or a raw file).
     path: PathBuf,
     /// Byte offset in the virtual disk.
     #[arg(long, value_parser = parse_size)]
@@ -168,10 +181,24 @@ pub struct RangeArgs {
 
 #[derive(Args, Debug)]
 pub struct WriteArgs {
+    /// The disk to write into (a VHDX file, or a raw file); parents are only read.
     path: PathBuf,
     /// Byte offset in the virtual disk.
     #[arg(long, value_parser = parse_size)]
     offset: u64,
+    /// Write even though differencing files in the same folder depend on this file
+    /// (their contents change underneath them).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DiscardArgs {
+    #[command(flatten)]
+    range: RangeArgs,
+    /// Discard even though differencing files in the same folder depend on this file.
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
@@ -185,6 +212,7 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
         DiskCommand::Write(a) => write(a),
         DiskCommand::Discard(a) => discard(a),
         DiskCommand::Serve(a) => serve(a),
+        DiskCommand::Extra(c) => crate::extra_cmd::run(c),
     }
 }
 
@@ -503,6 +531,9 @@ fn merge(a: MergeArgs) -> Result<ExitCode> {
         DirectionArg::IntoParent => MergeDirection::IntoParent,
         DirectionArg::IntoChild => MergeDirection::IntoChild,
     };
+    if a.dry_run {
+        return crate::safety::merge_dry_run(&a.child, direction, a.json);
+    }
     let bar = progress_bar("merging");
     let outcome = vhdx::merge(&a.child, direction, &mut |done, total| {
         bar.set_length(total);
@@ -561,6 +592,7 @@ fn read(a: RangeArgs) -> Result<ExitCode> {
 }
 
 fn write(a: WriteArgs) -> Result<ExitCode> {
+    crate::extra_cmd::refuse_if_depended_on(&a.path, a.force, "writing into it")?;
     let d = open_for(&a.path, true)?;
     let mut input = std::io::stdin().lock();
     let mut buf = vec![0u8; 4 << 20];
@@ -590,7 +622,9 @@ fn write(a: WriteArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn discard(a: RangeArgs) -> Result<ExitCode> {
+fn discard(a: DiscardArgs) -> Result<ExitCode> {
+    crate::extra_cmd::refuse_if_depended_on(&a.range.path, a.force, "discarding in it")?;
+    let a = a.range;
     let d = open_for(&a.path, true)?;
     if a.offset.checked_add(a.length).is_none_or(|e| e > d.size()) {
         bail!(
@@ -616,6 +650,9 @@ pub fn print_json<T: Serialize>(v: &T) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<ExitCode> {
+    if !a.read_only {
+        crate::extra_cmd::refuse_if_depended_on(&a.path, a.force, "serving it writable")?;
+    }
     let d: std::sync::Arc<dyn Disk> = open_for(&a.path, !a.read_only)?.into();
     let export = std::sync::Arc::new(nbd::Export::new(&a.name, d, a.read_only));
     let server = nbd::Server::bind(&a.socket, export)

@@ -9,13 +9,17 @@
 
 mod backup_cmd;
 mod checkpoint_cmd;
+mod completions;
+mod config;
 mod demo;
 mod disk_cmd;
 mod exit;
+mod extra_cmd;
+mod safety;
 mod units;
 mod vm_cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Checkpoints and backups for QEMU/KVM virtual machines, on VHDX disks.
@@ -45,12 +49,33 @@ enum Command {
     /// Back VMs up into a repository, and restore them.
     #[command(subcommand)]
     Backup(backup_cmd::BackupCommand),
-    /// Show the disk engine at work on embedded defaults: base disk, writes, differencing
-    /// child, more writes, the chain, a merge, verification.
+    /// Show the disk engine and the checkpoint tree at work, verifying every step.
+    ///
+    /// On embedded defaults, in a new folder (or --dir): a dynamic VHDX, writes, a
+    /// differencing child (what a checkpoint does), more writes, the chain, a merge in the
+    /// direction that copies fewer bytes, then data, `disk check` and (when installed)
+    /// `qemu-img check` verified. Then a VM in a store on that disk: checkpoints on two
+    /// branches, applied with and without --save-current, deleted so that their layers
+    /// merge away, the data verified after each step. No QEMU is needed; the running-VM
+    /// story (start, production and standard checkpoints, apply and merges under a running
+    /// guest) is `./scripts/demo.sh`, which runs this first.
     Demo(demo::DemoArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(completions::CompletionsArgs),
+    /// Write man pages for every command into a folder.
+    Man(completions::ManArgs),
 }
 
 fn main() -> ExitCode {
+    // Before anything else, while this is the only thread: the file's values become the
+    // environment variables not already set, under which clap and the host read them.
+    match config::load() {
+        Ok(values) => config::apply(&values),
+        Err(e) => {
+            eprintln!("snapvisor: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
@@ -59,6 +84,8 @@ fn main() -> ExitCode {
         Command::Checkpoint(cmd) => checkpoint_cmd::run(cmd, &cli.store),
         Command::Backup(cmd) => backup_cmd::run(cmd, &cli.store),
         Command::Demo(args) => demo::run(args),
+        Command::Completions(args) => completions::completions(args, Cli::command()),
+        Command::Man(args) => completions::man(args, Cli::command()),
     };
     match result {
         Ok(code) => code,
@@ -83,4 +110,28 @@ fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--help` describes every positional argument of every visible command (a bare
+    /// `<PATH>` tells a user nothing).
+    #[test]
+    fn every_positional_argument_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_positionals() {
+                if arg.get_help().is_none() && !arg.is_hide_set() {
+                    missing.push(format!("{path} <{}>", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "snapvisor", &mut missing);
+        assert!(missing.is_empty(), "no description: {missing:#?}");
+    }
 }

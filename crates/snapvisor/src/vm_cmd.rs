@@ -15,8 +15,11 @@ use vm::{CheckpointType, DirectBoot, NewVm, Settings, Store};
 /// Where the store is and how long to wait for a busy VM (global options).
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// The store folder [default: ~/.local/share/snapvisor].
-    #[arg(long, global = true, env = "SNAPVISOR_STORE", value_name = "DIR")]
+    /// The store folder [default: $SNAPVISOR_STORE, else the config file's store, else
+    /// ~/.local/share/snapvisor].
+    // Read from the environment in `open`, not by clap: clap's `env` makes the usage line
+    // of every error show `--store <DIR>` as if it had been required.
+    #[arg(long, global = true, value_name = "DIR")]
     pub store: Option<PathBuf>,
     /// Wait up to this many seconds for a VM another command is changing (default: refuse
     /// at once, naming the command that holds it).
@@ -27,7 +30,15 @@ pub struct StoreArgs {
 impl StoreArgs {
     /// The host over the store; VM workers run this binary's hidden `vm worker`.
     pub fn open(&self) -> Result<Host> {
-        let root = self.store.clone().unwrap_or_else(Store::default_root);
+        let root = self
+            .store
+            .clone()
+            .or_else(|| {
+                std::env::var_os("SNAPVISOR_STORE")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(Store::default_root);
         if !(0.0..=86_400.0).contains(&self.wait) {
             bail!("--wait takes 0 to 86400 seconds");
         }
@@ -72,14 +83,14 @@ pub enum VmCommand {
     Show(NameJson),
     /// Change a VM's settings or hardware.
     Set(SetArgs),
-    /// Delete a VM with all its files and checkpoints.
-    Delete(NameJson),
+    /// Delete a VM with all its files and checkpoints (asks first on a terminal).
+    Delete(crate::safety::DeleteVmArgs),
     /// Copy a whole VM (config, disks, checkpoint tree) into a new folder.
     Export(ExportArgs),
     /// Register a VM folder: in place, or with --copy as a new VM.
     Import(ImportArgs),
     /// Merge every layer that can be merged; report files nothing refers to.
-    Consolidate(NameJson),
+    Consolidate(crate::safety::ConsolidateArgs),
     /// Start the VM: a detached worker runs QEMU and serves its disks.
     Start(StartArgs),
     /// Stop the VM: ACPI power button, then forced off after --timeout.
@@ -117,7 +128,8 @@ impl From<AccelArg> for qemu::Accel {
 pub struct StartArgs {
     /// The VM.
     name: String,
-    /// Accelerator [default: kvm when /dev/kvm is usable, else tcg].
+    /// Accelerator [default: $SNAPVISOR_ACCEL, else the config file's accelerator, else kvm
+    /// when /dev/kvm is usable, else tcg].
     #[arg(long, value_enum)]
     accel: Option<AccelArg>,
     /// Seconds to wait for the guest to be running.
@@ -279,15 +291,7 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
         VmCommand::List(a) => list(&host, a.json),
         VmCommand::Show(a) => show(&host, &a.name, a.json),
         VmCommand::Set(a) => set(&host, a),
-        VmCommand::Delete(a) => {
-            host.vm(&a.name).delete()?;
-            if a.json {
-                print_json(&json!({"deleted": a.name}))?;
-            } else {
-                println!("deleted VM {:?}", a.name);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        VmCommand::Delete(a) => crate::safety::delete_vm(&host, a),
         VmCommand::Export(a) => {
             host.vm(&a.name).export(&a.dir)?;
             println!("exported VM {:?} to {}", a.name, a.dir.display());
@@ -306,6 +310,9 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
                 println!("imported VM {name:?} ({how})");
                 Ok(ExitCode::SUCCESS)
             }
+        }
+        VmCommand::Consolidate(a) if a.dry_run => {
+            crate::safety::tree_dry_run(&host, &a.name, None, a.json)
         }
         VmCommand::Consolidate(a) => consolidate(&host, &a.name, a.json),
         VmCommand::Start(a) => {

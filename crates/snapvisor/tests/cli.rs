@@ -338,9 +338,14 @@ fn bad_input_gives_one_clear_line_and_changes_nothing() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("identifier"));
     let e = fails(&["disk", "info", "bad.vhdx"], d);
     assert!(e.contains("bad.vhdx"), "{e}");
-    // A parent written after its child was made: the chain is refused with both names.
+    // A parent written after its child was made (which takes --force): the chain is
+    // refused with both names.
     ok(&["disk", "create", "c.avhdx", "--parent", "a.vhdx"], d);
-    write_stdin(&["disk", "write", "a.vhdx", "--offset", "0"], d, b"changed");
+    write_stdin(
+        &["disk", "write", "a.vhdx", "--offset", "0", "--force"],
+        d,
+        b"changed",
+    );
     let e = fails(
         &["disk", "read", "c.avhdx", "--offset", "0", "--length", "1"],
         d,

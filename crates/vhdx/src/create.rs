@@ -342,7 +342,7 @@ fn write_new_file(path: &Path, g: &Geometry, items: Vec<MetadataItem>, fixed: bo
 /// Reserves the payload of a fixed disk on the file system, so that a full disk is found
 /// now rather than by the guest, and the file is not sparse (Windows refuses sparse VHDX
 /// files). Where the file system cannot preallocate, the file stays sparse.
-fn preallocate(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+pub(crate) fn preallocate(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::empty(), offset, len) {
         Ok(()) => Ok(()),
         Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {

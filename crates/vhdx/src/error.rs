@@ -334,6 +334,20 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A shrink would cut off data.
+    #[error(
+        "{bytes} bytes of data lie past the new end at {size} bytes (the first at offset {first}); shrink the file system and partitions inside the guest first, or choose a larger size"
+    )]
+    DataBeyondEnd {
+        /// The file (the message leaves it to the caller, which names the resize).
+        path: PathBuf,
+        /// Bytes in non-zero logical sectors past the new end.
+        bytes: u64,
+        /// Offset of the first of them.
+        first: u64,
+        /// The size asked for.
+        size: u64,
+    },
     /// An earlier metadata write failed; the open handle refuses further changes so that
     /// nothing half-done is made durable. Reopening the file replays or discards the log.
     #[error("{} stopped accepting writes after an earlier i/o error; close and reopen it", path.display())]
@@ -398,9 +412,10 @@ impl Error {
             | Error::ParentMismatch { .. }
             | Error::BadChain { .. } => ErrorKind::Corrupt,
             Error::ReadOnly { .. } => ErrorKind::ReadOnly,
-            Error::OutOfRange { .. } | Error::Unaligned { .. } | Error::InvalidParameters(_) => {
-                ErrorKind::Invalid
-            }
+            Error::OutOfRange { .. }
+            | Error::Unaligned { .. }
+            | Error::InvalidParameters(_)
+            | Error::DataBeyondEnd { .. } => ErrorKind::Invalid,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
         }
     }

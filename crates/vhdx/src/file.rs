@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use uuid::Uuid;
 
+mod resize;
+pub use resize::{ResizeOutcome, resize};
+
 /// What kind of disk a file is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiskKind {

@@ -14,10 +14,11 @@
 //! | `io` | [`FileIo`]: positional reads and writes, and which parts of a file hold data |
 //! | `testing` | memory, fault-injecting and crash-simulating files (feature `testing`) |
 //! | `log` | the metadata log: active-sequence search, replay in place or in memory, entry building |
-//! | `file` | [`VhdxFile`]: one file: validation at open, read resolution, write paths, commits |
+//! | `file` | [`VhdxFile`]: one file: validation at open, read resolution, write paths, commits; resizing (`file/resize.rs`) |
 //! | `chain` | [`Chain`]: a file and its parents read as one disk; reads start at the layer that answers them |
 //! | `create` | new fixed, dynamic and differencing files |
 //! | `merge` | child into parent, parent into child, restartable |
+//! | `reparent` | repairing a child's link to a moved or renamed parent, identity checked |
 //! | `check` | structure report and repair |
 //!
 //! ## Guarantees and invariants
@@ -67,7 +68,10 @@
 //!   valid file: bitmap sectors first, then BAT sectors from the highest down (a chunk's
 //!   sector-bitmap entry has the highest index of its chunk).
 //! * Metadata-region changes (parent locator, detaching a child from its parent) go
-//!   through the log the same way, one entry per change, so they are atomic.
+//!   through the log the same way, one entry per change, so they are atomic. A resize
+//!   commits its BAT sectors and the new virtual size together, the size last; a BAT
+//!   that must grow is written whole at the end of the file first and the region tables
+//!   switch to it in the same commit.
 //! * Space left by a crash between allocation and commit, or by zeroed blocks, is a leak:
 //!   harmless, reported by [`check::check`], and trimmed at the end of the file by repair.
 //! * After an I/O error during a commit the handle refuses further changes ("poisoned");
@@ -92,6 +96,7 @@ pub mod format;
 mod io;
 mod log;
 mod merge;
+mod reparent;
 #[cfg(any(test, feature = "testing"))]
 mod testing;
 
@@ -101,12 +106,16 @@ pub use create::{
     CreateParams, create, create_differencing, locator_for, sync_parent_dir, temp_name,
 };
 pub use error::{Corruption, Error, ErrorKind, Result};
-pub use file::{Allocation, DiskKind, Geometry, OpenOptions, Segment, VhdxFile};
+pub use file::{
+    Allocation, DiskKind, Geometry, OpenOptions, ResizeOutcome, Segment, VhdxFile, resize,
+};
 pub use io::FileIo;
 pub use merge::{
-    MergeDirection, MergeEstimate, MergeOutcome, dependants, estimate, estimate_open,
-    into_child_pieces, merge, merge_into_parent_from, merge_live, merge_unchecked, relink,
+    MergeDirection, MergeEstimate, MergeOutcome, MergePlan, dependants, estimate, estimate_open,
+    into_child_pieces, merge, merge_into_parent_from, merge_live, merge_plan, merge_unchecked,
+    relink,
 };
+pub use reparent::{SetParentOutcome, set_parent};
 /// Files for tests: in memory, with injected faults, with simulated power loss. Only with
 /// the `testing` feature, so release builds carry none of them.
 #[cfg(feature = "testing")]

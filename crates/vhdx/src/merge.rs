@@ -348,20 +348,37 @@ fn merge_inner(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeOutcome> {
     let child_file = open_child(child, shared_lock)?;
-    // An into-parent merge changes the parent's DataWriteGuid and removes the child, so it
-    // would break the parent's other children and the child's own children.
+    let direction = choose_direction(&child_file, direction, check_dependants)?.0;
+    match direction {
+        MergeDirection::IntoParent => {
+            merge_into_parent(child_file, shared_lock, 0, progress, &mut |_| {})
+        }
+        _ => merge_into_child(child_file, progress),
+    }
+}
+
+/// The direction a merge of `child_file` takes, and the files that depend on the pair: an
+/// into-parent merge changes the parent's DataWriteGuid and removes the
+/// child, so with `check_dependants` it is refused (and `Auto` merges into the child)
+/// when other files in the two folders depend on the parent or on the child.
+fn choose_direction(
+    child_file: &VhdxFile,
+    direction: MergeDirection,
+    check_dependants: bool,
+) -> Result<(MergeDirection, Vec<PathBuf>)> {
+    let child = child_file.path();
     let blockers = if !check_dependants {
         Vec::new()
     } else {
-        let parent = open_parent(&child_file)?;
+        let parent = open_parent(child_file)?;
         let mut b = dependants(parent.path(), Some(child))?;
         b.extend(dependants(child, None)?);
         b
     };
     let direction = match direction {
         MergeDirection::Auto => {
-            let parent = open_parent(&child_file)?;
-            let est = estimate_open(&child_file, &parent)?;
+            let parent = open_parent(child_file)?;
+            let est = estimate_open(child_file, &parent)?;
             if est.into_child < est.into_parent || !blockers.is_empty() {
                 MergeDirection::IntoChild
             } else {
@@ -383,12 +400,7 @@ fn merge_inner(
         }
         d => d,
     };
-    match direction {
-        MergeDirection::IntoParent => {
-            merge_into_parent(child_file, shared_lock, 0, progress, &mut |_| {})
-        }
-        _ => merge_into_child(child_file, progress),
-    }
+    Ok((direction, blockers))
 }
 
 /// An into-parent merge of `child` (as [`merge_unchecked`]) that skips what it stores below
@@ -658,4 +670,60 @@ pub fn relink(child: &Path, new_parent: &Path) -> Result<()> {
     let locator = locator_for(child, new_parent, parent.data_write_guid())?;
     child_file.set_parent_locator(&locator)?;
     child_file.close()
+}
+
+/// What [`merge`] would do, found without changing anything (`disk merge --dry-run`).
+#[derive(Clone, Debug)]
+pub struct MergePlan {
+    /// The direction it would take.
+    pub direction: MergeDirection,
+    /// The file that would hold the merged disk.
+    pub result: PathBuf,
+    /// The file that would leave the chain.
+    pub merged_away: PathBuf,
+    /// Whether `merged_away` would be removed (into-parent) or kept (into-child).
+    pub removed: bool,
+    /// Guest bytes it would copy.
+    pub bytes: u64,
+    /// Bytes each direction would copy.
+    pub estimate: MergeEstimate,
+    /// Files that depend on the pair (which rule out an into-parent merge).
+    pub blockers: Vec<PathBuf>,
+}
+
+/// Plans [`merge`] of `child` in `direction` by the same rules, reading only.
+pub fn merge_plan(child: &Path, direction: MergeDirection) -> Result<MergePlan> {
+    let child_file = VhdxFile::open(child, OpenOptions::default())?;
+    if child_file.kind() != DiskKind::Differencing {
+        return Err(Error::Unsupported {
+            path: child.to_owned(),
+            reason: "not a differencing file, so there is nothing to merge".into(),
+        });
+    }
+    let parent = open_parent(&child_file)?;
+    let estimate = estimate_open(&child_file, &parent)?;
+    let (direction, blockers) = choose_direction(&child_file, direction, true)?;
+    let (result, merged_away, removed, bytes) = match direction {
+        MergeDirection::IntoParent => (
+            parent.path().to_owned(),
+            child.to_owned(),
+            true,
+            estimate.into_parent,
+        ),
+        _ => (
+            child.to_owned(),
+            parent.path().to_owned(),
+            false,
+            estimate.into_child,
+        ),
+    };
+    Ok(MergePlan {
+        direction,
+        result,
+        merged_away,
+        removed,
+        bytes,
+        estimate,
+        blockers,
+    })
 }

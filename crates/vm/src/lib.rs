@@ -48,6 +48,9 @@
 //!   says so.
 //! - Commands that change a VM hold its `flock` lock; commands on different VMs run in
 //!   parallel. Commands that only look read `vm.json` without the lock (see Locking).
+//! - A `--dry-run` of a checkpoint delete or a consolidate ([`preview`]) runs the same tree
+//!   edit and reconciliation rules on a copy of the committed state, reading `vm.json`
+//!   and the layer files only.
 //!
 //! # Locking
 //!
@@ -95,6 +98,7 @@ pub mod error;
 pub mod fsutil;
 pub mod journal;
 pub mod lock;
+pub mod preview;
 pub mod state;
 pub mod store;
 pub mod vm;
