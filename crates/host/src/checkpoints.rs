@@ -185,6 +185,9 @@ impl VmHandle<'_> {
     /// returns the checkpoint's id.
     pub fn export_checkpoint(&self, query: &str, dest: &Path, progress: Progress) -> Result<Uuid> {
         let what = || format!("cannot export {query:?} of VM {:?}", self.name);
+        self.store()
+            .check_export_destination(dest)
+            .with_context(what)?;
         if let Some(dir) = self.live_dir() {
             let request = Request::CheckpointExport {
                 checkpoint: query.to_owned(),

@@ -451,17 +451,20 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
 }
 
 fn convert(a: ConvertArgs) -> Result<ExitCode> {
-    let format = a.format.unwrap_or_else(|| {
-        let ext = a
-            .dst
-            .extension()
-            .map(|e| e.to_string_lossy().to_ascii_lowercase());
-        if matches!(ext.as_deref(), Some("vhdx" | "avhdx")) {
-            FormatArg::Vhdx
-        } else {
+    let ext = a
+        .dst
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let format = match a.format {
+        Some(f) => f,
+        None if matches!(ext.as_deref(), Some("vhdx" | "avhdx")) => FormatArg::Vhdx,
+        None => {
+            if let Some(foreign) = ext.as_deref().and_then(foreign_extension) {
+                bail!("{}", foreign_destination(&a.src, &a.dst, foreign));
+            }
             FormatArg::Raw
         }
-    });
+    };
     let src =
         disk::open(&a.src, false).with_context(|| format!("cannot open {}", a.src.display()))?;
     let options = ConvertOptions {
@@ -495,6 +498,56 @@ fn convert(a: ConvertArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The format of another tool a file name's extension announces (`.img`, `.raw` and
+/// unknown extensions announce nothing: raw is written under them).
+fn foreign_extension(ext: &str) -> Option<disk::ForeignFormat> {
+    use disk::ForeignFormat::*;
+    Some(match ext {
+        "qcow2" => Qcow2,
+        "qcow" => Qcow,
+        "qed" => Qed,
+        "vhd" | "vpc" => Vhd,
+        "vmdk" => Vmdk,
+        "vdi" => Vdi,
+        "luks" => Luks,
+        _ => return None,
+    })
+}
+
+/// Why `disk convert SRC DST` does not write a raw image under DST's name, and the commands
+/// that make the image the name announces. qemu-img does not read differencing VHDX files,
+/// so a chain is flattened by snapvisor first.
+fn foreign_destination(src: &Path, dst: &Path, foreign: disk::ForeignFormat) -> String {
+    let q = disk::shell_quote;
+    let standalone_vhdx = disk::probe(src).ok() == Some(disk::Format::Vhdx)
+        && VhdxFile::open(src, OpenOptions::default())
+            .is_ok_and(|f| f.kind() != DiskKind::Differencing);
+    let make = if standalone_vhdx || disk::probe(src).ok() == Some(disk::Format::Raw) {
+        let from = if standalone_vhdx { "vhdx" } else { "raw" };
+        format!(
+            "qemu-img convert -f {from} -O {} {} {}",
+            foreign.qemu_name(),
+            q(src),
+            q(dst)
+        )
+    } else {
+        let flat = dst.with_extension("flat.vhdx");
+        format!(
+            "snapvisor disk convert {} {} && qemu-img convert -f vhdx -O {} {} {}",
+            q(src),
+            q(&flat),
+            foreign.qemu_name(),
+            q(&flat),
+            q(dst)
+        )
+    };
+    format!(
+        "{} names a {} image, but snapvisor writes only vhdx and raw images; make it with `{make}`, or pass --format raw or --format vhdx to write that format under this name",
+        dst.display(),
+        foreign.name()
+    )
 }
 
 fn merge(a: MergeArgs) -> Result<ExitCode> {

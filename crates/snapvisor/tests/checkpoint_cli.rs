@@ -506,3 +506,38 @@ fn free_bytes(path: &std::path::Path) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// An export into the store would be listed as a second VM with the same UUID: it is
+/// refused (the VM's own folder included), for `vm export` and `checkpoint export` alike,
+/// and nothing is written.
+#[test]
+fn exports_into_the_store_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cli = Cli::new(&store);
+    vm_with_disks(&cli);
+    cli.ok(&["checkpoint", "create", "web", "--name", "one"]);
+    let inside = store.join("inside");
+    let through_dots = dir.path().join("elsewhere/../store/dots");
+    std::fs::create_dir(dir.path().join("elsewhere")).unwrap();
+    let in_vm = store.join("web").join("copy");
+    for dest in [&inside, &through_dots, &in_vm] {
+        let d = dest.to_str().unwrap();
+        for args in [
+            &["vm", "export", "web", d][..],
+            &["checkpoint", "export", "web", "one", d][..],
+        ] {
+            let e = cli.fails(args);
+            assert!(
+                e.contains("is inside the store") && e.contains("outside the store"),
+                "{args:?}: {e}"
+            );
+        }
+    }
+    assert!(!inside.exists() && !store.join("dots").exists() && !in_vm.exists());
+    let list = cli.json(&["vm", "list", "--json"]);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 1, "{list}");
+    // Beside the store is fine.
+    let out = dir.path().join("out");
+    cli.ok(&["vm", "export", "web", out.to_str().unwrap()]);
+}

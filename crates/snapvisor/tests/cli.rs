@@ -431,3 +431,72 @@ fn serve_until_sigterm_leaves_a_clean_file() {
     );
     assert!(data.stdout.iter().all(|&b| b == 9) && data.stdout.len() == 1 << 20);
 }
+
+/// An output name that announces another tool's format is not silently written as raw:
+/// the refusal says how to make that format, and `--format` still writes what it names.
+#[test]
+fn convert_refuses_a_destination_named_for_another_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["disk", "create", "v.vhdx", "--size", "8M"], d);
+    write_stdin(&["disk", "write", "v.vhdx", "--offset", "0"], d, b"data");
+    ok(
+        &["disk", "create", "my child.avhdx", "--parent", "v.vhdx"],
+        d,
+    );
+    for (name, qemu) in [
+        ("out.qcow2", "qcow2"),
+        ("out.QCOW2", "qcow2"),
+        ("out.qed", "qed"),
+        ("out.vhd", "vpc"),
+        ("out.vmdk", "vmdk"),
+        ("out.vdi", "vdi"),
+    ] {
+        let e = fails(&["disk", "convert", "v.vhdx", name], d);
+        assert!(
+            e.contains(&format!("qemu-img convert -f vhdx -O {qemu} v.vhdx {name}"))
+                && e.contains("--format raw"),
+            "{e}"
+        );
+        assert!(!d.join(name).exists(), "{name} was written");
+    }
+    // A chain goes through a flattened copy first (qemu-img reads no differencing VHDX),
+    // with the names quoted for the shell.
+    let e = fails(&["disk", "convert", "my child.avhdx", "out.qcow2"], d);
+    assert!(
+        e.contains("snapvisor disk convert 'my child.avhdx' out.flat.vhdx && qemu-img convert -f vhdx -O qcow2 out.flat.vhdx out.qcow2"),
+        "{e}"
+    );
+    // What the suggestion says works.
+    let out = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "vhdx",
+            "-O",
+            "qcow2",
+            "v.vhdx",
+            "out.qcow2",
+        ])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Raw names stay raw; --format overrides the name.
+    for name in ["out.img", "out.raw", "out.bin"] {
+        ok(&["disk", "convert", "v.vhdx", name], d);
+        assert_eq!(json(&["disk", "info", name, "--json"], d)["format"], "raw");
+    }
+    ok(
+        &["disk", "convert", "v.vhdx", "raw.vmdk", "--format", "raw"],
+        d,
+    );
+    assert_eq!(
+        std::fs::metadata(d.join("raw.vmdk")).unwrap().len(),
+        8 << 20
+    );
+}

@@ -84,6 +84,18 @@ pub enum Error {
         /// Who holds it, as the holder recorded it.
         holder: String,
     },
+    /// An export destination inside the store, where it would read as a second VM with
+    /// the same UUID.
+    #[error(
+        "{} is inside the store {}, which would read the copy as a second VM with the same UUID; export to a folder outside the store (`snapvisor vm import --copy` makes a new VM of an export)",
+        path.display(), store.display()
+    )]
+    ExportIntoStore {
+        /// The destination asked for.
+        path: PathBuf,
+        /// The store folder (or the VM folder registered in it that holds the destination).
+        store: PathBuf,
+    },
     /// A file of the store is damaged or not what it should be.
     #[error("{path}: {reason}")]
     Corrupt {
@@ -154,7 +166,8 @@ impl Error {
             | Error::InvalidArgument(_)
             | Error::AmbiguousCheckpoint { .. }
             | Error::CheckpointsDisabled(_)
-            | Error::LimitReached { .. } => ErrorKind::Invalid,
+            | Error::LimitReached { .. }
+            | Error::ExportIntoStore { .. } => ErrorKind::Invalid,
             Error::Busy { .. } => ErrorKind::Busy,
             // A layer the tree needs is gone or is another disk's: the VM folder is damaged.
             Error::Corrupt { .. } | Error::MissingLayer { .. } | Error::ForeignDisk { .. } => {
