@@ -63,6 +63,8 @@ impl Host {
     /// Creates a VM; a UEFI VM without a variable store template gets OVMF's.
     pub fn create_vm(&self, spec: &vm::NewVm) -> Result<VmHandle<'_>> {
         let mut spec = spec.clone();
+        crate::machine::check_memory(spec.memory)
+            .with_context(|| format!("cannot create VM {:?}", spec.name))?;
         if spec.firmware == vm::Firmware::Uefi && spec.uefi_vars_template.is_none() {
             spec.uefi_vars_template = Some(crate::machine::ovmf_paths().1);
         }
@@ -130,6 +132,24 @@ pub enum Stopped {
     DiscardedSavedState,
     /// The VM ran and stopped this way.
     Stopped(StopHow),
+    /// No worker ran: the VM's `failed` or `stopped-unexpectedly` state is cleared, and it
+    /// is off (`vm stop --force`).
+    Cleared(RunState),
+}
+
+/// Rewrites the worker's record of a VM no worker runs as `off` (the front end's one
+/// write of it, under the VM's lock: the state a user cleared); the last error goes with it.
+fn clear_record(dir: &Path) -> Result<()> {
+    let Some(mut record) = RunStatus::read(dir).record else {
+        return Ok(());
+    };
+    if record.state != RunState::Off {
+        record.state = RunState::Off;
+        record.error = None;
+        record.qemu_pid = None;
+        record.write(dir)?;
+    }
+    Ok(())
 }
 
 /// `vm status`: the run state with the worker's record, and what the worker sees of a
@@ -268,6 +288,9 @@ impl VmHandle<'_> {
             });
         }
         // Before the worker takes an automatic checkpoint for a start that cannot happen.
+        let (_, state, _) = self.store().read_vm(&self.name)?;
+        crate::machine::check_memory(state.config.hardware.memory)
+            .with_context(|| format!("VM {:?} did not start", self.name))?;
         crate::machine::find_qemu().with_context(|| format!("VM {:?} did not start", self.name))?;
         let accel = opts.accel.unwrap_or_else(crate::machine::default_accel);
         lifecycle::start_worker(
@@ -284,13 +307,40 @@ impl VmHandle<'_> {
     /// where a merge waited for the stop); a saved VM's state is discarded instead.
     pub fn stop(&self, opts: StopOptions) -> Result<Stopped> {
         let dir = self.dir()?;
-        if RunStatus::read(&dir).state == RunState::Saved {
-            // Hyper-V's "delete saved state": the VM is off, as after a power loss.
-            vm::fsutil::remove_file(&dir.join(SAVED_STATE))?;
-            return Ok(Stopped::DiscardedSavedState);
+        match RunStatus::read(&dir).state {
+            RunState::Saved => {
+                // Hyper-V's "delete saved state": the VM is off, as after a power loss.
+                let _held = self.hold_stopped("vm stop")?;
+                vm::fsutil::remove_file(&dir.join(SAVED_STATE))?;
+                clear_record(&dir)?;
+                return Ok(Stopped::DiscardedSavedState);
+            }
+            state @ (RunState::Failed | RunState::StoppedUnexpectedly) => {
+                if !opts.force {
+                    return Err(Error::NotRunningFailed {
+                        vm: self.name.clone(),
+                        state,
+                    });
+                }
+                let _held = self.hold_stopped("vm stop --force")?;
+                // Under the lock no worker can have started since the state was read.
+                let state = RunStatus::read(&dir).state;
+                if matches!(state, RunState::Failed | RunState::StoppedUnexpectedly) {
+                    clear_record(&dir)?;
+                    return Ok(Stopped::Cleared(state));
+                }
+            }
+            _ => {}
         }
         let dir = self.require_live()?;
         Ok(Stopped::Stopped(self.stop_worker(&dir, opts)?))
+    }
+
+    /// Holds the VM's lock, which a running worker holds, so that none starts meanwhile.
+    fn hold_stopped(&self, what: &str) -> Result<vm::Vm> {
+        self.store()
+            .open_vm(&self.name, what)
+            .with_context(|| format!("cannot stop VM {:?}", self.name))
     }
 
     /// Stops a running VM's worker and waits for it to be gone.
@@ -382,6 +432,23 @@ impl VmHandle<'_> {
                 Reply::Done => Ok(self.name.clone()),
                 other => Err(control::unexpected(&request, &other)),
             };
+        }
+        let s = &changes.settings;
+        if s.memory.is_some() || s.cpus.is_some() || s.boot.is_some() {
+            if let Some(memory) = s.memory {
+                crate::machine::check_memory(memory)
+                    .with_context(|| format!("cannot change VM {:?}", self.name))?;
+            }
+            // A saved VM resumes on the hardware its memory was saved with.
+            let (dir, _, _) = self
+                .store()
+                .read_vm(&self.name)
+                .with_context(|| format!("cannot read VM {:?}", self.name))?;
+            if RunStatus::read(&dir).state == RunState::Saved {
+                return Err(Error::Saved {
+                    vm: self.name.clone(),
+                });
+            }
         }
         let mut name = self.name.clone();
         if let Some(new) = &changes.new_name {

@@ -326,6 +326,9 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
                     println!("discarded the saved state of VM {:?}; it is off", a.name)
                 }
                 Stopped::Stopped(how) => println!("stopped VM {:?} ({})", a.name, how.as_str()),
+                Stopped::Cleared(state) => {
+                    println!("VM {:?} was {state}; it is off now", a.name)
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

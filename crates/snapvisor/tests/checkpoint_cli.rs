@@ -541,3 +541,95 @@ fn exports_into_the_store_are_refused() {
     let out = dir.path().join("out");
     cli.ok(&["vm", "export", "web", out.to_str().unwrap()]);
 }
+
+/// A limit below the VM's checkpoint count is refused with the count.
+#[test]
+fn a_checkpoint_limit_below_the_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(&dir.path().join("store"));
+    cli.ok(&["vm", "create", "web", "--disk", "1M"]);
+    for i in 0..5 {
+        cli.ok(&["checkpoint", "create", "web", "--name", &format!("c{i}")]);
+    }
+    let e = cli.fails(&["vm", "set", "web", "--max-checkpoints", "3"]);
+    assert!(
+        e.contains("has 5 checkpoints, more than a limit of 3")
+            && e.contains("delete 2 of them first, or set a limit of at least 5"),
+        "{e}"
+    );
+    let show = cli.json(&["vm", "show", "web", "--json"]);
+    assert_eq!(show["max_checkpoints"], vm::config::DEFAULT_MAX_CHECKPOINTS);
+    cli.ok(&["vm", "set", "web", "--max-checkpoints", "5"]);
+    assert_eq!(
+        cli.json(&["vm", "show", "web", "--json"])["max_checkpoints"],
+        5
+    );
+}
+
+/// This host's memory, from /proc/meminfo, in MiB.
+fn host_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb >> 10
+}
+
+/// Memory beyond the host's is refused at create, set and start, before anything runs
+/// (a start does not leave the VM failed).
+#[test]
+fn memory_beyond_the_hosts_is_refused_at_create_set_and_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cli = Cli::new(&store);
+    let too_much = format!("{}M", host_mib() + 1024);
+    let e = cli.fails(&["vm", "create", "big", "--memory", &too_much]);
+    assert!(
+        e.starts_with("snapvisor: cannot create VM \"big\": ")
+            && e.contains("of memory is more than this host has"),
+        "{e}"
+    );
+    assert!(!store.join("big").exists());
+    cli.ok(&["vm", "create", "web", "--disk", "1M"]);
+    let e = cli.fails(&["vm", "set", "web", "--memory", &too_much]);
+    assert!(e.contains("more than this host has"), "{e}");
+    assert_eq!(
+        cli.json(&["vm", "show", "web", "--json"])["memory"],
+        1u64 << 30
+    );
+    // Prepared for a bigger host, it is refused when it starts here.
+    let bigger = format!("{}M", host_mib() + 4096);
+    let made = cli
+        .command(&["vm", "create", "prepared", "--memory", &too_much])
+        .env("SNAPVISOR_HOST_MEMORY", &bigger)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let e = cli.fails(&["vm", "start", "prepared", "--accel", "tcg"]);
+    assert!(
+        e.contains("did not start") && e.contains("more than this host has"),
+        "{e}"
+    );
+    assert_eq!(
+        cli.json(&["vm", "status", "prepared", "--json"])["state"],
+        "off"
+    );
+    let bad = cli
+        .command(&["vm", "create", "x", "--memory", "1G"])
+        .env("SNAPVISOR_HOST_MEMORY", "lots")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("SNAPVISOR_HOST_MEMORY=lots is not a size")
+    );
+}

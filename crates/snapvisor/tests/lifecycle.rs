@@ -134,6 +134,22 @@ fn qemu_failing_to_start_is_reported_with_its_reason() {
     assert!(s["error"].as_str().unwrap().contains("kernel"), "{s}");
     // A failed start leaves the VM usable.
     cli.ok(&["checkpoint", "create", "g"]);
+    // Nothing runs, so a plain stop says how to clear the failure, and --force does.
+    let e = cli.fails(&["vm", "stop", "g"]);
+    assert!(
+        e.contains("is not running (it is failed)") && e.contains("`snapvisor vm stop g --force`"),
+        "{e}"
+    );
+    let out = cli.ok(&["vm", "stop", "g", "--force"]);
+    assert!(out.contains("was failed; it is off now"), "{out}");
+    let s = status(&cli);
+    assert_eq!(
+        (&s["state"], &s["error"]),
+        (&"off".into(), &serde_json::Value::Null),
+        "{s}"
+    );
+    let e = cli.fails(&["vm", "stop", "g", "--force"]);
+    assert!(e.contains("is not running (it is off)"), "{e}");
 }
 
 fn boot_ids(store: &Path) -> Vec<String> {

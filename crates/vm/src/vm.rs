@@ -506,6 +506,14 @@ impl Vm {
             c.checkpoint_type = t;
         }
         if let Some(n) = settings.max_checkpoints {
+            let count = self.state.checkpoints.len();
+            if count > n as usize {
+                return Err(Error::InvalidArgument(format!(
+                    "VM {} has {count} checkpoints, more than a limit of {n}; delete {} of them first, or set a limit of at least {count}",
+                    c.name,
+                    count - n as usize
+                )));
+            }
             c.max_checkpoints = n;
         }
         if let Some(a) = settings.automatic_checkpoints {
