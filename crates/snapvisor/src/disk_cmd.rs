@@ -343,7 +343,7 @@ fn info(a: InfoArgs) -> Result<ExitCode> {
     let info = gather_info(&a.path)?;
     if a.json {
         print_json(&info)?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(info_exit(&info));
     }
     println!("file:                {}", info.path.display());
     println!("format:              {} ({})", info.format, info.disk_type);
@@ -379,7 +379,22 @@ fn info(a: InfoArgs) -> Result<ExitCode> {
     if let Some(e) = &info.chain_error {
         println!("chain error:         {e}");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(info_exit(&info))
+}
+
+/// A broken chain fails `disk info` (after it printed what it could read), so that scripts
+/// notice; the one stderr line says why.
+fn info_exit(info: &DiskInfo) -> ExitCode {
+    match &info.chain_error {
+        Some(e) => {
+            eprintln!(
+                "snapvisor: the chain of {} is broken: {e}",
+                info.path.display()
+            );
+            crate::exit::chain_broken()
+        }
+        None => ExitCode::SUCCESS,
+    }
 }
 
 #[derive(Serialize)]
@@ -399,6 +414,7 @@ struct CheckJson<'a> {
 }
 
 fn check(a: CheckArgs) -> Result<ExitCode> {
+    refuse_non_vhdx(&a.path)?;
     let report = vhdx::check(&a.path, a.repair)
         .with_context(|| format!("cannot check {}", a.path.display()))?;
     if a.json {
@@ -450,6 +466,46 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
     })
 }
 
+/// Refuses to check a file that is no VHDX at all (empty, raw, another tool's image), with
+/// one line saying so, instead of every VHDX structure reported missing. A file with the
+/// file identifier or either header's signature is a VHDX, however damaged.
+fn refuse_non_vhdx(path: &Path) -> Result<()> {
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(vhdx::format::HEADER_OFFSETS[1] + 4)
+                .read_to_end(&mut head)
+        })
+        .with_context(|| format!("cannot check {}", path.display()))?;
+    let has = |at: u64, sig: &[u8]| head.get(at as usize..at as usize + sig.len()) == Some(sig);
+    if has(0, b"vhdxfile")
+        || vhdx::format::HEADER_OFFSETS
+            .iter()
+            .any(|&o| has(o, b"head"))
+    {
+        return Ok(());
+    }
+    if head.is_empty() {
+        bail!(
+            "{} is empty (0 bytes), not a VHDX file; check applies to VHDX files",
+            path.display()
+        );
+    }
+    match disk::probe_content(path) {
+        Ok(disk::Format::Foreign(f)) => bail!(
+            "{} is a {} image, not a VHDX file; check applies to VHDX files (`qemu-img check -f {} {}` checks it)",
+            path.display(),
+            f.name(),
+            f.qemu_name(),
+            disk::shell_quote(path)
+        ),
+        _ => bail!(
+            "{} is not a VHDX file (no VHDX signature: a raw image, or not a disk); check applies to VHDX files",
+            path.display()
+        ),
+    }
+}
+
 fn convert(a: ConvertArgs) -> Result<ExitCode> {
     let ext = a
         .dst
@@ -465,8 +521,7 @@ fn convert(a: ConvertArgs) -> Result<ExitCode> {
             FormatArg::Raw
         }
     };
-    let src =
-        disk::open(&a.src, false).with_context(|| format!("cannot open {}", a.src.display()))?;
+    let src = disk::open(&a.src, false).map_err(|e| open_error(&a.src, e))?;
     let options = ConvertOptions {
         format: match format {
             FormatArg::Raw => OutputFormat::Raw,
@@ -594,7 +649,21 @@ fn merge(a: MergeArgs) -> Result<ExitCode> {
 }
 
 fn open_for(path: &Path, writable: bool) -> Result<Box<dyn Disk>> {
-    disk::open(path, writable).with_context(|| format!("cannot open {}", path.display()))
+    disk::open(path, writable).map_err(|e| open_error(path, e))
+}
+
+/// "cannot open PATH: why", naming the path once (the disk error names it too).
+fn open_error(path: &Path, e: disk::Error) -> anyhow::Error {
+    let what = format!("cannot open {}", path.display());
+    match e {
+        disk::Error::Io { path: p, source }
+        | disk::Error::Vhdx(vhdx::Error::Io { path: p, source })
+            if p == path =>
+        {
+            anyhow::Error::new(source).context(what)
+        }
+        e => anyhow::Error::new(e).context(what),
+    }
 }
 
 fn read(a: RangeArgs) -> Result<ExitCode> {

@@ -329,12 +329,12 @@ fn bad_input_gives_one_clear_line_and_changes_nothing() {
         1,
         "a temporary file was left behind"
     );
-    // A damaged file: check says so with exit code 2 and names the structure.
+    // A damaged file: check says so with exit code 3 and names the structure.
     let mut bad = before.clone();
     bad[0] = b'X';
     std::fs::write(d.join("bad.vhdx"), &bad).unwrap();
     let out = snapvisor(&["disk", "check", "bad.vhdx"], d);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stdout).contains("identifier"));
     let e = fails(&["disk", "info", "bad.vhdx"], d);
     assert!(e.contains("bad.vhdx"), "{e}");
@@ -499,4 +499,88 @@ fn convert_refuses_a_destination_named_for_another_format() {
         std::fs::metadata(d.join("raw.vmdk")).unwrap().len(),
         8 << 20
     );
+}
+
+/// What is wrong and what to do, once: files that are no VHDX at all, size rules, missing
+/// files, broken chains; and exit codes that tell a usage error (2) from a check that found
+/// errors (3) and from a failure (1).
+#[test]
+fn errors_say_what_is_wrong_once_and_exit_codes_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let stdout_and_error = |args: &[&str]| {
+        let out = snapvisor(args, d);
+        let err = String::from_utf8(out.stderr).unwrap();
+        let lines: Vec<&str> = err.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            lines[0].to_owned(),
+        )
+    };
+    std::fs::write(d.join("empty.vhdx"), b"").unwrap();
+    std::fs::write(d.join("raw.img"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(d.join("raw.vhdx"), vec![0u8; 1 << 20]).unwrap();
+    let qcow = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "q.qcow2", "64M"])
+        .current_dir(d)
+        .status()
+        .unwrap();
+    assert!(qcow.success());
+    for (file, says) in [
+        (
+            "empty.vhdx",
+            "empty.vhdx is empty (0 bytes), not a VHDX file",
+        ),
+        ("raw.img", "raw.img is not a VHDX file (no VHDX signature"),
+        ("raw.vhdx", "raw.vhdx is not a VHDX file (no VHDX signature"),
+        (
+            "q.qcow2",
+            "q.qcow2 is a qcow2 image, not a VHDX file; check applies to VHDX files (`qemu-img check -f qcow2 q.qcow2` checks it)",
+        ),
+    ] {
+        let (code, out, e) = stdout_and_error(&["disk", "check", file]);
+        assert_eq!(code, Some(1), "{file}");
+        assert!(e.contains(says), "{file}: {e}");
+        assert!(!out.contains("header"), "{file}: {out}");
+    }
+    // Usage errors are clap's 2; errors found by check are 3.
+    assert_eq!(snapvisor(&["disk", "check"], d).status.code(), Some(2));
+    assert_eq!(snapvisor(&["disk", "chekc", "x"], d).status.code(), Some(2));
+    // Sizes state the rule.
+    for size in ["65T", "1000"] {
+        let e = fails(&["disk", "create", "z.vhdx", "--size", size], d);
+        assert!(
+            e.contains("must be a multiple of the 512-byte logical sector, from 512 B to 64 TiB"),
+            "{e}"
+        );
+    }
+    // A missing file is named once.
+    let e = fails(
+        &[
+            "disk",
+            "read",
+            "missing.vhdx",
+            "--offset",
+            "0",
+            "--length",
+            "1",
+        ],
+        d,
+    );
+    assert_eq!(e.matches("missing.vhdx").count(), 1, "{e}");
+    assert!(e.contains("No such file"), "{e}");
+    // A broken chain: info shows what it read, and fails.
+    ok(&["disk", "create", "p.vhdx", "--size", "8M"], d);
+    ok(&["disk", "create", "c.avhdx", "--parent", "p.vhdx"], d);
+    std::fs::rename(d.join("p.vhdx"), d.join("moved.vhdx")).unwrap();
+    let (code, out, e) = stdout_and_error(&["disk", "info", "c.avhdx"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("chain error:"), "{out}");
+    assert!(e.contains("the chain of c.avhdx is broken"), "{e}");
+    let out = snapvisor(&["disk", "info", "c.avhdx", "--json"], d);
+    assert_eq!(out.status.code(), Some(1));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(info["chain_error"].is_string(), "{info}");
 }

@@ -149,10 +149,14 @@ pub enum Corruption {
         size: u32,
     },
     /// Virtual size zero, above 64 TiB, or not a multiple of the logical sector size.
-    #[error("invalid virtual disk size {size}")]
+    #[error(
+        "invalid virtual disk size {size} bytes: it must be a multiple of the {logical_sector_size}-byte logical sector, from {logical_sector_size} B to 64 TiB"
+    )]
     InvalidVirtualSize {
         /// Size found.
         size: u64,
+        /// The logical sector size it must be a multiple of.
+        logical_sector_size: u32,
     },
     /// The parent locator is malformed.
     #[error("invalid parent locator: {reason}")]

@@ -119,6 +119,7 @@ impl Geometry {
         {
             return Err(Corruption::InvalidVirtualSize {
                 size: self.virtual_size,
+                logical_sector_size: self.logical_sector_size,
             });
         }
         Ok(())
