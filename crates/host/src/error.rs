@@ -47,7 +47,7 @@ pub enum Error {
         source: Box<Error>,
     },
     /// The operation needs a running (or paused) VM.
-    #[error("VM {vm:?} is not running (it is {state})")]
+    #[error("VM \"{vm}\" is not running (it is {state})")]
     NotRunning {
         /// The VM.
         vm: String,
@@ -56,7 +56,7 @@ pub enum Error {
     },
     /// `vm stop` of a VM whose last run failed or whose worker died: nothing runs.
     #[error(
-        "VM {vm:?} is not running (it is {state}); `snapvisor vm stop {} --force` clears that and leaves it off",
+        "VM \"{vm}\" is not running (it is {state}); `snapvisor vm stop {} --force` clears that and leaves it off",
         disk::shell_quote(std::path::Path::new(vm))
     )]
     NotRunningFailed {
@@ -77,7 +77,7 @@ pub enum Error {
         host: u64,
     },
     /// The VM runs already.
-    #[error("VM {vm:?} is already {state} (worker pid {pid})")]
+    #[error("VM \"{vm}\" is already {state} (worker pid {pid})")]
     AlreadyRunning {
         /// The VM.
         vm: String,
@@ -88,7 +88,7 @@ pub enum Error {
     },
     /// The VM is saved: its memory belongs to its current disks, so they must not change.
     #[error(
-        "VM {vm:?} is saved, and its saved memory belongs to its current disks and hardware; start it (`snapvisor vm start {0}`) or discard the saved state (`snapvisor vm stop {0}`) first",
+        "VM \"{vm}\" is saved, and its saved memory belongs to its current disks and hardware; start it (`snapvisor vm start {0}`) or discard the saved state (`snapvisor vm stop {0}`) first",
         disk::shell_quote(std::path::Path::new(vm))
     )]
     Saved {
@@ -97,14 +97,14 @@ pub enum Error {
     },
     /// A change only a stopped VM takes.
     #[error(
-        "VM {vm:?} is running: stop it to change its name or hardware (checkpoint settings can change while it runs)"
+        "VM \"{vm}\" is running: stop it to change its name or hardware (checkpoint settings can change while it runs)"
     )]
     RunningHardware {
         /// The VM.
         vm: String,
     },
     /// The VM's worker failed to bring the guest up.
-    #[error("VM {vm:?} did not start: {reason}")]
+    #[error("VM \"{vm}\" did not start: {reason}")]
     DidNotStart {
         /// The VM.
         vm: String,

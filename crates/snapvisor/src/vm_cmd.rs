@@ -284,13 +284,13 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
             if a.json {
                 print_json(&json!({"deleted": a.name}))?;
             } else {
-                println!("deleted VM {:?}", a.name);
+                println!("deleted VM \"{}\"", a.name);
             }
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Export(a) => {
             host.vm(&a.name).export(&a.dir)?;
-            println!("exported VM {:?} to {}", a.name, a.dir.display());
+            println!("exported VM \"{}\" to {}", a.name, a.dir.display());
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Import(a) => {
@@ -303,7 +303,7 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
                 } else {
                     "registered in place"
                 };
-                println!("imported VM {name:?} ({how})");
+                println!("imported VM \"{name}\" ({how})");
                 Ok(ExitCode::SUCCESS)
             }
         }
@@ -313,7 +313,7 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
                 accel: a.accel.map(Into::into),
                 timeout: Duration::from_secs(a.timeout),
             })?;
-            println!("started VM {:?} (worker pid {pid})", a.name);
+            println!("started VM \"{}\" (worker pid {pid})", a.name);
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Stop(a) => {
@@ -323,30 +323,31 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
             })?;
             match stopped {
                 Stopped::DiscardedSavedState => {
-                    println!("discarded the saved state of VM {:?}; it is off", a.name)
+                    println!("discarded the saved state of VM \"{}\"; it is off", a.name)
                 }
-                Stopped::Stopped(how) => println!("stopped VM {:?} ({})", a.name, how.as_str()),
+                Stopped::Stopped(how) => println!("stopped VM \"{}\" ({})", a.name, how.as_str()),
                 Stopped::Cleared(state) => {
-                    println!("VM {:?} was {state}; it is off now", a.name)
+                    println!("VM \"{}\" was {state}; it is off now", a.name)
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Pause(a) => {
             host.vm(&a.name).pause()?;
-            println!("paused VM {:?}", a.name);
+            println!("paused VM \"{}\"", a.name);
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Resume(a) => {
             host.vm(&a.name).resume()?;
-            println!("resumed VM {:?}", a.name);
+            println!("resumed VM \"{}\"", a.name);
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Save(a) => {
             let ms = host.vm(&a.name).save()?;
             println!(
-                "saved VM {:?} in {ms} ms; `snapvisor vm start {}` resumes it",
-                a.name, a.name
+                "saved VM \"{}\" in {ms} ms; `snapvisor vm start {}` resumes it",
+                a.name,
+                disk::shell_quote(Path::new(&a.name))
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -394,7 +395,7 @@ fn create(host: &Host, a: CreateArgs) -> Result<ExitCode> {
         show(host, &a.name, true)
     } else {
         println!(
-            "created VM {:?} in {}",
+            "created VM \"{}\" in {}",
             a.name,
             host.store().vm_path(&a.name).display()
         );
@@ -429,7 +430,7 @@ fn set(host: &Host, a: SetArgs) -> Result<ExitCode> {
     if a.json {
         show(host, &name, true)
     } else {
-        println!("changed VM {name:?}");
+        println!("changed VM \"{name}\"");
         Ok(ExitCode::SUCCESS)
     }
 }

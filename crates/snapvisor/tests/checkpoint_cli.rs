@@ -342,7 +342,12 @@ fn export_and_import_in_place_and_as_a_copy() {
     let e = cli.fails(&["vm", "export", "web", out.to_str().unwrap()]);
     assert!(e.contains("exists and is not empty"), "{e}");
     let e = cli.fails(&["vm", "import", out.to_str().unwrap()]);
-    assert!(e.contains("already exists"), "{e}");
+    assert!(
+        e.contains(
+            "a VM named \"web\" already exists; import it under another name with --name NEW"
+        ),
+        "{e}"
+    );
     let e = cli.fails(&["vm", "import", out.to_str().unwrap(), "--name", "twin"]);
     assert!(e.contains("has the UUID"), "{e}");
     cli.ok(&["vm", "delete", "web"]);
@@ -632,4 +637,50 @@ fn memory_beyond_the_hosts_is_refused_at_create_set_and_start() {
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("SNAPVISOR_HOST_MEMORY=lots is not a size")
     );
+}
+
+/// Names come back as the user wrote them (no escapes), and the commands messages suggest
+/// are quoted for the shell.
+#[test]
+fn names_are_echoed_as_written_and_suggestions_are_shell_quoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(&dir.path().join("store"));
+    let name = r#"my "big" vm\1"#;
+    let out = cli.ok(&["vm", "create", name, "--disk", "1M"]);
+    assert!(
+        out.starts_with(&format!("created VM \"{name}\" in ")),
+        "{out}"
+    );
+    cli.ok(&["vm", "set", name, "--checkpoint-type", "disabled"]);
+    let e = cli.fails(&["checkpoint", "create", name]);
+    assert_eq!(
+        e,
+        format!(
+            r#"snapvisor: cannot checkpoint VM "{name}": checkpoints are disabled for VM "{name}"; enable them with `snapvisor vm set 'my "big" vm\1' --checkpoint-type production`"#
+        )
+    );
+    let e = cli.fails(&["checkpoint", "apply", name, r#"no "such" one"#]);
+    assert!(
+        e.contains(r#"has no checkpoint named "no "such" one""#) && !e.contains(r#"\""#),
+        "{e}"
+    );
+}
+
+/// An id prefix too short to name a checkpoint says how long it must be.
+#[test]
+fn a_short_id_prefix_says_how_long_it_must_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(&dir.path().join("store"));
+    cli.ok(&["vm", "create", "web", "--disk", "1M"]);
+    let c = cli.json(&["checkpoint", "create", "web", "--name", "one", "--json"]);
+    let id = c["id"].as_str().unwrap();
+    let e = cli.fails(&["checkpoint", "apply", "web", &id[..5]]);
+    assert!(
+        e.contains(&format!(
+            "an id prefix must have at least 8 characters (\"{}\" has 5)",
+            &id[..5]
+        )),
+        "{e}"
+    );
+    cli.ok(&["checkpoint", "apply", "web", &id[..8]]);
 }

@@ -145,7 +145,7 @@ impl Store {
             // Another command may take the lock first: then it finishes the journal.
             match Vm::open(&path, "recover", Duration::ZERO) {
                 Ok(vm) => drop(vm),
-                Err(Error::Busy { .. }) => {}
+                Err(Error::Busy { .. } | Error::Running { .. }) => {}
                 // The committed state is still shown, with the operation named unfinished.
                 Err(e) => tracing::warn!("cannot finish the unfinished operation on {name}: {e}"),
             }
@@ -422,7 +422,7 @@ impl Store {
         let _store_lock = self.lock_names("vm import")?;
         let dest = self.vm_path(&new_name);
         if std::fs::symlink_metadata(&dest).is_ok() {
-            return Err(Error::VmExists(new_name));
+            return Err(Error::ImportNameTaken(new_name));
         }
         if !copy {
             for e in self.list()? {
