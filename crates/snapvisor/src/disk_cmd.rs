@@ -28,7 +28,7 @@ pub enum DiskCommand {
     /// Write bytes from stdin into the virtual disk.
     Write(WriteArgs),
     /// Discard a range: it reads as zeros afterwards.
-    Discard(RangeArgs),
+    Discard(DiscardArgs),
     /// Serve a disk over NBD on a unix socket until SIGINT or SIGTERM.
     Serve(ServeArgs),
 }
@@ -172,6 +172,18 @@ pub struct WriteArgs {
     /// Byte offset in the virtual disk.
     #[arg(long, value_parser = parse_size)]
     offset: u64,
+    /// Write even into the parent of differencing files (which breaks them).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DiscardArgs {
+    #[command(flatten)]
+    range: RangeArgs,
+    /// Discard even in the parent of differencing files (which breaks them).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
@@ -682,7 +694,64 @@ fn read(a: RangeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Differencing files beside `path` (in its folder) whose parent it is: a change to it
+/// would break them, since they read through to it.
+fn dependants(path: &Path) -> Vec<PathBuf> {
+    let Ok(me) = std::fs::canonicalize(path) else {
+        return Vec::new();
+    };
+    if disk::probe(&me).ok() != Some(disk::Format::Vhdx) {
+        return Vec::new();
+    }
+    let Some(Ok(entries)) = me.parent().map(std::fs::read_dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            *p != me
+                && p.extension().is_some_and(|e| {
+                    e.eq_ignore_ascii_case("vhdx") || e.eq_ignore_ascii_case("avhdx")
+                })
+        })
+        .filter(|p| {
+            VhdxFile::open(p, OpenOptions::default()).is_ok_and(|child| {
+                child.kind() == DiskKind::Differencing
+                    && vhdx::open_parent(&child).is_ok_and(|parent| {
+                        std::fs::canonicalize(parent.path()).ok() == Some(me.clone())
+                    })
+            })
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Refuses a change to a file other files depend on, unless forced.
+fn refuse_parent(path: &Path, force: bool, verb: &str) -> Result<()> {
+    let children = dependants(path);
+    if force || children.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = children
+        .iter()
+        .map(|c| {
+            c.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    bail!(
+        "{} is the parent of {}: {verb} it would break what they read; change the child instead, or pass --force to break them",
+        path.display(),
+        names.join(", ")
+    )
+}
+
 fn write(a: WriteArgs) -> Result<ExitCode> {
+    refuse_parent(&a.path, a.force, "writing into")?;
     let d = open_for(&a.path, true)?;
     let mut input = std::io::stdin().lock();
     let mut buf = vec![0u8; 4 << 20];
@@ -712,7 +781,9 @@ fn write(a: WriteArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn discard(a: RangeArgs) -> Result<ExitCode> {
+fn discard(a: DiscardArgs) -> Result<ExitCode> {
+    refuse_parent(&a.range.path, a.force, "discarding in")?;
+    let a = a.range;
     let d = open_for(&a.path, true)?;
     if a.offset.checked_add(a.length).is_none_or(|e| e > d.size()) {
         bail!(

@@ -340,7 +340,38 @@ fn bad_input_gives_one_clear_line_and_changes_nothing() {
     assert!(e.contains("bad.vhdx"), "{e}");
     // A parent written after its child was made: the chain is refused with both names.
     ok(&["disk", "create", "c.avhdx", "--parent", "a.vhdx"], d);
-    write_stdin(&["disk", "write", "a.vhdx", "--offset", "0"], d, b"changed");
+    // Writing into the parent is refused (it would break the child) unless forced.
+    let out = Command::new(env!("CARGO_BIN_EXE_snapvisor"))
+        .args(["disk", "write", "a.vhdx", "--offset", "0"])
+        .current_dir(d)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && e.contains(
+                "a.vhdx is the parent of c.avhdx: writing into it would break what they read"
+            )
+            && e.contains("--force"),
+        "{e}"
+    );
+    let e = fails(
+        &[
+            "disk", "discard", "a.vhdx", "--offset", "0", "--length", "4K",
+        ],
+        d,
+    );
+    assert!(e.contains("is the parent of c.avhdx"), "{e}");
+    ok(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "1"],
+        d,
+    );
+    write_stdin(
+        &["disk", "write", "a.vhdx", "--offset", "0", "--force"],
+        d,
+        b"changed",
+    );
     let e = fails(
         &["disk", "read", "c.avhdx", "--offset", "0", "--length", "1"],
         d,
