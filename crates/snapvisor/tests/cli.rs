@@ -615,3 +615,41 @@ fn errors_say_what_is_wrong_once_and_exit_codes_differ() {
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(info["chain_error"].is_string(), "{info}");
 }
+
+/// A VHDX cut short (an incomplete copy) is reported as probably truncated.
+#[test]
+fn a_truncated_vhdx_is_reported_as_probably_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        &[
+            "disk",
+            "create",
+            "t.vhdx",
+            "--size",
+            "64M",
+            "--block-size",
+            "1M",
+        ],
+        d,
+    );
+    write_stdin(
+        &["disk", "write", "t.vhdx", "--offset", "0"],
+        d,
+        &[5u8; 3 << 20],
+    );
+    let len = std::fs::metadata(d.join("t.vhdx")).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("t.vhdx"))
+        .unwrap()
+        .set_len(len - (2 << 20))
+        .unwrap();
+    let out = snapvisor(&["disk", "check", "t.vhdx"], d);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("past the end of the file") && text.contains("probably truncated"),
+        "{text}"
+    );
+}

@@ -188,6 +188,19 @@ pub enum Corruption {
         /// File offset.
         offset: u64,
     },
+    /// A BAT entry points at a block that lies past the end of the file: data the file
+    /// should hold is missing, most often because it was cut short.
+    #[error(
+        "bat entry {index} points at offset {offset}, past the end of the file ({file_len} bytes): the file was probably truncated (an incomplete copy or download)"
+    )]
+    BlockBeyondEnd {
+        /// Entry index.
+        index: u64,
+        /// File offset.
+        offset: u64,
+        /// The file's length.
+        file_len: u64,
+    },
     /// The log, the BAT region or the metadata region extends past the end of the file.
     #[error(
         "{what} at offset {offset} length {length} extends past the end of the file ({file_len} bytes)"

@@ -1848,7 +1848,15 @@ fn validate_layout(
                     return;
                 }
             }
-            if e.file_offset() < HEADER_SECTION_SIZE || e.file_offset() >= file_len {
+            if e.file_offset() >= file_len {
+                bad = Some(Corruption::BlockBeyondEnd {
+                    index,
+                    offset: e.file_offset(),
+                    file_len,
+                });
+                return;
+            }
+            if e.file_offset() < HEADER_SECTION_SIZE {
                 bad = Some(Corruption::BlockOutOfBounds {
                     index,
                     offset: e.file_offset(),
@@ -1887,7 +1895,15 @@ fn validate_layout(
         }
         let start = e.file_offset();
         let last = block + 1 == payload_blocks;
-        if start < HEADER_SECTION_SIZE || start >= file_len || (!last && start + bs > file_len) {
+        if start >= HEADER_SECTION_SIZE && (start >= file_len || (!last && start + bs > file_len)) {
+            bad = Some(Corruption::BlockBeyondEnd {
+                index,
+                offset: start,
+                file_len,
+            });
+            return;
+        }
+        if start < HEADER_SECTION_SIZE {
             bad = Some(Corruption::BlockOutOfBounds {
                 index,
                 offset: start,
