@@ -31,6 +31,20 @@ pub enum DiskCommand {
     Discard(DiscardArgs),
     /// Serve a disk over NBD on a unix socket until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Point a differencing file at its parent again (after the parent moved).
+    SetParent(SetParentArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SetParentArgs {
+    /// The differencing file.
+    child: PathBuf,
+    /// Its parent, where it is now.
+    parent: PathBuf,
+    /// Accept a parent whose data write GUID is not the one the child was made from
+    /// (its data must still be what the child was made on, or the child reads garbage).
+    #[arg(long)]
+    ignore_id_mismatch: bool,
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +211,7 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
         DiskCommand::Write(a) => write(a),
         DiskCommand::Discard(a) => discard(a),
         DiskCommand::Serve(a) => serve(a),
+        DiskCommand::SetParent(a) => set_parent(a),
     }
 }
 
@@ -836,5 +851,65 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         .run()
         .with_context(|| format!("serving {} failed", a.path.display()))?;
     drop(server);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Hyper-V's `Set-VHD -ParentPath`: relinks a child to its moved parent, refusing a file
+/// that is not the one it was made from unless told to ignore the identity.
+fn set_parent(a: SetParentArgs) -> Result<ExitCode> {
+    let what = || format!("cannot set the parent of {}", a.child.display());
+    let child = VhdxFile::open(&a.child, OpenOptions::default()).with_context(what)?;
+    let Some(locator) = child.parent_locator() else {
+        bail!(
+            "{} is not a differencing file; it has no parent",
+            a.child.display()
+        );
+    };
+    let parent = VhdxFile::open(&a.parent, OpenOptions::default()).with_context(what)?;
+    let (cg, pg) = (child.geometry(), parent.geometry());
+    if cg.virtual_size != pg.virtual_size || cg.logical_sector_size != pg.logical_sector_size {
+        bail!(
+            "{} cannot be the parent of {}: its virtual size or logical sector differs ({} bytes, {}-byte sectors; the child has {} bytes, {}-byte sectors)",
+            a.parent.display(),
+            a.child.display(),
+            pg.virtual_size,
+            pg.logical_sector_size,
+            cg.virtual_size,
+            cg.logical_sector_size
+        );
+    }
+    let dwg = parent.data_write_guid();
+    let expected: Vec<uuid::Uuid> = [
+        vhdx::format::KEY_PARENT_LINKAGE,
+        vhdx::format::KEY_PARENT_LINKAGE2,
+    ]
+    .iter()
+    .filter_map(|k| locator.get(k).and_then(vhdx::format::parse_braced_guid))
+    .filter(|g| !g.is_nil())
+    .collect();
+    if !expected.contains(&dwg) && !a.ignore_id_mismatch {
+        bail!(
+            "{} is not the file {} was made from (its data write guid is {dwg}, the child expects {}): it was written after the child was made, or is another disk; pass --ignore-id-mismatch only if its data is still what the child was made on",
+            a.parent.display(),
+            a.child.display(),
+            expected
+                .first()
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "none".into())
+        );
+    }
+    drop((child, parent));
+    vhdx::relink(&a.child, &a.parent).with_context(what)?;
+    Chain::open(&a.child, false).with_context(|| {
+        format!(
+            "{} was relinked but its chain does not open",
+            a.child.display()
+        )
+    })?;
+    println!(
+        "{} now reads through {}",
+        a.child.display(),
+        a.parent.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -653,3 +653,60 @@ fn a_truncated_vhdx_is_reported_as_probably_truncated() {
         "{text}"
     );
 }
+
+/// A moved parent is linked again with `disk set-parent`; a parent written since the
+/// child was made is refused unless the mismatch is accepted.
+#[test]
+fn set_parent_relinks_a_moved_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["disk", "create", "p.vhdx", "--size", "8M"], d);
+    write_stdin(&["disk", "write", "p.vhdx", "--offset", "0"], d, b"parent");
+    ok(&["disk", "create", "c.avhdx", "--parent", "p.vhdx"], d);
+    std::fs::create_dir(d.join("moved")).unwrap();
+    std::fs::rename(d.join("p.vhdx"), d.join("moved/p2.vhdx")).unwrap();
+    fails(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "6"],
+        d,
+    );
+    let out = ok(&["disk", "set-parent", "c.avhdx", "moved/p2.vhdx"], d);
+    assert!(
+        out.contains("c.avhdx now reads through moved/p2.vhdx"),
+        "{out}"
+    );
+    let read = snapvisor(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "6"],
+        d,
+    );
+    assert_eq!(read.stdout, b"parent");
+    // Another file of the same size is not the parent it was made from.
+    ok(&["disk", "create", "other.vhdx", "--size", "8M"], d);
+    let e = fails(&["disk", "set-parent", "c.avhdx", "other.vhdx"], d);
+    assert!(
+        e.contains("other.vhdx is not the file c.avhdx was made from")
+            && e.contains("--ignore-id-mismatch"),
+        "{e}"
+    );
+    let read = snapvisor(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "6"],
+        d,
+    );
+    assert_eq!(read.stdout, b"parent", "the refused relink changed nothing");
+    ok(
+        &[
+            "disk",
+            "set-parent",
+            "c.avhdx",
+            "other.vhdx",
+            "--ignore-id-mismatch",
+        ],
+        d,
+    );
+    let read = snapvisor(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "6"],
+        d,
+    );
+    assert_eq!(read.stdout, vec![0u8; 6]);
+    let e = fails(&["disk", "set-parent", "other.vhdx", "c.avhdx"], d);
+    assert!(e.contains("not a differencing file"), "{e}");
+}
