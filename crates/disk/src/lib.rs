@@ -321,6 +321,11 @@ pub fn probe(path: &Path) -> Result<Format> {
     if matches!(ext.as_deref(), Some("vhdx" | "avhdx")) {
         return Ok(Format::Vhdx);
     }
+    probe_content(path)
+}
+
+/// [`probe`] by the file's signatures alone, whatever its name says.
+pub fn probe_content(path: &Path) -> Result<Format> {
     let io = |e| Error::Io {
         path: path.to_owned(),
         source: e,

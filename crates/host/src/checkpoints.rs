@@ -72,14 +72,14 @@ impl VmHandle<'_> {
         let (dir, state, unfinished) = self
             .store()
             .read_vm(&self.name)
-            .with_context(|| format!("cannot read VM {:?}", self.name))?;
+            .with_context(|| format!("cannot read VM \"{}\"", self.name))?;
         Ok(CheckpointTree::build(&dir, &state, unfinished))
     }
 
     /// Takes a checkpoint named `name` (default: `VM (YYYY-MM-DD hh:mm:ss)`): of the VM
     /// off, or through the worker of the running VM (by its checkpoint type).
     pub fn checkpoint(&self, name: Option<&str>) -> Result<Checkpointed> {
-        let what = || format!("cannot checkpoint VM {:?}", self.name);
+        let what = || format!("cannot checkpoint VM \"{}\"", self.name);
         if let Some(dir) = self.live_dir() {
             let capture = self.take_live(&dir, name).with_context(what)?;
             let (dir, state, _) = self.store().read_vm(&self.name)?;
@@ -117,7 +117,7 @@ impl VmHandle<'_> {
     /// A checkpoint request to the running VM's worker.
     fn live_call(&self, dir: &Path, request: &Request) -> Result<Reply> {
         self.call(dir, request, LIVE_OP_TIMEOUT)
-            .with_context(|| format!("the running VM {:?} refused", self.name))
+            .with_context(|| format!("the running VM \"{}\" refused", self.name))
     }
 
     /// Deletes a checkpoint (or, with `subtree`, it and everything below it); the layers
@@ -128,7 +128,7 @@ impl VmHandle<'_> {
         subtree: bool,
         progress: Progress,
     ) -> Result<Deleted> {
-        let what = || format!("cannot delete {query:?} of VM {:?}", self.name);
+        let what = || format!("cannot delete \"{query}\" of VM \"{}\"", self.name);
         if let Some(dir) = self.live_dir() {
             let request = Request::CheckpointDelete {
                 checkpoint: query.to_owned(),
@@ -166,7 +166,7 @@ impl VmHandle<'_> {
 
     /// Renames a checkpoint; returns its id.
     pub fn rename_checkpoint(&self, query: &str, new_name: &str) -> Result<Uuid> {
-        let what = || format!("cannot rename {query:?} of VM {:?}", self.name);
+        let what = || format!("cannot rename \"{query}\" of VM \"{}\"", self.name);
         if let Some(dir) = self.live_dir() {
             let request = Request::CheckpointRename {
                 checkpoint: query.to_owned(),
@@ -184,7 +184,10 @@ impl VmHandle<'_> {
     /// Writes a standalone VM folder at `dest` as of a checkpoint (disks flattened);
     /// returns the checkpoint's id.
     pub fn export_checkpoint(&self, query: &str, dest: &Path, progress: Progress) -> Result<Uuid> {
-        let what = || format!("cannot export {query:?} of VM {:?}", self.name);
+        let what = || format!("cannot export \"{query}\" of VM \"{}\"", self.name);
+        self.store()
+            .check_export_destination(dest)
+            .with_context(what)?;
         if let Some(dir) = self.live_dir() {
             let request = Request::CheckpointExport {
                 checkpoint: query.to_owned(),
@@ -215,7 +218,7 @@ impl VmHandle<'_> {
             vm::vm::find_checkpoint(&s, query)?;
             if opts.save_current {
                 let capture = self.take_live(&dir, None).with_context(|| {
-                    format!("cannot save the current state of VM {:?}", self.name)
+                    format!("cannot save the current state of VM \"{}\"", self.name)
                 })?;
                 saved_live = Some(capture.id);
             }
@@ -227,14 +230,14 @@ impl VmHandle<'_> {
                     timeout: Duration::from_secs(10),
                 },
             )
-            .with_context(|| format!("cannot turn VM {:?} off to apply", self.name))?;
+            .with_context(|| format!("cannot turn VM \"{}\" off to apply", self.name))?;
             was_running = Some(accel);
         }
         let mut vm = self.open_offline("checkpoint apply")?;
         let target = vm.find_checkpoint(query)?;
         let saved = vm
             .apply(query, opts.save_current && saved_live.is_none())
-            .with_context(|| format!("cannot apply {query:?} to VM {:?}", self.name))?
+            .with_context(|| format!("cannot apply \"{query}\" to VM \"{}\"", self.name))?
             .or(saved_live);
         vm.set_progress(progress);
         let reconciled = vm.reconcile();
@@ -252,7 +255,9 @@ impl VmHandle<'_> {
                 accel,
                 timeout: Duration::from_secs(120),
             })
-            .with_context(|| format!("applied {name:?}, but VM {:?} did not start", self.name))?;
+            .with_context(|| {
+                format!("applied \"{name}\", but VM \"{}\" did not start", self.name)
+            })?;
         }
         Ok(Applied {
             id: target,

@@ -50,15 +50,37 @@ pub enum Error {
         source: Box<Error>,
     },
     /// The operation needs a running (or paused) VM.
-    #[error("VM {vm:?} is not running (it is {state})")]
+    #[error("VM \"{vm}\" is not running (it is {state})")]
     NotRunning {
         /// The VM.
         vm: String,
         /// Its run state.
         state: RunState,
     },
+    /// `vm stop` of a VM whose last run failed or whose worker died: nothing runs.
+    #[error(
+        "VM \"{vm}\" is not running (it is {state}); `snapvisor vm stop {} --force` clears that and leaves it off",
+        disk::shell_quote(std::path::Path::new(vm))
+    )]
+    NotRunningFailed {
+        /// The VM.
+        vm: String,
+        /// Its run state.
+        state: RunState,
+    },
+    /// The VM's memory is more than the host has.
+    #[error(
+        "{} of memory is more than this host has ({}); give the VM at most that with --memory (or set SNAPVISOR_HOST_MEMORY to check against another host's memory)",
+        binary_size(*memory), binary_size(*host)
+    )]
+    MemoryExceedsHost {
+        /// The VM's memory.
+        memory: u64,
+        /// The host's memory.
+        host: u64,
+    },
     /// The VM runs already.
-    #[error("VM {vm:?} is already {state} (worker pid {pid})")]
+    #[error("VM \"{vm}\" is already {state} (worker pid {pid})")]
     AlreadyRunning {
         /// The VM.
         vm: String,
@@ -69,7 +91,8 @@ pub enum Error {
     },
     /// The VM is saved: its memory belongs to its current disks, so they must not change.
     #[error(
-        "VM {vm:?} is saved, and its saved memory belongs to its current disks; start it (`snapvisor vm start {vm}`) or discard the saved state (`snapvisor vm stop {vm}`) first"
+        "VM \"{vm}\" is saved, and its saved memory belongs to its current disks and hardware; start it (`snapvisor vm start {0}`) or discard the saved state (`snapvisor vm stop {0}`) first",
+        disk::shell_quote(std::path::Path::new(vm))
     )]
     Saved {
         /// The VM.
@@ -77,14 +100,14 @@ pub enum Error {
     },
     /// A change only a stopped VM takes.
     #[error(
-        "VM {vm:?} is running: stop it to change its name or hardware (checkpoint settings can change while it runs)"
+        "VM \"{vm}\" is running: stop it to change its name or hardware (checkpoint settings can change while it runs)"
     )]
     RunningHardware {
         /// The VM.
         vm: String,
     },
     /// The VM's worker failed to bring the guest up.
-    #[error("VM {vm:?} did not start: {reason}")]
+    #[error("VM \"{vm}\" did not start: {reason}")]
     DidNotStart {
         /// The VM.
         vm: String,
@@ -193,9 +216,11 @@ impl Error {
             Error::Nbd(e) => nbd_kind(e),
             Error::Io { source, .. } | Error::Spawn { source, .. } => ErrorKind::of_io(source),
             Error::Step { source, .. } => source.kind(),
-            Error::NotRunning { .. } | Error::Saved { .. } | Error::Transition { .. } => {
-                ErrorKind::Invalid
-            }
+            Error::NotRunning { .. }
+            | Error::NotRunningFailed { .. }
+            | Error::MemoryExceedsHost { .. }
+            | Error::Saved { .. }
+            | Error::Transition { .. } => ErrorKind::Invalid,
             Error::AlreadyRunning { .. } | Error::RunningHardware { .. } => ErrorKind::Busy,
             Error::DidNotStart { .. } | Error::QemuFailed { .. } => ErrorKind::Io,
             Error::TimedOut { .. } => ErrorKind::Busy,
@@ -274,4 +299,21 @@ impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
             source: Box::new(e.into()),
         })
     }
+}
+
+/// A size in the largest binary unit that keeps it at least 1, with one decimal.
+fn binary_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >= 1u64 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{bytes} B");
+    }
+    format!(
+        "{:.1} {}",
+        bytes as f64 / (1u64 << (10 * unit)) as f64,
+        UNITS[unit]
+    )
 }

@@ -63,12 +63,14 @@ impl Host {
     /// Creates a VM; a UEFI VM without a variable store template gets OVMF's.
     pub fn create_vm(&self, spec: &vm::NewVm) -> Result<VmHandle<'_>> {
         let mut spec = spec.clone();
+        crate::machine::check_memory(spec.memory)
+            .with_context(|| format!("cannot create VM \"{}\"", spec.name))?;
         if spec.firmware == vm::Firmware::Uefi && spec.uefi_vars_template.is_none() {
             spec.uefi_vars_template = Some(crate::machine::ovmf_paths().1);
         }
         self.store
             .create(&spec)
-            .with_context(|| format!("cannot create VM {:?}", spec.name))?;
+            .with_context(|| format!("cannot create VM \"{}\"", spec.name))?;
         Ok(self.vm(&spec.name))
     }
 
@@ -130,6 +132,24 @@ pub enum Stopped {
     DiscardedSavedState,
     /// The VM ran and stopped this way.
     Stopped(StopHow),
+    /// No worker ran: the VM's `failed` or `stopped-unexpectedly` state is cleared, and it
+    /// is off (`vm stop --force`).
+    Cleared(RunState),
+}
+
+/// Rewrites the worker's record of a VM no worker runs as `off` (the front end's one
+/// write of it, under the VM's lock: the state a user cleared); the last error goes with it.
+fn clear_record(dir: &Path) -> Result<()> {
+    let Some(mut record) = RunStatus::read(dir).record else {
+        return Ok(());
+    };
+    if record.state != RunState::Off {
+        record.state = RunState::Off;
+        record.error = None;
+        record.qemu_pid = None;
+        record.write(dir)?;
+    }
+    Ok(())
 }
 
 /// `vm status`: the run state with the worker's record, and what the worker sees of a
@@ -182,7 +202,7 @@ impl VmHandle<'_> {
         let (dir, _, _) = self
             .store()
             .read_vm(&self.name)
-            .with_context(|| format!("cannot read VM {:?}", self.name))?;
+            .with_context(|| format!("cannot read VM \"{}\"", self.name))?;
         Ok(dir)
     }
 
@@ -205,7 +225,7 @@ impl VmHandle<'_> {
         }
         self.store()
             .open_vm(&self.name, what)
-            .with_context(|| format!("cannot open VM {:?}", self.name))
+            .with_context(|| format!("cannot open VM \"{}\"", self.name))
     }
 
     /// Sends a request to the running VM's worker.
@@ -236,7 +256,7 @@ impl VmHandle<'_> {
         let (dir, state, unfinished) = self
             .store()
             .read_vm(&self.name)
-            .with_context(|| format!("cannot read VM {:?}", self.name))?;
+            .with_context(|| format!("cannot read VM \"{}\"", self.name))?;
         Ok(VmInfo::build(dir, state, unfinished))
     }
 
@@ -268,7 +288,11 @@ impl VmHandle<'_> {
             });
         }
         // Before the worker takes an automatic checkpoint for a start that cannot happen.
-        crate::machine::find_qemu().with_context(|| format!("VM {:?} did not start", self.name))?;
+        let (_, state, _) = self.store().read_vm(&self.name)?;
+        crate::machine::check_memory(state.config.hardware.memory)
+            .with_context(|| format!("VM \"{}\" did not start", self.name))?;
+        crate::machine::find_qemu()
+            .with_context(|| format!("VM \"{}\" did not start", self.name))?;
         let accel = opts.accel.unwrap_or_else(crate::machine::default_accel);
         lifecycle::start_worker(
             &self.host.launcher()?,
@@ -284,13 +308,40 @@ impl VmHandle<'_> {
     /// where a merge waited for the stop); a saved VM's state is discarded instead.
     pub fn stop(&self, opts: StopOptions) -> Result<Stopped> {
         let dir = self.dir()?;
-        if RunStatus::read(&dir).state == RunState::Saved {
-            // Hyper-V's "delete saved state": the VM is off, as after a power loss.
-            vm::fsutil::remove_file(&dir.join(SAVED_STATE))?;
-            return Ok(Stopped::DiscardedSavedState);
+        match RunStatus::read(&dir).state {
+            RunState::Saved => {
+                // Hyper-V's "delete saved state": the VM is off, as after a power loss.
+                let _held = self.hold_stopped("vm stop")?;
+                vm::fsutil::remove_file(&dir.join(SAVED_STATE))?;
+                clear_record(&dir)?;
+                return Ok(Stopped::DiscardedSavedState);
+            }
+            state @ (RunState::Failed | RunState::StoppedUnexpectedly) => {
+                if !opts.force {
+                    return Err(Error::NotRunningFailed {
+                        vm: self.name.clone(),
+                        state,
+                    });
+                }
+                let _held = self.hold_stopped("vm stop --force")?;
+                // Under the lock no worker can have started since the state was read.
+                let state = RunStatus::read(&dir).state;
+                if matches!(state, RunState::Failed | RunState::StoppedUnexpectedly) {
+                    clear_record(&dir)?;
+                    return Ok(Stopped::Cleared(state));
+                }
+            }
+            _ => {}
         }
         let dir = self.require_live()?;
         Ok(Stopped::Stopped(self.stop_worker(&dir, opts)?))
+    }
+
+    /// Holds the VM's lock, which a running worker holds, so that none starts meanwhile.
+    fn hold_stopped(&self, what: &str) -> Result<vm::Vm> {
+        self.store()
+            .open_vm(&self.name, what)
+            .with_context(|| format!("cannot stop VM \"{}\"", self.name))
     }
 
     /// Stops a running VM's worker and waits for it to be gone.
@@ -305,13 +356,13 @@ impl VmHandle<'_> {
             Ok(other) => return Err(control::unexpected(&request, &other)),
             // A worker whose QEMU exited may be gone before its reply is read: a stop too.
             Err(_) if lifecycle::worker_gone(dir) => StopHow::Stopped,
-            Err(e) => return Err(e).context(format!("cannot stop VM {:?}", self.name)),
+            Err(e) => return Err(e).context(format!("cannot stop VM \"{}\"", self.name)),
         };
         lifecycle::wait_worker_gone(
             dir,
             Duration::from_secs(3600),
             format!(
-                "the worker of VM {:?} did not exit after QEMU stopped",
+                "the worker of VM \"{}\" did not exit after QEMU stopped",
                 self.name
             ),
         )?;
@@ -325,7 +376,7 @@ impl VmHandle<'_> {
         let request = Request::Save;
         let ms = match self
             .call(&dir, &request, Duration::from_secs(330))
-            .with_context(|| format!("cannot save VM {:?}", self.name))?
+            .with_context(|| format!("cannot save VM \"{}\"", self.name))?
         {
             Reply::Saved { ms } => ms,
             other => return Err(control::unexpected(&request, &other)),
@@ -333,7 +384,10 @@ impl VmHandle<'_> {
         lifecycle::wait_worker_gone(
             &dir,
             Duration::from_secs(60),
-            format!("the worker of VM {:?} did not exit after saving", self.name),
+            format!(
+                "the worker of VM \"{}\" did not exit after saving",
+                self.name
+            ),
         )?;
         Ok(ms)
     }
@@ -352,7 +406,7 @@ impl VmHandle<'_> {
         let dir = self.require_live()?;
         match self
             .call(&dir, &request, Duration::from_secs(30))
-            .with_context(|| format!("cannot {verb} VM {:?}", self.name))?
+            .with_context(|| format!("cannot {verb} VM \"{}\"", self.name))?
         {
             Reply::Done => Ok(()),
             other => Err(control::unexpected(&request, &other)),
@@ -377,20 +431,37 @@ impl VmHandle<'_> {
             };
             return match self
                 .call(&dir, &request, Duration::from_secs(60))
-                .with_context(|| format!("cannot change VM {:?}", self.name))?
+                .with_context(|| format!("cannot change VM \"{}\"", self.name))?
             {
                 Reply::Done => Ok(self.name.clone()),
                 other => Err(control::unexpected(&request, &other)),
             };
         }
+        let s = &changes.settings;
+        if s.memory.is_some() || s.cpus.is_some() || s.boot.is_some() {
+            if let Some(memory) = s.memory {
+                crate::machine::check_memory(memory)
+                    .with_context(|| format!("cannot change VM \"{}\"", self.name))?;
+            }
+            // A saved VM resumes on the hardware its memory was saved with.
+            let (dir, _, _) = self
+                .store()
+                .read_vm(&self.name)
+                .with_context(|| format!("cannot read VM \"{}\"", self.name))?;
+            if RunStatus::read(&dir).state == RunState::Saved {
+                return Err(Error::Saved {
+                    vm: self.name.clone(),
+                });
+            }
+        }
         let mut name = self.name.clone();
         if let Some(new) = &changes.new_name {
             self.store()
                 .rename(&name, new)
-                .with_context(|| format!("cannot rename VM {name:?}"))?;
+                .with_context(|| format!("cannot rename VM \"{name}\""))?;
             name = new.clone();
         }
-        let what = || format!("cannot change VM {name:?}");
+        let what = || format!("cannot change VM \"{name}\"");
         let mut vm = self.store().open_vm(&name, "vm set").with_context(what)?;
         vm.set(&changes.settings).with_context(what)?;
         Ok(name)
@@ -400,19 +471,19 @@ impl VmHandle<'_> {
     pub fn delete(&self) -> Result<()> {
         self.store()
             .delete(&self.name)
-            .with_context(|| format!("cannot delete VM {:?}", self.name))
+            .with_context(|| format!("cannot delete VM \"{}\"", self.name))
     }
 
     /// Copies the whole VM (config, disks, checkpoint tree) into a new folder.
     pub fn export(&self, dest: &Path) -> Result<()> {
         self.store()
             .export(&self.name, dest)
-            .with_context(|| format!("cannot export VM {:?}", self.name))
+            .with_context(|| format!("cannot export VM \"{}\"", self.name))
     }
 
     /// Merges every layer that can be merged; lists files nothing refers to.
     pub fn consolidate(&self, progress: Progress) -> Result<vm::ConsolidateReport> {
-        let what = || format!("cannot consolidate VM {:?}", self.name);
+        let what = || format!("cannot consolidate VM \"{}\"", self.name);
         let mut vm = self
             .store()
             .open_vm(&self.name, "vm consolidate")

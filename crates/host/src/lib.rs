@@ -34,7 +34,7 @@
 //! | [`VmHandle::rename_checkpoint`], [`export_checkpoint`](VmHandle::export_checkpoint) | `vm::Vm` | worker runs the same `vm::Vm` call |
 //! | [`VmHandle::apply`] | `vm::Vm::apply` | stop (after a live checkpoint with `save_current`), apply offline, start again when the checkpoint has memory |
 //! | [`VmHandle::set`] | `vm::Vm::set` (and the store's rename) | checkpoint settings through the worker; name and hardware refused |
-//! | [`VmHandle::consolidate`], [`delete`](VmHandle::delete), [`export`](VmHandle::export) | `vm` | refused: the worker holds the VM's lock (busy) |
+//! | [`VmHandle::consolidate`], [`delete`](VmHandle::delete), [`export`](VmHandle::export) | `vm` | refused: the worker holds the VM's lock (`vm::Error::Running`: "stop it first") |
 //! | [`VmHandle::info`], [`checkpoints`](VmHandle::checkpoints), [`Host::list`] | read without a lock | the same |
 //! | [`VmHandle::backup`] | Now's chains copied into the repository under the VM's lock | worker: recovery checkpoint (`live.rs`), its layers copied by the caller, then deleted live ([`backups`]) |
 //! | [`VmHandle::restore_in_place`], [`Host::restore_as`] | a checkpoint then Now overwritten; a new VM filled from the point | in place refused (stop it first) |

@@ -118,7 +118,7 @@ pub(crate) fn start_worker(
         if t.elapsed() > timeout {
             return Err(Error::TimedOut {
                 what: format!(
-                    "VM {name:?} did not start within {} s (see {})",
+                    "VM \"{name}\" did not start within {} s (see {})",
                     timeout.as_secs(),
                     log_path.display()
                 ),

@@ -127,3 +127,63 @@ pub fn machine_spec(
         incoming: dir.join(SAVED_STATE).exists(),
     })
 }
+
+/// Overrides the memory of this host that VMs are checked against (bytes, or with a K, M,
+/// G or T binary suffix): to prepare VMs here for a bigger host.
+pub const HOST_MEMORY_ENV: &str = "SNAPVISOR_HOST_MEMORY";
+
+/// The memory VMs are checked against: [`HOST_MEMORY_ENV`], or `MemTotal` of
+/// `/proc/meminfo` (`None` when neither says).
+pub fn host_memory() -> Result<Option<u64>> {
+    if let Some(v) = std::env::var_os(HOST_MEMORY_ENV).filter(|v| !v.is_empty()) {
+        let v = v.to_string_lossy();
+        return parse_binary_size(&v).map(Some).ok_or_else(|| {
+            vm::Error::InvalidArgument(format!(
+                "{HOST_MEMORY_ENV}={v} is not a size (bytes, or a number with K, M, G or T)"
+            ))
+            .into()
+        });
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    Ok(meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb << 10))
+}
+
+fn parse_binary_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 10),
+        (i, 'M' | 'm') => (&s[..i], 20),
+        (i, 'G' | 'g') => (&s[..i], 30),
+        (i, 'T' | 't') => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// Refuses guest memory larger than this host's (QEMU would fail to start, or the host
+/// would swap the guest to a crawl).
+pub fn check_memory(memory: u64) -> Result<()> {
+    match host_memory()? {
+        Some(host) if memory > host => Err(Error::MemoryExceedsHost { memory, host }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse() {
+        use super::parse_binary_size as p;
+        assert_eq!(p("1024"), Some(1024));
+        assert_eq!(p("2G"), Some(2 << 30));
+        assert_eq!(p("512m"), Some(512 << 20));
+        assert_eq!(p("1T"), Some(1 << 40));
+        assert_eq!(p("lots"), None);
+        assert_eq!(p(""), None);
+    }
+}

@@ -119,9 +119,14 @@ impl RunStatus {
             }
             Err(_) => None,
         };
+        let saved = || vm_dir.join(SAVED_STATE).exists();
         let Some(record) = record else {
             return RunStatus {
-                state: RunState::Off,
+                state: if saved() {
+                    RunState::Saved
+                } else {
+                    RunState::Off
+                },
                 record: None,
             };
         };
@@ -132,7 +137,18 @@ impl RunStatus {
             {
                 RunState::StoppedUnexpectedly
             }
-            RunState::Saved if !vm_dir.join(SAVED_STATE).exists() => RunState::Off,
+            // The saved state is the file, whoever made it: `vm save`, or the apply of a
+            // checkpoint with memory (which no worker records). A start from it that
+            // failed leaves it saved too, with the record's error.
+            RunState::Off | RunState::Failed | RunState::Saved => {
+                if saved() {
+                    RunState::Saved
+                } else if record.state == RunState::Saved {
+                    RunState::Off
+                } else {
+                    record.state
+                }
+            }
             s => s,
         };
         RunStatus {
@@ -150,6 +166,32 @@ impl RunStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The saved state file makes a VM that no worker runs saved, whatever the last
+    /// record says (an apply of a checkpoint with memory records nothing).
+    #[test]
+    fn a_saved_state_file_makes_a_stopped_vm_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join(RUN_DIR)).unwrap();
+        std::fs::create_dir_all(d.join(SAVED_STATE).parent().unwrap()).unwrap();
+        let mut record = WorkerRecord::starting(qemu::Accel::Tcg);
+        assert_eq!(RunStatus::read(d).state, RunState::Off);
+        std::fs::write(d.join(SAVED_STATE), b"state").unwrap();
+        assert_eq!(RunStatus::read(d).state, RunState::Saved, "no record");
+        for (recorded, without_file) in [
+            (RunState::Off, RunState::Off),
+            (RunState::Failed, RunState::Failed),
+            (RunState::Saved, RunState::Off),
+        ] {
+            record.state = recorded;
+            record.write(d).unwrap();
+            std::fs::write(d.join(SAVED_STATE), b"state").unwrap();
+            assert_eq!(RunStatus::read(d).state, RunState::Saved, "{recorded}");
+            std::fs::remove_file(d.join(SAVED_STATE)).unwrap();
+            assert_eq!(RunStatus::read(d).state, without_file, "{recorded}");
+        }
+    }
 
     #[test]
     fn records_without_a_format_are_read() {

@@ -12,11 +12,15 @@
 //! | starting, running, paused, saving | off, failed | QEMU exited: shut down or turned off; crashed or never started |
 //! | saved | off | the saved state is discarded (or found gone) |
 //! | saved | failed | QEMU did not exit after saving and was killed |
+//! | failed (and a dead worker's record) | off | `vm stop --force` clears it (the front end rewrites the record, under the VM's lock) |
 //!
 //! The worker is the only writer (see [`crate::record`]). Readers add two states of their
 //! own, never recorded: a record that says the guest is up while the worker's liveness
-//! lock (`run/.lock`) is free reads as `stopped-unexpectedly` (the worker died), and
-//! `saved` without the saved state file reads as `off`.
+//! lock (`run/.lock`) is free reads as `stopped-unexpectedly` (the worker died). Whether a
+//! VM no worker runs is saved is the saved state file, not the record: with the file it
+//! reads as `saved` whatever the record says (`off`, `failed`, or no record: the apply of
+//! a checkpoint with memory makes the file, and no worker records that), and `saved`
+//! without the file reads as `off`.
 
 use serde::{Deserialize, Serialize};
 

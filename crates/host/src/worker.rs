@@ -37,7 +37,7 @@ pub struct WorkerOptions {
 
 /// Runs the worker of VM `name` until QEMU exits (the hidden `vm worker` command).
 pub fn run(store: &vm::Store, name: &str, opts: WorkerOptions) -> Result<()> {
-    let mut vm_handle = store.open_vm(name, "vm worker (the VM is running)")?;
+    let mut vm_handle = store.open_vm(name, vm::lock::WORKER_COMMAND)?;
     let dir = vm_handle.dir().to_owned();
     let run_dir = dir.join(RUN_DIR);
     for d in [&run_dir, &dir.join(LOG_DIR)] {

@@ -420,7 +420,7 @@ fn create(a: CreateArgs, store: &StoreArgs) -> Result<ExitCode> {
         print_json(&created_json(&done))?;
     } else {
         println!(
-            "created recovery point {} of VM {:?}: {}, {}; read {}, stored {} in {:.1} s; frozen {:.1} ms, paused {:.1} ms",
+            "created recovery point {} of VM \"{}\": {}, {}; read {}, stored {} in {:.1} s; frozen {:.1} ms, paused {:.1} ms",
             done.point.id,
             done.point.group,
             done.consistency,
@@ -615,7 +615,7 @@ fn restore(a: RestoreArgs, store: &StoreArgs) -> Result<ExitCode> {
             }))?;
         } else {
             println!(
-                "restored point {} of VM {:?} as the new VM {:?} (id {}, generation ID {})",
+                "restored point {} of VM \"{}\" as the new VM \"{}\" (id {}, generation ID {})",
                 point.short_id(),
                 point.group,
                 r.name,
@@ -638,7 +638,7 @@ fn restore(a: RestoreArgs, store: &StoreArgs) -> Result<ExitCode> {
         }))?;
     } else {
         println!(
-            "restored point {} over VM {:?} (new generation ID {})",
+            "restored point {} over VM \"{}\" (new generation ID {})",
             point.short_id(),
             point.group,
             r.generation_id

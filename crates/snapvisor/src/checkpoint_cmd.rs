@@ -131,7 +131,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
             let id = host
                 .vm(&a.vm)
                 .rename_checkpoint(&a.checkpoint, &a.new_name)?;
-            println!("renamed checkpoint {id} to {:?}", a.new_name);
+            println!("renamed checkpoint {id} to \"{}\"", a.new_name);
             Ok(ExitCode::SUCCESS)
         }
         CheckpointCommand::Export(a) => {
@@ -147,6 +147,7 @@ pub fn run(cmd: CheckpointCommand, store: &StoreArgs) -> Result<ExitCode> {
 }
 
 fn create(host: &Host, a: CreateArgs) -> Result<ExitCode> {
+    let was = host.vm(&a.vm).run_status().map(|r| r.state).ok();
     let taken = host.vm(&a.vm).checkpoint(a.name.as_deref())?;
     let c = &taken.checkpoint;
     if a.json {
@@ -158,12 +159,17 @@ fn create(host: &Host, a: CreateArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     match &taken.capture {
-        None => println!("created checkpoint {:?} ({})", c.name, c.id),
+        None => println!("created checkpoint \"{}\" ({})", c.name, c.id),
         Some(capture) => {
             println!(
-                "created checkpoint {:?} ({}) of the running VM: {}, {}; the guest was paused {:.1} ms{}",
+                "created checkpoint \"{}\" ({}) of the {} VM: {}, {}; the guest was paused {:.1} ms{}",
                 c.name,
                 c.id,
+                if was == Some(host::RunState::Paused) {
+                    "paused"
+                } else {
+                    "running"
+                },
                 c.kind.as_str(),
                 c.consistency.as_str(),
                 capture.paused_ms,
@@ -202,13 +208,13 @@ fn delete(host: &Host, a: DeleteArgs) -> Result<ExitCode> {
         None => {
             if d.checkpoints_removed > 1 {
                 println!(
-                    "deleted checkpoint {:?} ({}) and the {} below it",
+                    "deleted checkpoint \"{}\" ({}) and the {} below it",
                     d.name,
                     d.id,
                     d.checkpoints_removed - 1
                 );
             } else {
-                println!("deleted checkpoint {:?} ({})", d.name, d.id);
+                println!("deleted checkpoint \"{}\" ({})", d.name, d.id);
             }
             for m in &r.merged {
                 println!("  merged layer {} into {}", m.removed, m.into);
@@ -263,7 +269,8 @@ fn merged_json(r: &Reconciled) -> Value {
 fn report_failed_merge(vm: &str, r: &Reconciled) -> Result<ExitCode> {
     if let Some(e) = &r.failed {
         eprintln!(
-            "snapvisor: merging the layers left behind failed: {e}; they stay as hidden layers (nothing is lost): fix the cause and run `snapvisor vm consolidate {vm}`"
+            "snapvisor: merging the layers left behind failed: {e}; they stay as hidden layers (nothing is lost): fix the cause and run `snapvisor vm consolidate {}`",
+            disk::shell_quote(std::path::Path::new(vm))
         );
         return Ok(crate::exit::merge_left_behind());
     }
@@ -393,7 +400,7 @@ fn apply(host: &Host, a: ApplyArgs) -> Result<ExitCode> {
         let id = vm::vm::find_checkpoint(&state, &a.checkpoint)?;
         let name = state.checkpoint(id).map_or("", |c| c.name.as_str());
         let question = format!(
-            "apply checkpoint {name:?} to VM {:?}? its current state (everything since its \
+            "apply checkpoint \"{name}\" to VM \"{}\"? its current state (everything since its \
              last checkpoint) is discarded; --save-current keeps it",
             a.vm
         );
@@ -422,10 +429,10 @@ fn apply(host: &Host, a: ApplyArgs) -> Result<ExitCode> {
         }))?;
     } else {
         if let Some((id, name)) = &applied.saved_current {
-            println!("saved the current state as checkpoint {name:?} ({id})");
+            println!("saved the current state as checkpoint \"{name}\" ({id})");
         }
         println!(
-            "applied checkpoint {:?} ({}); the VM is {}",
+            "applied checkpoint \"{}\" ({}); the VM is {}",
             applied.name,
             applied.id,
             applied.run.as_str()

@@ -371,7 +371,7 @@ fn info(a: InfoArgs) -> Result<ExitCode> {
     let info = gather_info(&a.path)?;
     if a.json {
         print_json(&info)?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(info_exit(&info));
     }
     println!("file:                {}", info.path.display());
     println!("format:              {} ({})", info.format, info.disk_type);
@@ -407,7 +407,22 @@ fn info(a: InfoArgs) -> Result<ExitCode> {
     if let Some(e) = &info.chain_error {
         println!("chain error:         {e}");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(info_exit(&info))
+}
+
+/// A broken chain fails `disk info` (after it printed what it could read), so that scripts
+/// notice; the one stderr line says why.
+fn info_exit(info: &DiskInfo) -> ExitCode {
+    match &info.chain_error {
+        Some(e) => {
+            eprintln!(
+                "snapvisor: the chain of {} is broken: {e}",
+                info.path.display()
+            );
+            crate::exit::chain_broken()
+        }
+        None => ExitCode::SUCCESS,
+    }
 }
 
 #[derive(Serialize)]
@@ -427,6 +442,7 @@ struct CheckJson<'a> {
 }
 
 fn check(a: CheckArgs) -> Result<ExitCode> {
+    refuse_non_vhdx(&a.path)?;
     let report = vhdx::check(&a.path, a.repair)
         .with_context(|| format!("cannot check {}", a.path.display()))?;
     if a.json {
@@ -478,20 +494,62 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
     })
 }
 
+/// Refuses to check a file that is no VHDX at all (empty, raw, another tool's image), with
+/// one line saying so, instead of every VHDX structure reported missing. A file with the
+/// file identifier or either header's signature is a VHDX, however damaged.
+fn refuse_non_vhdx(path: &Path) -> Result<()> {
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(vhdx::format::HEADER_OFFSETS[1] + 4)
+                .read_to_end(&mut head)
+        })
+        .with_context(|| format!("cannot check {}", path.display()))?;
+    let has = |at: u64, sig: &[u8]| head.get(at as usize..at as usize + sig.len()) == Some(sig);
+    if has(0, b"vhdxfile")
+        || vhdx::format::HEADER_OFFSETS
+            .iter()
+            .any(|&o| has(o, b"head"))
+    {
+        return Ok(());
+    }
+    if head.is_empty() {
+        bail!(
+            "{} is empty (0 bytes), not a VHDX file; check applies to VHDX files",
+            path.display()
+        );
+    }
+    match disk::probe_content(path) {
+        Ok(disk::Format::Foreign(f)) => bail!(
+            "{} is a {} image, not a VHDX file; check applies to VHDX files (`qemu-img check -f {} {}` checks it)",
+            path.display(),
+            f.name(),
+            f.qemu_name(),
+            disk::shell_quote(path)
+        ),
+        _ => bail!(
+            "{} is not a VHDX file (no VHDX signature: a raw image, or not a disk); check applies to VHDX files",
+            path.display()
+        ),
+    }
+}
+
 fn convert(a: ConvertArgs) -> Result<ExitCode> {
-    let format = a.format.unwrap_or_else(|| {
-        let ext = a
-            .dst
-            .extension()
-            .map(|e| e.to_string_lossy().to_ascii_lowercase());
-        if matches!(ext.as_deref(), Some("vhdx" | "avhdx")) {
-            FormatArg::Vhdx
-        } else {
+    let ext = a
+        .dst
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let format = match a.format {
+        Some(f) => f,
+        None if matches!(ext.as_deref(), Some("vhdx" | "avhdx")) => FormatArg::Vhdx,
+        None => {
+            if let Some(foreign) = ext.as_deref().and_then(foreign_extension) {
+                bail!("{}", foreign_destination(&a.src, &a.dst, foreign));
+            }
             FormatArg::Raw
         }
-    });
-    let src =
-        disk::open(&a.src, false).with_context(|| format!("cannot open {}", a.src.display()))?;
+    };
+    let src = disk::open(&a.src, false).map_err(|e| open_error(&a.src, e))?;
     let options = ConvertOptions {
         format: match format {
             FormatArg::Raw => OutputFormat::Raw,
@@ -523,6 +581,56 @@ fn convert(a: ConvertArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The format of another tool a file name's extension announces (`.img`, `.raw` and
+/// unknown extensions announce nothing: raw is written under them).
+fn foreign_extension(ext: &str) -> Option<disk::ForeignFormat> {
+    use disk::ForeignFormat::*;
+    Some(match ext {
+        "qcow2" => Qcow2,
+        "qcow" => Qcow,
+        "qed" => Qed,
+        "vhd" | "vpc" => Vhd,
+        "vmdk" => Vmdk,
+        "vdi" => Vdi,
+        "luks" => Luks,
+        _ => return None,
+    })
+}
+
+/// Why `disk convert SRC DST` does not write a raw image under DST's name, and the commands
+/// that make the image the name announces. qemu-img does not read differencing VHDX files,
+/// so a chain is flattened by snapvisor first.
+fn foreign_destination(src: &Path, dst: &Path, foreign: disk::ForeignFormat) -> String {
+    let q = disk::shell_quote;
+    let standalone_vhdx = disk::probe(src).ok() == Some(disk::Format::Vhdx)
+        && VhdxFile::open(src, OpenOptions::default())
+            .is_ok_and(|f| f.kind() != DiskKind::Differencing);
+    let make = if standalone_vhdx || disk::probe(src).ok() == Some(disk::Format::Raw) {
+        let from = if standalone_vhdx { "vhdx" } else { "raw" };
+        format!(
+            "qemu-img convert -f {from} -O {} {} {}",
+            foreign.qemu_name(),
+            q(src),
+            q(dst)
+        )
+    } else {
+        let flat = dst.with_extension("flat.vhdx");
+        format!(
+            "snapvisor disk convert {} {} && qemu-img convert -f vhdx -O {} {} {}",
+            q(src),
+            q(&flat),
+            foreign.qemu_name(),
+            q(&flat),
+            q(dst)
+        )
+    };
+    format!(
+        "{} names a {} image, but snapvisor writes only vhdx and raw images; make it with `{make}`, or pass --format raw or --format vhdx to write that format under this name",
+        dst.display(),
+        foreign.name()
+    )
 }
 
 fn merge(a: MergeArgs) -> Result<ExitCode> {
@@ -572,7 +680,21 @@ fn merge(a: MergeArgs) -> Result<ExitCode> {
 }
 
 fn open_for(path: &Path, writable: bool) -> Result<Box<dyn Disk>> {
-    disk::open(path, writable).with_context(|| format!("cannot open {}", path.display()))
+    disk::open(path, writable).map_err(|e| open_error(path, e))
+}
+
+/// "cannot open PATH: why", naming the path once (the disk error names it too).
+fn open_error(path: &Path, e: disk::Error) -> anyhow::Error {
+    let what = format!("cannot open {}", path.display());
+    match e {
+        disk::Error::Io { path: p, source }
+        | disk::Error::Vhdx(vhdx::Error::Io { path: p, source })
+            if p == path =>
+        {
+            anyhow::Error::new(source).context(what)
+        }
+        e => anyhow::Error::new(e).context(what),
+    }
 }
 
 fn read(a: RangeArgs) -> Result<ExitCode> {

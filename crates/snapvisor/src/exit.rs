@@ -1,17 +1,19 @@
 //! Exit codes: the one place where failures become them.
 //!
-//! The contract (README): a command that fails prints one line on stderr and exits 1,
-//! whatever kind of failure it was; `disk check` exits 2 when it finds errors in the file
-//! it checked (the command itself worked). A command whose change was made but whose
-//! merges afterwards failed also exits 1 (nothing is lost; the layers stay hidden).
+//! The contract (README's table): 0 success; 1 a command that failed (one line on stderr),
+//! whatever kind of failure it was; 2 a usage error (clap's own code: an unknown command
+//! or flag, a missing or malformed argument); 3 `disk check` found errors in the file it
+//! checked (the command itself worked). A command whose change was made but whose merges
+//! afterwards failed also exits 1 (nothing is lost; the layers stay hidden), and so does
+//! `disk info` of a file whose chain is broken (after printing what it could read).
 //! Errors are classified by [`ErrorKind`] in every library crate; this is where a kind
 //! would get a code of its own.
 
 use std::process::ExitCode;
 use vhdx::ErrorKind;
 
-/// `disk check` found errors in the file.
-pub const CHECK_FOUND_ERRORS: u8 = 2;
+/// `disk check` found errors in the file (distinct from clap's usage errors, which exit 2).
+pub const CHECK_FOUND_ERRORS: u8 = 3;
 
 /// The exit code of a command that failed with `e`.
 pub fn for_error(e: &anyhow::Error) -> ExitCode {
@@ -37,6 +39,11 @@ fn code(kind: Option<ErrorKind>) -> u8 {
 
 /// The exit code of a change whose merges afterwards failed.
 pub fn merge_left_behind() -> ExitCode {
+    ExitCode::FAILURE
+}
+
+/// `disk info` read the file but not its whole chain.
+pub fn chain_broken() -> ExitCode {
     ExitCode::FAILURE
 }
 

@@ -66,7 +66,7 @@ pub fn delete_vm(host: &Host, a: DeleteVmArgs) -> Result<ExitCode> {
             }))?;
         } else {
             println!(
-                "would delete VM {:?}: its folder {} with {} checkpoint(s), {} file(s), {}:",
+                "would delete VM \"{}\": its folder {} with {} checkpoint(s), {} file(s), {}:",
                 a.name,
                 info.dir.display(),
                 checkpoints,
@@ -85,7 +85,7 @@ pub fn delete_vm(host: &Host, a: DeleteVmArgs) -> Result<ExitCode> {
     if !a.yes && std::io::stdin().is_terminal() {
         let info = host.vm(&a.name).info()?;
         let question = format!(
-            "delete VM {:?} with its {} checkpoint(s) and every file in {}?",
+            "delete VM \"{}\" with its {} checkpoint(s) and every file in {}?",
             a.name,
             info.state.checkpoints.len(),
             info.dir.display()
@@ -98,7 +98,7 @@ pub fn delete_vm(host: &Host, a: DeleteVmArgs) -> Result<ExitCode> {
     if a.json {
         print_json(&json!({"deleted": a.name}))?;
     } else {
-        println!("deleted VM {:?}", a.name);
+        println!("deleted VM \"{}\"", a.name);
     }
     Ok(ExitCode::SUCCESS)
 }

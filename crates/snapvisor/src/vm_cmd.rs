@@ -294,7 +294,7 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
         VmCommand::Delete(a) => crate::safety::delete_vm(&host, a),
         VmCommand::Export(a) => {
             host.vm(&a.name).export(&a.dir)?;
-            println!("exported VM {:?} to {}", a.name, a.dir.display());
+            println!("exported VM \"{}\" to {}", a.name, a.dir.display());
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Import(a) => {
@@ -307,7 +307,7 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
                 } else {
                     "registered in place"
                 };
-                println!("imported VM {name:?} ({how})");
+                println!("imported VM \"{name}\" ({how})");
                 Ok(ExitCode::SUCCESS)
             }
         }
@@ -320,7 +320,7 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
                 accel: a.accel.map(Into::into),
                 timeout: Duration::from_secs(a.timeout),
             })?;
-            println!("started VM {:?} (worker pid {pid})", a.name);
+            println!("started VM \"{}\" (worker pid {pid})", a.name);
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Stop(a) => {
@@ -330,27 +330,31 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
             })?;
             match stopped {
                 Stopped::DiscardedSavedState => {
-                    println!("discarded the saved state of VM {:?}; it is off", a.name)
+                    println!("discarded the saved state of VM \"{}\"; it is off", a.name)
                 }
-                Stopped::Stopped(how) => println!("stopped VM {:?} ({})", a.name, how.as_str()),
+                Stopped::Stopped(how) => println!("stopped VM \"{}\" ({})", a.name, how.as_str()),
+                Stopped::Cleared(state) => {
+                    println!("VM \"{}\" was {state}; it is off now", a.name)
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Pause(a) => {
             host.vm(&a.name).pause()?;
-            println!("paused VM {:?}", a.name);
+            println!("paused VM \"{}\"", a.name);
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Resume(a) => {
             host.vm(&a.name).resume()?;
-            println!("resumed VM {:?}", a.name);
+            println!("resumed VM \"{}\"", a.name);
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Save(a) => {
             let ms = host.vm(&a.name).save()?;
             println!(
-                "saved VM {:?} in {ms} ms; `snapvisor vm start {}` resumes it",
-                a.name, a.name
+                "saved VM \"{}\" in {ms} ms; `snapvisor vm start {}` resumes it",
+                a.name,
+                disk::shell_quote(Path::new(&a.name))
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -398,7 +402,7 @@ fn create(host: &Host, a: CreateArgs) -> Result<ExitCode> {
         show(host, &a.name, true)
     } else {
         println!(
-            "created VM {:?} in {}",
+            "created VM \"{}\" in {}",
             a.name,
             host.store().vm_path(&a.name).display()
         );
@@ -433,7 +437,7 @@ fn set(host: &Host, a: SetArgs) -> Result<ExitCode> {
     if a.json {
         show(host, &name, true)
     } else {
-        println!("changed VM {name:?}");
+        println!("changed VM \"{name}\"");
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -342,7 +342,12 @@ fn export_and_import_in_place_and_as_a_copy() {
     let e = cli.fails(&["vm", "export", "web", out.to_str().unwrap()]);
     assert!(e.contains("exists and is not empty"), "{e}");
     let e = cli.fails(&["vm", "import", out.to_str().unwrap()]);
-    assert!(e.contains("already exists"), "{e}");
+    assert!(
+        e.contains(
+            "a VM named \"web\" already exists; import it under another name with --name NEW"
+        ),
+        "{e}"
+    );
     let e = cli.fails(&["vm", "import", out.to_str().unwrap(), "--name", "twin"]);
     assert!(e.contains("has the UUID"), "{e}");
     cli.ok(&["vm", "delete", "web"]);
@@ -505,4 +510,177 @@ fn free_bytes(path: &std::path::Path) -> u64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// An export into the store would be listed as a second VM with the same UUID: it is
+/// refused (the VM's own folder included), for `vm export` and `checkpoint export` alike,
+/// and nothing is written.
+#[test]
+fn exports_into_the_store_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cli = Cli::new(&store);
+    vm_with_disks(&cli);
+    cli.ok(&["checkpoint", "create", "web", "--name", "one"]);
+    let inside = store.join("inside");
+    let through_dots = dir.path().join("elsewhere/../store/dots");
+    std::fs::create_dir(dir.path().join("elsewhere")).unwrap();
+    let in_vm = store.join("web").join("copy");
+    for dest in [&inside, &through_dots, &in_vm] {
+        let d = dest.to_str().unwrap();
+        for args in [
+            &["vm", "export", "web", d][..],
+            &["checkpoint", "export", "web", "one", d][..],
+        ] {
+            let e = cli.fails(args);
+            assert!(
+                e.contains("is inside the store") && e.contains("outside the store"),
+                "{args:?}: {e}"
+            );
+        }
+    }
+    assert!(!inside.exists() && !store.join("dots").exists() && !in_vm.exists());
+    let list = cli.json(&["vm", "list", "--json"]);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 1, "{list}");
+    // Beside the store is fine.
+    let out = dir.path().join("out");
+    cli.ok(&["vm", "export", "web", out.to_str().unwrap()]);
+}
+
+/// A limit below the VM's checkpoint count is refused with the count.
+#[test]
+fn a_checkpoint_limit_below_the_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(&dir.path().join("store"));
+    cli.ok(&["vm", "create", "web", "--disk", "1M"]);
+    for i in 0..5 {
+        cli.ok(&["checkpoint", "create", "web", "--name", &format!("c{i}")]);
+    }
+    let e = cli.fails(&["vm", "set", "web", "--max-checkpoints", "3"]);
+    assert!(
+        e.contains("has 5 checkpoints, more than a limit of 3")
+            && e.contains("delete 2 of them first, or set a limit of at least 5"),
+        "{e}"
+    );
+    let show = cli.json(&["vm", "show", "web", "--json"]);
+    assert_eq!(show["max_checkpoints"], vm::config::DEFAULT_MAX_CHECKPOINTS);
+    cli.ok(&["vm", "set", "web", "--max-checkpoints", "5"]);
+    assert_eq!(
+        cli.json(&["vm", "show", "web", "--json"])["max_checkpoints"],
+        5
+    );
+}
+
+/// This host's memory, from /proc/meminfo, in MiB.
+fn host_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb >> 10
+}
+
+/// Memory beyond the host's is refused at create, set and start, before anything runs
+/// (a start does not leave the VM failed).
+#[test]
+fn memory_beyond_the_hosts_is_refused_at_create_set_and_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cli = Cli::new(&store);
+    let too_much = format!("{}M", host_mib() + 1024);
+    let e = cli.fails(&["vm", "create", "big", "--memory", &too_much]);
+    assert!(
+        e.starts_with("snapvisor: cannot create VM \"big\": ")
+            && e.contains("of memory is more than this host has"),
+        "{e}"
+    );
+    assert!(!store.join("big").exists());
+    cli.ok(&["vm", "create", "web", "--disk", "1M"]);
+    let e = cli.fails(&["vm", "set", "web", "--memory", &too_much]);
+    assert!(e.contains("more than this host has"), "{e}");
+    assert_eq!(
+        cli.json(&["vm", "show", "web", "--json"])["memory"],
+        1u64 << 30
+    );
+    // Prepared for a bigger host, it is refused when it starts here.
+    let bigger = format!("{}M", host_mib() + 4096);
+    let made = cli
+        .command(&["vm", "create", "prepared", "--memory", &too_much])
+        .env("SNAPVISOR_HOST_MEMORY", &bigger)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let e = cli.fails(&["vm", "start", "prepared", "--accel", "tcg"]);
+    assert!(
+        e.contains("did not start") && e.contains("more than this host has"),
+        "{e}"
+    );
+    assert_eq!(
+        cli.json(&["vm", "status", "prepared", "--json"])["state"],
+        "off"
+    );
+    let bad = cli
+        .command(&["vm", "create", "x", "--memory", "1G"])
+        .env("SNAPVISOR_HOST_MEMORY", "lots")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("SNAPVISOR_HOST_MEMORY=lots is not a size")
+    );
+}
+
+/// Names come back as the user wrote them (no escapes), and the commands messages suggest
+/// are quoted for the shell.
+#[test]
+fn names_are_echoed_as_written_and_suggestions_are_shell_quoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(&dir.path().join("store"));
+    let name = r#"my "big" vm\1"#;
+    let out = cli.ok(&["vm", "create", name, "--disk", "1M"]);
+    assert!(
+        out.starts_with(&format!("created VM \"{name}\" in ")),
+        "{out}"
+    );
+    cli.ok(&["vm", "set", name, "--checkpoint-type", "disabled"]);
+    let e = cli.fails(&["checkpoint", "create", name]);
+    assert_eq!(
+        e,
+        format!(
+            r#"snapvisor: cannot checkpoint VM "{name}": checkpoints are disabled for VM "{name}"; enable them with `snapvisor vm set 'my "big" vm\1' --checkpoint-type production`"#
+        )
+    );
+    let e = cli.fails(&["checkpoint", "apply", name, r#"no "such" one"#]);
+    assert!(
+        e.contains(r#"has no checkpoint named "no "such" one""#) && !e.contains(r#"\""#),
+        "{e}"
+    );
+}
+
+/// An id prefix too short to name a checkpoint says how long it must be.
+#[test]
+fn a_short_id_prefix_says_how_long_it_must_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(&dir.path().join("store"));
+    cli.ok(&["vm", "create", "web", "--disk", "1M"]);
+    let c = cli.json(&["checkpoint", "create", "web", "--name", "one", "--json"]);
+    let id = c["id"].as_str().unwrap();
+    let e = cli.fails(&["checkpoint", "apply", "web", &id[..5]]);
+    assert!(
+        e.contains(&format!(
+            "an id prefix must have at least 8 characters (\"{}\" has 5)",
+            &id[..5]
+        )),
+        "{e}"
+    );
+    cli.ok(&["checkpoint", "apply", "web", &id[..8]]);
 }

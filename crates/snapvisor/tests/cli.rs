@@ -329,18 +329,43 @@ fn bad_input_gives_one_clear_line_and_changes_nothing() {
         1,
         "a temporary file was left behind"
     );
-    // A damaged file: check says so with exit code 2 and names the structure.
+    // A damaged file: check says so with exit code 3 and names the structure.
     let mut bad = before.clone();
     bad[0] = b'X';
     std::fs::write(d.join("bad.vhdx"), &bad).unwrap();
     let out = snapvisor(&["disk", "check", "bad.vhdx"], d);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stdout).contains("identifier"));
     let e = fails(&["disk", "info", "bad.vhdx"], d);
     assert!(e.contains("bad.vhdx"), "{e}");
     // A parent written after its child was made (which takes --force): the chain is
     // refused with both names.
     ok(&["disk", "create", "c.avhdx", "--parent", "a.vhdx"], d);
+    // Writing into the parent is refused (it would break the child) unless forced.
+    let out = Command::new(env!("CARGO_BIN_EXE_snapvisor"))
+        .args(["disk", "write", "a.vhdx", "--offset", "0"])
+        .current_dir(d)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && e.contains("a.vhdx is the parent of c.avhdx; writing into it would corrupt")
+            && e.contains("--force"),
+        "{e}"
+    );
+    let e = fails(
+        &[
+            "disk", "discard", "a.vhdx", "--offset", "0", "--length", "4K",
+        ],
+        d,
+    );
+    assert!(e.contains("is the parent of c.avhdx"), "{e}");
+    ok(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "1"],
+        d,
+    );
     write_stdin(
         &["disk", "write", "a.vhdx", "--offset", "0", "--force"],
         d,
@@ -435,4 +460,252 @@ fn serve_until_sigterm_leaves_a_clean_file() {
         d,
     );
     assert!(data.stdout.iter().all(|&b| b == 9) && data.stdout.len() == 1 << 20);
+}
+
+/// An output name that announces another tool's format is not silently written as raw:
+/// the refusal says how to make that format, and `--format` still writes what it names.
+#[test]
+fn convert_refuses_a_destination_named_for_another_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["disk", "create", "v.vhdx", "--size", "8M"], d);
+    write_stdin(&["disk", "write", "v.vhdx", "--offset", "0"], d, b"data");
+    ok(
+        &["disk", "create", "my child.avhdx", "--parent", "v.vhdx"],
+        d,
+    );
+    for (name, qemu) in [
+        ("out.qcow2", "qcow2"),
+        ("out.QCOW2", "qcow2"),
+        ("out.qed", "qed"),
+        ("out.vhd", "vpc"),
+        ("out.vmdk", "vmdk"),
+        ("out.vdi", "vdi"),
+    ] {
+        let e = fails(&["disk", "convert", "v.vhdx", name], d);
+        assert!(
+            e.contains(&format!("qemu-img convert -f vhdx -O {qemu} v.vhdx {name}"))
+                && e.contains("--format raw"),
+            "{e}"
+        );
+        assert!(!d.join(name).exists(), "{name} was written");
+    }
+    // A chain goes through a flattened copy first (qemu-img reads no differencing VHDX),
+    // with the names quoted for the shell.
+    let e = fails(&["disk", "convert", "my child.avhdx", "out.qcow2"], d);
+    assert!(
+        e.contains("snapvisor disk convert 'my child.avhdx' out.flat.vhdx && qemu-img convert -f vhdx -O qcow2 out.flat.vhdx out.qcow2"),
+        "{e}"
+    );
+    // What the suggestion says works.
+    let out = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "vhdx",
+            "-O",
+            "qcow2",
+            "v.vhdx",
+            "out.qcow2",
+        ])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Raw names stay raw; --format overrides the name.
+    for name in ["out.img", "out.raw", "out.bin"] {
+        ok(&["disk", "convert", "v.vhdx", name], d);
+        assert_eq!(json(&["disk", "info", name, "--json"], d)["format"], "raw");
+    }
+    ok(
+        &["disk", "convert", "v.vhdx", "raw.vmdk", "--format", "raw"],
+        d,
+    );
+    assert_eq!(
+        std::fs::metadata(d.join("raw.vmdk")).unwrap().len(),
+        8 << 20
+    );
+}
+
+/// What is wrong and what to do, once: files that are no VHDX at all, size rules, missing
+/// files, broken chains; and exit codes that tell a usage error (2) from a check that found
+/// errors (3) and from a failure (1).
+#[test]
+fn errors_say_what_is_wrong_once_and_exit_codes_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let stdout_and_error = |args: &[&str]| {
+        let out = snapvisor(args, d);
+        let err = String::from_utf8(out.stderr).unwrap();
+        let lines: Vec<&str> = err.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            lines[0].to_owned(),
+        )
+    };
+    std::fs::write(d.join("empty.vhdx"), b"").unwrap();
+    std::fs::write(d.join("raw.img"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(d.join("raw.vhdx"), vec![0u8; 1 << 20]).unwrap();
+    let qcow = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "q.qcow2", "64M"])
+        .current_dir(d)
+        .status()
+        .unwrap();
+    assert!(qcow.success());
+    for (file, says) in [
+        (
+            "empty.vhdx",
+            "empty.vhdx is empty (0 bytes), not a VHDX file",
+        ),
+        ("raw.img", "raw.img is not a VHDX file (no VHDX signature"),
+        ("raw.vhdx", "raw.vhdx is not a VHDX file (no VHDX signature"),
+        (
+            "q.qcow2",
+            "q.qcow2 is a qcow2 image, not a VHDX file; check applies to VHDX files (`qemu-img check -f qcow2 q.qcow2` checks it)",
+        ),
+    ] {
+        let (code, out, e) = stdout_and_error(&["disk", "check", file]);
+        assert_eq!(code, Some(1), "{file}");
+        assert!(e.contains(says), "{file}: {e}");
+        assert!(!out.contains("header"), "{file}: {out}");
+    }
+    // Usage errors are clap's 2; errors found by check are 3.
+    assert_eq!(snapvisor(&["disk", "check"], d).status.code(), Some(2));
+    assert_eq!(snapvisor(&["disk", "chekc", "x"], d).status.code(), Some(2));
+    // Sizes state the rule.
+    for size in ["65T", "1000"] {
+        let e = fails(&["disk", "create", "z.vhdx", "--size", size], d);
+        assert!(
+            e.contains("must be a multiple of the 512-byte logical sector, from 512 B to 64 TiB"),
+            "{e}"
+        );
+    }
+    // A missing file is named once.
+    let e = fails(
+        &[
+            "disk",
+            "read",
+            "missing.vhdx",
+            "--offset",
+            "0",
+            "--length",
+            "1",
+        ],
+        d,
+    );
+    assert_eq!(e.matches("missing.vhdx").count(), 1, "{e}");
+    assert!(e.contains("No such file"), "{e}");
+    // A broken chain: info shows what it read, and fails.
+    ok(&["disk", "create", "p.vhdx", "--size", "8M"], d);
+    ok(&["disk", "create", "c.avhdx", "--parent", "p.vhdx"], d);
+    std::fs::rename(d.join("p.vhdx"), d.join("moved.vhdx")).unwrap();
+    let (code, out, e) = stdout_and_error(&["disk", "info", "c.avhdx"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("chain error:"), "{out}");
+    assert!(e.contains("the chain of c.avhdx is broken"), "{e}");
+    let out = snapvisor(&["disk", "info", "c.avhdx", "--json"], d);
+    assert_eq!(out.status.code(), Some(1));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(info["chain_error"].is_string(), "{info}");
+}
+
+/// A VHDX cut short (an incomplete copy) is reported as probably truncated.
+#[test]
+fn a_truncated_vhdx_is_reported_as_probably_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        &[
+            "disk",
+            "create",
+            "t.vhdx",
+            "--size",
+            "64M",
+            "--block-size",
+            "1M",
+        ],
+        d,
+    );
+    write_stdin(
+        &["disk", "write", "t.vhdx", "--offset", "0"],
+        d,
+        &[5u8; 3 << 20],
+    );
+    let len = std::fs::metadata(d.join("t.vhdx")).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("t.vhdx"))
+        .unwrap()
+        .set_len(len - (2 << 20))
+        .unwrap();
+    let out = snapvisor(&["disk", "check", "t.vhdx"], d);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("past the end of the file") && text.contains("probably truncated"),
+        "{text}"
+    );
+}
+
+/// A moved parent is linked again with `disk set-parent`; a parent written since the
+/// child was made is refused unless the mismatch is accepted.
+#[test]
+fn set_parent_relinks_a_moved_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["disk", "create", "p.vhdx", "--size", "8M"], d);
+    write_stdin(&["disk", "write", "p.vhdx", "--offset", "0"], d, b"parent");
+    ok(&["disk", "create", "c.avhdx", "--parent", "p.vhdx"], d);
+    std::fs::create_dir(d.join("moved")).unwrap();
+    std::fs::rename(d.join("p.vhdx"), d.join("moved/p2.vhdx")).unwrap();
+    fails(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "6"],
+        d,
+    );
+    let out = ok(&["disk", "set-parent", "c.avhdx", "moved/p2.vhdx"], d);
+    assert!(
+        out.contains("c.avhdx now reads through moved/p2.vhdx"),
+        "{out}"
+    );
+    let read = snapvisor(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "6"],
+        d,
+    );
+    assert_eq!(read.stdout, b"parent");
+    // Another file of the same size is not the parent it was made from.
+    ok(&["disk", "create", "other.vhdx", "--size", "8M"], d);
+    let e = fails(&["disk", "set-parent", "c.avhdx", "other.vhdx"], d);
+    assert!(
+        e.contains("other.vhdx is not the file c.avhdx was made from")
+            && e.contains("--ignore-id-mismatch"),
+        "{e}"
+    );
+    let read = snapvisor(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "6"],
+        d,
+    );
+    assert_eq!(read.stdout, b"parent", "the refused relink changed nothing");
+    ok(
+        &[
+            "disk",
+            "set-parent",
+            "c.avhdx",
+            "other.vhdx",
+            "--ignore-id-mismatch",
+        ],
+        d,
+    );
+    let read = snapvisor(
+        &["disk", "read", "c.avhdx", "--offset", "0", "--length", "6"],
+        d,
+    );
+    assert_eq!(read.stdout, vec![0u8; 6]);
+    let e = fails(&["disk", "set-parent", "other.vhdx", "c.avhdx"], d);
+    assert!(e.contains("not a differencing file"), "{e}");
 }

@@ -34,8 +34,23 @@ fn start_pause_resume_stop() {
     // Hardware waits for the VM to stop; commands that need the VM stopped say so.
     let e = cli.fails(&["vm", "set", "g", "--memory", "512M"]);
     assert!(e.contains("is running") && e.contains("stop it"), "{e}");
-    let e = cli.fails(&["vm", "consolidate", "g"]);
-    assert!(e.contains("busy"), "{e}");
+    for args in [
+        &["vm", "consolidate", "g"][..],
+        &["vm", "delete", "g"],
+        &[
+            "vm",
+            "export",
+            "g",
+            dir.path().join("out").to_str().unwrap(),
+        ],
+    ] {
+        let e = cli.fails(args);
+        assert!(
+            e.contains("VM \"g\" is running; stop it first: `snapvisor vm stop g`")
+                && !e.contains("busy"),
+            "{args:?}: {e}"
+        );
+    }
     assert_eq!(
         cli.json(&["vm", "list", "--json"])["vms"][0]["state"],
         "running"
@@ -50,6 +65,9 @@ fn start_pause_resume_stop() {
     let n = ticks(&store).len();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(ticks(&store).len(), n, "ticks while paused");
+    let out = cli.ok(&["checkpoint", "create", "g", "--name", "while-paused"]);
+    assert!(out.contains("of the paused VM"), "{out}");
+    assert_eq!(status(&cli)["state"], "paused");
     cli.ok(&["vm", "resume", "g"]);
     wait("ticks after resume", 60, || ticks(&store).len() > n + 2);
 
@@ -134,6 +152,22 @@ fn qemu_failing_to_start_is_reported_with_its_reason() {
     assert!(s["error"].as_str().unwrap().contains("kernel"), "{s}");
     // A failed start leaves the VM usable.
     cli.ok(&["checkpoint", "create", "g"]);
+    // Nothing runs, so a plain stop says how to clear the failure, and --force does.
+    let e = cli.fails(&["vm", "stop", "g"]);
+    assert!(
+        e.contains("is not running (it is failed)") && e.contains("`snapvisor vm stop g --force`"),
+        "{e}"
+    );
+    let out = cli.ok(&["vm", "stop", "g", "--force"]);
+    assert!(out.contains("was failed; it is off now"), "{out}");
+    let s = status(&cli);
+    assert_eq!(
+        (&s["state"], &s["error"]),
+        (&"off".into(), &serde_json::Value::Null),
+        "{s}"
+    );
+    let e = cli.fails(&["vm", "stop", "g", "--force"]);
+    assert!(e.contains("is not running (it is off)"), "{e}");
 }
 
 fn boot_ids(store: &Path) -> Vec<String> {

@@ -216,6 +216,57 @@ fn standard_checkpoint_comes_back_running_from_its_memory() {
     assert_consecutive(&counter);
     assert!(tick_numbers(&counter).contains(&first));
     support::check_all_files(&store.join("g"));
+
+    // Applied to the VM while it is off, a checkpoint with memory leaves it saved (as
+    // Hyper-V does), wherever the state shows; `vm stop` discards that state, and
+    // `vm start` resumes from the checkpoint's memory.
+    let applied = cli.json(&["checkpoint", "apply", "g", "std", "--json"]);
+    assert_eq!(applied["state"], "saved", "{applied}");
+    assert_state_everywhere(&cli, "saved");
+    let e = cli.fails(&["vm", "set", "g", "--memory", "512M"]);
+    assert!(e.contains("is saved"), "{e}");
+    let out = cli.ok(&["vm", "stop", "g"]);
+    assert!(out.contains("discarded the saved state"), "{out}");
+    assert_state_everywhere(&cli, "off");
+    assert!(!store.join("g/saved/state.vsv").exists());
+    let applied = cli.json(&["checkpoint", "apply", "g", "std", "--json"]);
+    assert_eq!(applied["state"], "saved", "{applied}");
+    cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
+    assert_state_everywhere(&cli, "running");
+    wait("ticks of the resumed guest", 60, || {
+        !ticks(&store).is_empty()
+    });
+    let first = ticks(&store)[0];
+    assert!(
+        first > disk_last && first <= taken_at + 2,
+        "first tick after the start {first}; the checkpoint's disk ended at {disk_last}, the console was at {taken_at}"
+    );
+    cli.ok(&["vm", "stop", "g", "--force"]);
+}
+
+/// `vm status`, `vm show` and `vm list`, text and JSON, all say `state`.
+fn assert_state_everywhere(cli: &Cli, state: &str) {
+    assert_eq!(status(cli)["state"], state);
+    assert_eq!(cli.json(&["vm", "show", "g", "--json"])["state"], state);
+    assert_eq!(
+        cli.json(&["vm", "list", "--json"])["vms"][0]["state"],
+        state
+    );
+    assert!(
+        cli.ok(&["vm", "status", "g"])
+            .starts_with(&format!("g: {state}\n"))
+    );
+    assert!(
+        cli.ok(&["vm", "show", "g"])
+            .contains(&format!("state          {state}\n"))
+    );
+    assert!(
+        cli.ok(&["vm", "list"])
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains(&format!(" {state} "))
+    );
 }
 
 #[test]

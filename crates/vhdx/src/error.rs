@@ -149,10 +149,14 @@ pub enum Corruption {
         size: u32,
     },
     /// Virtual size zero, above 64 TiB, or not a multiple of the logical sector size.
-    #[error("invalid virtual disk size {size}")]
+    #[error(
+        "invalid virtual disk size {size} bytes: it must be a multiple of the {logical_sector_size}-byte logical sector, from {logical_sector_size} B to 64 TiB"
+    )]
     InvalidVirtualSize {
         /// Size found.
         size: u64,
+        /// The logical sector size it must be a multiple of.
+        logical_sector_size: u32,
     },
     /// The parent locator is malformed.
     #[error("invalid parent locator: {reason}")]
@@ -183,6 +187,19 @@ pub enum Corruption {
         index: u64,
         /// File offset.
         offset: u64,
+    },
+    /// A BAT entry points at a block that lies past the end of the file: data the file
+    /// should hold is missing, most often because it was cut short.
+    #[error(
+        "bat entry {index} points at offset {offset}, past the end of the file ({file_len} bytes): the file was probably truncated (an incomplete copy or download)"
+    )]
+    BlockBeyondEnd {
+        /// Entry index.
+        index: u64,
+        /// File offset.
+        offset: u64,
+        /// The file's length.
+        file_len: u64,
     },
     /// The log, the BAT region or the metadata region extends past the end of the file.
     #[error(

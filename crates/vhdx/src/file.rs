@@ -122,6 +122,7 @@ impl Geometry {
         {
             return Err(Corruption::InvalidVirtualSize {
                 size: self.virtual_size,
+                logical_sector_size: self.logical_sector_size,
             });
         }
         Ok(())
@@ -1850,7 +1851,15 @@ fn validate_layout(
                     return;
                 }
             }
-            if e.file_offset() < HEADER_SECTION_SIZE || e.file_offset() >= file_len {
+            if e.file_offset() >= file_len {
+                bad = Some(Corruption::BlockBeyondEnd {
+                    index,
+                    offset: e.file_offset(),
+                    file_len,
+                });
+                return;
+            }
+            if e.file_offset() < HEADER_SECTION_SIZE {
                 bad = Some(Corruption::BlockOutOfBounds {
                     index,
                     offset: e.file_offset(),
@@ -1889,7 +1898,15 @@ fn validate_layout(
         }
         let start = e.file_offset();
         let last = block + 1 == payload_blocks;
-        if start < HEADER_SECTION_SIZE || start >= file_len || (!last && start + bs > file_len) {
+        if start >= HEADER_SECTION_SIZE && (start >= file_len || (!last && start + bs > file_len)) {
+            bad = Some(Corruption::BlockBeyondEnd {
+                index,
+                offset: start,
+                file_len,
+            });
+            return;
+        }
+        if start < HEADER_SECTION_SIZE {
             bad = Some(Corruption::BlockOutOfBounds {
                 index,
                 offset: start,

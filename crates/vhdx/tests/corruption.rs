@@ -411,7 +411,7 @@ fn damages() -> Vec<Damage> {
                 let off = (l.file_len.next_multiple_of(MIB)) + 16 * MIB;
                 put_u64(b, l.bat + 8 * 9, BatEntry::new(6, off).0);
             },
-            |c| matches!(c, Corruption::BlockOutOfBounds { index: 9, .. }),
+            |c| matches!(c, Corruption::BlockBeyondEnd { index: 9, .. }),
         ),
         d(
             "bat entry inside the header section",

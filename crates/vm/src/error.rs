@@ -10,7 +10,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No VM of that name in the store.
-    #[error("no VM named {name:?} in the store {store}")]
+    #[error("no VM named \"{name}\" in the store {store}")]
     NoSuchVm {
         /// The name asked for.
         name: String,
@@ -18,11 +18,14 @@ pub enum Error {
         store: PathBuf,
     },
     /// The name is taken.
-    #[error("a VM named {0:?} already exists")]
+    #[error("a VM named \"{0}\" already exists")]
     VmExists(String),
+    /// The name an import would register is taken.
+    #[error("a VM named \"{0}\" already exists; import it under another name with --name NEW")]
+    ImportNameTaken(String),
     /// Another registered VM has the same UUID.
     #[error(
-        "the VM in {path} has the UUID {uuid} of the registered VM {existing:?}; import it with --copy to give it new identities"
+        "the VM in {path} has the UUID {uuid} of the registered VM \"{existing}\"; import it with --copy to give it new identities"
     )]
     DuplicateUuid {
         /// The folder being imported.
@@ -44,7 +47,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     /// No checkpoint of that name or id.
-    #[error("VM {vm:?} has no checkpoint named {query:?} or with that id")]
+    #[error("VM \"{vm}\" has no checkpoint named \"{query}\" or with that id")]
     NoSuchCheckpoint {
         /// The VM.
         vm: String,
@@ -52,7 +55,7 @@ pub enum Error {
         query: String,
     },
     /// Several checkpoints carry the name.
-    #[error("VM {vm:?} has {} checkpoints named {query:?}; name one by its id: {}", ids.len(), ids.join(", "))]
+    #[error("VM \"{vm}\" has {} checkpoints named \"{query}\"; name one by its id: {}", ids.len(), ids.join(", "))]
     AmbiguousCheckpoint {
         /// The VM.
         vm: String,
@@ -63,12 +66,14 @@ pub enum Error {
     },
     /// The VM's checkpoint type is `disabled`.
     #[error(
-        "checkpoints are disabled for VM {0:?}; enable them with `snapvisor vm set {0} --checkpoint-type production`"
+        "checkpoints are disabled for VM \"{0}\"; enable them with `snapvisor vm set {quoted} --checkpoint-type production`",
+        quoted = disk::shell_quote(std::path::Path::new(.0))
     )]
     CheckpointsDisabled(String),
     /// The checkpoint limit is reached.
     #[error(
-        "VM {vm:?} already has {limit} checkpoints, its limit; delete one, or raise the limit with `snapvisor vm set {vm} --max-checkpoints N`"
+        "VM \"{vm}\" already has {limit} checkpoints, its limit; delete one, or raise the limit with `snapvisor vm set {} --max-checkpoints N`",
+        disk::shell_quote(std::path::Path::new(vm))
     )]
     LimitReached {
         /// The VM.
@@ -76,13 +81,34 @@ pub enum Error {
         /// Its limit.
         limit: u32,
     },
+    /// The VM's worker holds it: the VM runs, and the command needs it stopped.
+    #[error(
+        "VM \"{vm}\" is running; stop it first: `snapvisor vm stop {}`",
+        disk::shell_quote(std::path::Path::new(vm))
+    )]
+    Running {
+        /// The VM.
+        vm: String,
+    },
     /// Another command holds the VM.
-    #[error("VM {vm:?} is busy: {holder}; wait for it to finish, or pass --wait SECONDS")]
+    #[error("VM \"{vm}\" is busy: {holder}; wait for it to finish, or pass --wait SECONDS")]
     Busy {
         /// The VM (or `store` for the store itself).
         vm: String,
         /// Who holds it, as the holder recorded it.
         holder: String,
+    },
+    /// An export destination inside the store, where it would read as a second VM with
+    /// the same UUID.
+    #[error(
+        "{} is inside the store {}, which would read the copy as a second VM with the same UUID; export to a folder outside the store (`snapvisor vm import --copy` makes a new VM of an export)",
+        path.display(), store.display()
+    )]
+    ExportIntoStore {
+        /// The destination asked for.
+        path: PathBuf,
+        /// The store folder (or the VM folder registered in it that holds the destination).
+        store: PathBuf,
     },
     /// A file of the store is damaged or not what it should be.
     #[error("{path}: {reason}")]
@@ -100,7 +126,7 @@ pub enum Error {
     },
     /// A disk file belongs to another virtual disk than the tree records.
     #[error(
-        "disk file {path} is not this VM's disk {disk:?} (virtual disk id {found}, expected {expected}); put the VM's own file back"
+        "disk file {path} is not this VM's disk \"{disk}\" (virtual disk id {found}, expected {expected}); put the VM's own file back"
     )]
     ForeignDisk {
         /// The file.
@@ -114,7 +140,7 @@ pub enum Error {
     },
     /// An unfinished operation could not be completed.
     #[error(
-        "VM {vm:?} has an unfinished operation ({op}) that could not be completed; fix the cause and run the command again, which finishes it first"
+        "VM \"{vm}\" has an unfinished operation ({op}) that could not be completed; fix the cause and run the command again, which finishes it first"
     )]
     Unfinished {
         /// The VM.
@@ -149,13 +175,15 @@ impl Error {
         match self {
             Error::NoSuchVm { .. } | Error::NoSuchCheckpoint { .. } => ErrorKind::NotFound,
             Error::VmExists(_)
+            | Error::ImportNameTaken(_)
             | Error::DuplicateUuid { .. }
             | Error::InvalidName { .. }
             | Error::InvalidArgument(_)
             | Error::AmbiguousCheckpoint { .. }
             | Error::CheckpointsDisabled(_)
-            | Error::LimitReached { .. } => ErrorKind::Invalid,
-            Error::Busy { .. } => ErrorKind::Busy,
+            | Error::LimitReached { .. }
+            | Error::ExportIntoStore { .. } => ErrorKind::Invalid,
+            Error::Busy { .. } | Error::Running { .. } => ErrorKind::Busy,
             // A layer the tree needs is gone or is another disk's: the VM folder is damaged.
             Error::Corrupt { .. } | Error::MissingLayer { .. } | Error::ForeignDisk { .. } => {
                 ErrorKind::Corrupt

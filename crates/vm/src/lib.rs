@@ -74,14 +74,14 @@
 //! | offline ops on different VMs | nothing shared: VM locks are per folder; they run in parallel |
 //! | offline op and reader | `vm.json` is only ever replaced whole (atomic rename), so a reader sees the state before or after a commit, never half of one; a reader finishes an unfinished journal only if it takes the VM lock at once (else it shows the last committed state and names the operation) |
 //! | reader and reader | nothing to keep apart |
-//! | offline op and a running VM | the worker holds the VM lock: the op is refused as busy; the checkpoint operations and the checkpoint settings go to the worker instead (the `host` crate's operation API), which runs the same [`Vm`] operation under its lock |
+//! | offline op and a running VM | the worker holds the VM lock (its note is `lock::WORKER_COMMAND`): the op is refused with `Error::Running`, which says to stop the VM first; the checkpoint operations and the checkpoint settings go to the worker instead (the `host` crate's operation API), which runs the same [`Vm`] operation under its lock |
 //! | `vm start` and `vm start` | the second worker cannot take the VM lock (nor the liveness lock) and fails before touching anything; the front end refuses first when the record says the VM is up |
 //! | a worker's requests among themselves | take, delete (with its live merges), rename, export, settings and save run one at a time (the worker's operation mutex); status, pause, resume and stop do not wait for them |
 //! | the guest's I/O and a checkpoint's switch | the guest is paused (QEMU drains its requests) and the served chain is closed and reopened under its write lock: requests wait, never fail |
 //! | the guest's writes and a live merge's copier | each takes the stripe locks of its range: the copier never writes a block over a newer guest write; into the parent, every guest write also goes to the parent (the mirror), after Now's layer |
 //! | a live merge and the served chain's read-only handles | the merge opens the files it changes writable with a shared lock; it only ever changes what the chain already reads the same way (the engine's guarantee), and only the worker (which holds the VM lock) does so |
 //! | a live merge's switch and the guest's requests | the switch holds requests back (write lock on the served chain) only while it rebuilds the chain from files already open |
-//! | `vm create`/`import`/`rename`/`delete` and each other | the store lock, for the names; `vm delete` and `vm set --name` also take the VM lock (so a running VM is refused as busy) |
+//! | `vm create`/`import`/`rename`/`delete` and each other | the store lock, for the names; `vm delete` and `vm set --name` also take the VM lock (so a running VM is refused: stop it first) |
 //! | `disk` commands on a VM's files | the file locks: a running VM's Now layer is open writable in its worker, so another writer or reader of that file is refused (in use); files of checkpoints are read-only and shared |
 //! | a killed holder of any lock | `flock` dies with its holder: no stale lock; what the holder left half done is the journal's to finish (the next holder of the VM lock runs it) |
 //!

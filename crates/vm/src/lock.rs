@@ -19,6 +19,10 @@ pub struct Lock {
     file: File,
 }
 
+/// What a VM's worker records in the VM's lock: a command refused by it is refused
+/// because the VM runs, and is told to stop it rather than to wait.
+pub const WORKER_COMMAND: &str = "vm worker (the VM is running)";
+
 impl Lock {
     /// Takes the exclusive lock of `dir`, waiting at most `wait` for the holder to finish.
     /// `who` names the VM (or the store) in errors, `what` is recorded for other commands.
@@ -39,6 +43,9 @@ impl Lock {
                 Err(TryLockError::WouldBlock) => {
                     let holder = read_holder(&mut file);
                     if Instant::now() >= deadline {
+                        if holder.contains(WORKER_COMMAND) {
+                            return Err(Error::Running { vm: who.to_owned() });
+                        }
                         return Err(Error::Busy {
                             vm: who.to_owned(),
                             holder,

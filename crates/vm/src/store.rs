@@ -145,7 +145,7 @@ impl Store {
             // Another command may take the lock first: then it finishes the journal.
             match Vm::open(&path, "recover", Duration::ZERO) {
                 Ok(vm) => drop(vm),
-                Err(Error::Busy { .. }) => {}
+                Err(Error::Busy { .. } | Error::Running { .. }) => {}
                 // The committed state is still shown, with the operation named unfinished.
                 Err(e) => tracing::warn!("cannot finish the unfinished operation on {name}: {e}"),
             }
@@ -365,6 +365,7 @@ impl Store {
 
     /// Copies a whole VM (config, disks, checkpoint tree) into a new folder `dest`.
     pub fn export(&self, name: &str, dest: &Path) -> Result<()> {
+        self.check_export_destination(dest)?;
         let vm = self.open_vm(name, "vm export")?;
         let src = vm.dir().to_owned();
         write_folder_atomically(dest, |tmp| {
@@ -374,6 +375,28 @@ impl Store {
             }
             Ok(())
         })
+    }
+
+    /// Refuses an export destination inside the store, or inside a VM folder registered in
+    /// place: the store would list a copy there as a second VM with the same UUID, or a
+    /// VM's folder would hold another VM's files.
+    pub fn check_export_destination(&self, dest: &Path) -> Result<()> {
+        let resolved = resolve_nonexistent(dest);
+        let mut folders = vec![self.root.clone()];
+        if let Ok(rd) = std::fs::read_dir(&self.root) {
+            folders.extend(
+                rd.flatten()
+                    .filter_map(|e| std::fs::canonicalize(e.path()).ok())
+                    .filter(|p| !p.starts_with(&self.root) && p.is_dir()),
+            );
+        }
+        match folders.into_iter().find(|f| resolved.starts_with(f)) {
+            Some(store) => Err(Error::ExportIntoStore {
+                path: dest.to_owned(),
+                store,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Registers the VM folder `dir`: in place (the store links to it), or with `copy` as
@@ -399,7 +422,7 @@ impl Store {
         let _store_lock = self.lock_names("vm import")?;
         let dest = self.vm_path(&new_name);
         if std::fs::symlink_metadata(&dest).is_ok() {
-            return Err(Error::VmExists(new_name));
+            return Err(Error::ImportNameTaken(new_name));
         }
         if !copy {
             for e in self.list()? {
@@ -490,6 +513,18 @@ impl Store {
 }
 
 /// Checks that a VM folder's layers exist, open, link up, and carry their disk's id.
+/// `path` with symbolic links and `..` resolved as far as it exists, the rest appended.
+fn resolve_nonexistent(path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    for base in path.ancestors() {
+        if let Ok(real) = std::fs::canonicalize(base) {
+            let rest = path.strip_prefix(base).expect("an ancestor");
+            return real.join(rest);
+        }
+    }
+    path
+}
+
 fn verify_folder(dir: &Path, state: &VmState) -> Result<()> {
     if let Some(nvram) = &state.now.nvram {
         let path = dir.join(FIRMWARE_DIR).join(nvram);

@@ -541,6 +541,14 @@ impl Vm {
             c.checkpoint_type = t;
         }
         if let Some(n) = settings.max_checkpoints {
+            let count = self.state.checkpoints.len();
+            if count > n as usize {
+                return Err(Error::InvalidArgument(format!(
+                    "VM {} has {count} checkpoints, more than a limit of {n}; delete {} of them first, or set a limit of at least {count}",
+                    c.name,
+                    count - n as usize
+                )));
+            }
             c.max_checkpoints = n;
         }
         if let Some(a) = settings.automatic_checkpoints {
@@ -1144,6 +1152,9 @@ fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
     }
 }
 
+/// The fewest characters of a checkpoint's id that name it.
+pub const MIN_ID_PREFIX: usize = 8;
+
 /// Finds a checkpoint by exact name, then by id or unique id prefix (8+ characters).
 pub fn find_checkpoint(state: &VmState, query: &str) -> Result<Uuid> {
     let by_name: Vec<&Checkpoint> = state
@@ -1163,13 +1174,24 @@ pub fn find_checkpoint(state: &VmState, query: &str) -> Result<Uuid> {
         _ => {}
     }
     let q = query.to_ascii_lowercase();
-    if q.len() >= 8 {
+    let id_prefix_of = |c: &Checkpoint| {
+        c.id.to_string().starts_with(&q) || c.id.simple().to_string().starts_with(&q)
+    };
+    if q.len() < MIN_ID_PREFIX
+        && q.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        && state.checkpoints.iter().any(id_prefix_of)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "VM \"{}\" has no checkpoint named \"{query}\", and an id prefix must have at least {MIN_ID_PREFIX} characters (\"{query}\" has {})",
+            state.config.name,
+            query.chars().count()
+        )));
+    }
+    if q.len() >= MIN_ID_PREFIX {
         let by_id: Vec<&Checkpoint> = state
             .checkpoints
             .iter()
-            .filter(|c| {
-                c.id.to_string().starts_with(&q) || c.id.simple().to_string().starts_with(&q)
-            })
+            .filter(|c| id_prefix_of(c))
             .collect();
         if by_id.len() == 1 {
             return Ok(by_id[0].id);
