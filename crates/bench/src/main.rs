@@ -525,6 +525,14 @@ fn bench_random_read(o: &Opts) -> Result<Vec<Row>> {
 /// Merging 512 MiB of changes into the parent versus `qemu-img commit` on qcow2. Our merge
 /// removes the merged child (as Hyper-V does); the peer does the same (`commit -d`, then
 /// `rm`), so both pay the file system's cost of freeing the child's space.
+/// Syncs, then waits for the disk to go quiet (write-back and discards continue after
+/// `sync` returns on this machine).
+fn settle() -> Result<()> {
+    sh("sync")?;
+    std::thread::sleep(Duration::from_secs(3));
+    Ok(())
+}
+
 fn bench_merge(o: &Opts) -> Result<Vec<Row>> {
     eprintln!("merge: 512 MiB of changes into the parent");
     let bin = snapvisor_bin()?;
@@ -539,7 +547,9 @@ fn bench_merge(o: &Opts) -> Result<Vec<Row>> {
     let changes = 512 * MIB;
     let mut ours = Vec::new();
     let mut peer = Vec::new();
-    for run in 0..o.runs {
+    // An even number of rounds, so that each side goes first equally often.
+    let runs = o.runs + o.runs % 2;
+    for run in 0..runs {
         rm(&[&base, &child, &qbase, &qchild]);
         vhdx::create(&base, &CreateParams::dynamic(4 * GIB))?;
         {
@@ -574,10 +584,11 @@ fn bench_merge(o: &Opts) -> Result<Vec<Row>> {
             .collect();
         sh(&format!("qemu-io -f qcow2{cmds} {}", qchild.display()))?;
         sh("sync")?;
-        // Alternate which side goes first: write-back and discards left by the setup
-        // slow down whichever command runs first.
+        // Alternate which side goes first, and let the disk settle before each: write-back
+        // and the discards of the files deleted by the setup (the file system is mounted
+        // with `discard`) go on after `sync` returns and slow down whatever runs next.
         let run_ours = |ours: &mut Vec<Duration>| -> Result<()> {
-            sh("sync")?;
+            settle()?;
             ours.push(timed(|| {
                 sh(&format!(
                     "{} disk merge {} --direction into-parent",
@@ -589,7 +600,7 @@ fn bench_merge(o: &Opts) -> Result<Vec<Row>> {
             Ok(())
         };
         let run_peer = |peer: &mut Vec<Duration>| -> Result<()> {
-            sh("sync")?;
+            settle()?;
             peer.push(timed(|| {
                 sh(&format!(
                     "qemu-img commit -q -d -f qcow2 {c} && rm {c} && sync {}",
