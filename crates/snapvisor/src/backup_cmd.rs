@@ -1,7 +1,7 @@
 //! `snapvisor backup ...`: recovery points of VMs in a repository (the `backup` crate),
 //! made and restored through the `host` crate's operations.
 
-use crate::disk_cmd::print_json;
+use crate::render::print_json;
 use crate::units::{human, progress_bar};
 use crate::vm_cmd::StoreArgs;
 use anyhow::{Context, Result, bail};

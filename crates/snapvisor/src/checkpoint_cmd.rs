@@ -1,6 +1,6 @@
 //! `snapvisor checkpoint ...`: the checkpoint tree of a VM.
 
-use crate::disk_cmd::print_json;
+use crate::render::print_json;
 use crate::units::{bar_progress, human, progress_bar};
 use crate::vm_cmd::StoreArgs;
 use anyhow::Result;

@@ -1,5 +1,6 @@
 //! `snapvisor disk ...`: create, inspect, check, convert, merge, read, write and discard.
 
+use crate::render::print_json;
 use crate::units::{human, parse_size, progress_bar};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
@@ -762,13 +763,6 @@ fn discard(a: DiscardArgs) -> Result<ExitCode> {
     d.flush()
         .with_context(|| format!("cannot flush {}", a.path.display()))?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn print_json<T: Serialize>(v: &T) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v).context("cannot write to stdout")?;
-    writeln!(out).context("cannot write to stdout")?;
-    Ok(())
 }
 
 fn serve(a: ServeArgs) -> Result<ExitCode> {

@@ -2,7 +2,7 @@
 //! -ParentPath` and `Resize-VHD` do, and the guard that keeps writes out of files other
 //! files depend on.
 
-use crate::disk_cmd::print_json;
+use crate::render::print_json;
 use crate::units::{human, parse_size};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};

@@ -15,6 +15,7 @@ mod demo;
 mod disk_cmd;
 mod exit;
 mod extra_cmd;
+mod render;
 mod safety;
 mod units;
 mod vm_cmd;

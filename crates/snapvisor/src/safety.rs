@@ -3,7 +3,7 @@
 //! without `--save-current` (`--yes` skips it; without a terminal on stdin nothing is
 //! asked, so scripts behave as before).
 
-use crate::disk_cmd::print_json;
+use crate::render::print_json;
 use crate::units::human;
 use anyhow::{Context, Result, bail};
 use clap::Args;

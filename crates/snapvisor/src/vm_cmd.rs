@@ -1,6 +1,6 @@
 //! `snapvisor vm ...`: VMs in the store.
 
-use crate::disk_cmd::print_json;
+use crate::render::print_json;
 use crate::units::{human, parse_size, progress_bar};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
