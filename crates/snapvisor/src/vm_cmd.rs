@@ -455,7 +455,7 @@ fn list(host: &Host, as_json: bool) -> Result<ExitCode> {
                     "memory": s.config.hardware.memory,
                     "cpus": s.config.hardware.cpus,
                     "disks": s.config.hardware.disks.len(),
-                    "checkpoint_count": s.checkpoints.len(),
+                    "checkpoint_count": s.user_checkpoint_count(),
                     "folder": e.dir,
                     "unfinished_operation": e.unfinished,
                     "error": null,
@@ -486,7 +486,7 @@ fn list(host: &Host, as_json: bool) -> Result<ExitCode> {
                 human(s.config.hardware.memory),
                 s.config.hardware.cpus,
                 s.config.hardware.disks.len(),
-                s.checkpoints.len(),
+                s.user_checkpoint_count(),
                 e.unfinished
                     .as_ref()
                     .map(|op| format!("  (unfinished: {op})"))
@@ -532,7 +532,7 @@ pub fn show_json(info: &VmInfo) -> Value {
         "checkpoint_type": c.checkpoint_type.as_str(),
         "max_checkpoints": c.max_checkpoints,
         "automatic_checkpoints": c.automatic_checkpoints,
-        "checkpoint_count": s.checkpoints.len(),
+        "checkpoint_count": s.user_checkpoint_count(),
         "now_parent": info.now_parent().map(|p| json!({"id": p.id, "name": p.name})),
         "hidden_layers": hidden,
         "unfinished_operation": info.unfinished,
@@ -564,7 +564,7 @@ pub fn show(host: &Host, name: &str, as_json: bool) -> Result<ExitCode> {
     }
     println!(
         "  checkpoints    {} of at most {} ({}{})",
-        s.checkpoints.len(),
+        s.user_checkpoint_count(),
         c.max_checkpoints,
         c.checkpoint_type.as_str(),
         if c.automatic_checkpoints {

@@ -168,6 +168,11 @@ fn online_mode_refuses_without_the_agent_and_auto_falls_back_to_crash() {
     let left = all["checkpoints"].as_array().unwrap();
     assert_eq!(left.len(), 1, "{all}");
     assert_eq!(left[0]["type"], "recovery", "{all}");
+    let show = cli.json(&["vm", "show", "g", "--json"]);
+    assert_eq!(
+        show["checkpoint_count"], 0,
+        "a recovery checkpoint is not the user's"
+    );
     let text = cli.ok(&["checkpoint", "list", "g"]);
     assert!(!text.contains("recovery"), "{text}");
     cli.ok(&["vm", "set", "g", "--max-checkpoints", "1"]);

@@ -128,6 +128,15 @@ pub struct VmState {
 }
 
 impl VmState {
+    /// The checkpoints the user has: all but a running backup's recovery checkpoint, which
+    /// is not counted in the limit nor shown by default.
+    pub fn user_checkpoint_count(&self) -> usize {
+        self.checkpoints
+            .iter()
+            .filter(|c| c.kind != CheckpointKind::Recovery)
+            .count()
+    }
+
     /// Reads and validates `vm.json`.
     pub fn load(path: &Path) -> Result<VmState> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

@@ -972,12 +972,7 @@ impl Vm {
     fn check_limit(&self, adding: usize) -> Result<()> {
         let limit = self.state.config.max_checkpoints;
         // Recovery checkpoints are a backup's, for the time of its copy.
-        let counted = self
-            .state
-            .checkpoints
-            .iter()
-            .filter(|c| c.kind != CheckpointKind::Recovery)
-            .count();
+        let counted = self.state.user_checkpoint_count();
         if counted + adding > limit as usize {
             return Err(Error::LimitReached {
                 vm: self.state.config.name.clone(),
