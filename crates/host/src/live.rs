@@ -163,14 +163,7 @@ pub(crate) fn take(session: &Session, name: Option<&str>) -> Result<Capture> {
         ctype,
         CheckpointType::Production | CheckpointType::ProductionOnly
     ) {
-        if was_paused {
-            fallback = Some("the VM is paused, so its guest agent cannot quiesce it".to_owned());
-        } else {
-            match Frozen::freeze(&session.agent) {
-                Ok(f) => frozen = Some(f),
-                Err(e) => fallback = Some(e.chain()),
-            }
-        }
+        (frozen, fallback) = try_freeze(session, was_paused);
         if ctype == CheckpointType::ProductionOnly
             && let Some(why) = &fallback
         {
@@ -196,17 +189,9 @@ pub(crate) fn take(session: &Session, name: Option<&str>) -> Result<Capture> {
             has_memory: true,
         }
     };
-    let result = capture(session, name, taken, was_paused);
-    let freeze_asked = frozen.as_ref().map(|f| f.asked);
-    drop(frozen);
-    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
-    let mut capture = result?;
-    capture.fallback = fallback;
-    // From the freeze call's return (every file system frozen) to the thaw's; and from
-    // the freeze request, which includes the guest flushing its dirty data first.
-    capture.frozen_ms = freeze_asked.map(|_| ms(frozen_at));
-    capture.freeze_to_thaw_ms = freeze_asked.map(ms);
-    Ok(capture)
+    capture_thawed(
+        session, name, taken, was_paused, frozen, frozen_at, fallback,
+    )
 }
 
 /// Takes a backup's recovery checkpoint: frozen through the agent as `quiesce` asks,
@@ -219,14 +204,7 @@ pub(crate) fn take_recovery(session: &Session, name: &str, quiesce: Quiesce) -> 
     let mut fallback = None;
     let mut frozen: Option<Frozen> = None;
     if quiesce != Quiesce::Skip {
-        if was_paused {
-            fallback = Some("the VM is paused, so its guest agent cannot quiesce it".to_owned());
-        } else {
-            match Frozen::freeze(&session.agent) {
-                Ok(f) => frozen = Some(f),
-                Err(e) => fallback = Some(e.chain()),
-            }
-        }
+        (frozen, fallback) = try_freeze(session, was_paused);
         if quiesce == Quiesce::Required
             && let Some(why) = &fallback
         {
@@ -248,12 +226,49 @@ pub(crate) fn take_recovery(session: &Session, name: &str, quiesce: Quiesce) -> 
         },
         has_memory: false,
     };
-    let result = capture(session, Some(name), taken, was_paused);
+    capture_thawed(
+        session,
+        Some(name),
+        taken,
+        was_paused,
+        frozen,
+        frozen_at,
+        fallback,
+    )
+}
+
+/// Freezes the guest's file systems through its agent, or says why not.
+fn try_freeze(session: &Session, was_paused: bool) -> (Option<Frozen>, Option<String>) {
+    if was_paused {
+        return (
+            None,
+            Some("the VM is paused, so its guest agent cannot quiesce it".to_owned()),
+        );
+    }
+    match Frozen::freeze(&session.agent) {
+        Ok(f) => (Some(f), None),
+        Err(e) => (None, Some(e.chain())),
+    }
+}
+
+/// [`capture`], then the thaw (dropping `frozen`), with the freeze timings recorded.
+fn capture_thawed(
+    session: &Session,
+    name: Option<&str>,
+    taken: vm::Taken,
+    was_paused: bool,
+    frozen: Option<Frozen>,
+    frozen_at: Instant,
+    fallback: Option<String>,
+) -> Result<Capture> {
+    let result = capture(session, name, taken, was_paused);
     let freeze_asked = frozen.as_ref().map(|f| f.asked);
     drop(frozen);
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let mut capture = result?;
     capture.fallback = fallback;
+    // From the freeze call's return (every file system frozen) to the thaw's; and from
+    // the freeze request, which includes the guest flushing its dirty data first.
     capture.frozen_ms = freeze_asked.map(|_| ms(frozen_at));
     capture.freeze_to_thaw_ms = freeze_asked.map(ms);
     Ok(capture)
