@@ -19,6 +19,7 @@ mod render;
 mod safety;
 mod units;
 mod vm_cmd;
+mod vm_disk_cmd;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;

@@ -656,7 +656,7 @@ fn names_are_echoed_as_written_and_suggestions_are_shell_quoted() {
     assert_eq!(
         e,
         format!(
-            r#"snapvisor: cannot checkpoint VM "{name}": checkpoints are disabled for VM "{name}"; enable them with `snapvisor vm set 'my "big" vm\1' --checkpoint-type production`"#
+            r#"snapvisor: checkpoints are disabled for VM "{name}"; enable them with `snapvisor vm set 'my "big" vm\1' --checkpoint-type production`"#
         )
     );
     let e = cli.fails(&["checkpoint", "apply", name, r#"no "such" one"#]);
