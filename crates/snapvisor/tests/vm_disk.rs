@@ -304,6 +304,18 @@ fn the_guest_sees_an_added_disk_and_a_running_vm_is_exported_live() {
     // Export-VM, live: the guest keeps writing, the checkpoint taken for it goes again.
     let (_, written) = guest_sh(&store.join("g"), "echo exported > /dev/vdb; sync; echo ok");
     assert_eq!(written.trim(), "ok");
+    // An export killed once its checkpoint is taken leaves no folder; the checkpoint
+    // stays hidden until the VM's next open, and exports after it leave it out.
+    let killed = dir.path().join("killed");
+    let out = cli
+        .command(&["vm", "export", "g", killed.to_str().unwrap()])
+        .env("SNAPVISOR_CRASH_AT", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!killed.exists());
+    let all = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
+    assert_eq!(all["checkpoints"][0]["type"], "recovery", "{all}");
     let at = ticks(&store).into_iter().max().unwrap();
     let export = dir.path().join("export");
     let e = cli.json(&["vm", "export", "g", export.to_str().unwrap(), "--json"]);
@@ -312,7 +324,14 @@ fn the_guest_sees_an_added_disk_and_a_running_vm_is_exported_live() {
     assert!(e["frozen_ms"].as_f64().unwrap() > 0.0, "{e}");
     assert_eq!(status(&cli)["state"], "running");
     let all = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
-    assert_eq!(all["checkpoints"].as_array().unwrap().len(), 0, "{all}");
+    assert_eq!(all["checkpoints"].as_array().unwrap().len(), 1, "{all}");
+    let exported: Value =
+        serde_json::from_slice(&std::fs::read(export.join("vm.json")).unwrap()).unwrap();
+    assert_eq!(
+        exported["checkpoints"].as_array().unwrap().len(),
+        0,
+        "{exported}"
+    );
     wait("ticks after the export", 60, || {
         ticks(&store).into_iter().max().unwrap() > at + 3
     });
@@ -327,11 +346,14 @@ fn the_guest_sees_an_added_disk_and_a_running_vm_is_exported_live() {
             .contains("inside the store")
     );
     let all = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
-    assert_eq!(all["checkpoints"].as_array().unwrap().len(), 0, "{all}");
+    assert_eq!(all["checkpoints"].as_array().unwrap().len(), 1, "{all}");
 
     // The export imports back as a new VM and boots with both disks, the counter going on
     // from where the export caught it.
     cli.ok(&["vm", "stop", "g", "--force"]);
+    cli.ok(&["vm", "consolidate", "g"]);
+    let all = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
+    assert_eq!(all["checkpoints"].as_array().unwrap().len(), 0, "{all}");
     cli.ok(&[
         "vm",
         "import",

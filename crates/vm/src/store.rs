@@ -385,7 +385,8 @@ impl Store {
     /// layers above `id` do not, and neither does `id` itself. The files copied are ones
     /// the worker does not write while `id` exists; should the tree change meanwhile
     /// (another checkpoint operation through the worker), the export is refused and
-    /// nothing is left at `dest`.
+    /// nothing is left at `dest`. Killed half way, it leaves nothing at `dest` either
+    /// (a `.NAME.partial-PID` folder beside it, which can be removed).
     pub fn export_running(&self, name: &str, dest: &Path, id: Uuid) -> Result<()> {
         self.check_export_destination(dest)?;
         let (src, state, _) = self.read_vm(name)?;
@@ -402,17 +403,30 @@ impl Store {
         for live in &state.now.disks {
             out.layers.remove(live);
         }
-        out.checkpoints.retain(|c| c.id != id);
-        for c in &mut out.checkpoints {
-            if c.parent == Some(id) {
-                c.parent = cp.parent;
+        // Recovery checkpoints are a backup's or an export's, for the time of a copy: `id`,
+        // and any that one which died left (its layers stay behind as hidden layers,
+        // which the export's first open merges away).
+        let dropped: std::collections::BTreeSet<Uuid> = state
+            .checkpoints
+            .iter()
+            .filter(|c| c.id == id || c.kind == crate::state::CheckpointKind::Recovery)
+            .map(|c| c.id)
+            .collect();
+        let kept_parent = |mut at: Option<Uuid>| {
+            while let Some(p) = at.filter(|p| dropped.contains(p)) {
+                at = state.checkpoint(p).and_then(|c| c.parent);
             }
+            at
+        };
+        out.checkpoints.retain(|c| !dropped.contains(&c.id));
+        for c in &mut out.checkpoints {
+            c.parent = kept_parent(c.parent);
         }
         let cp_dir = src.join(CHECKPOINTS_DIR).join(id.to_string());
         let nvram_src = cp_dir.join(crate::journal::CHECKPOINT_NVRAM_FILE);
         let has_nvram = config.hardware.firmware == Firmware::Uefi && nvram_src.is_file();
         out.now = Now {
-            parent: cp.parent,
+            parent: kept_parent(cp.parent),
             disks: cp.disks.clone(),
             nvram: has_nvram.then(|| "vars.fd".to_owned()),
         };
