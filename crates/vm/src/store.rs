@@ -370,9 +370,12 @@ impl Store {
         let src = vm.dir().to_owned();
         write_folder_atomically(dest, |tmp| {
             copy_file(&src.join(STATE_FILE), &tmp.join(STATE_FILE))?;
-            // The UEFI variable store too: an import checks that Now's is there.
-            for sub in [DISKS_DIR, CHECKPOINTS_DIR, FIRMWARE_DIR] {
+            for sub in [DISKS_DIR, CHECKPOINTS_DIR] {
                 copy_tree(&src.join(sub), &tmp.join(sub))?;
+            }
+            // A UEFI VM's variable store too: an import checks that Now's is there.
+            if src.join(FIRMWARE_DIR).is_dir() {
+                copy_tree(&src.join(FIRMWARE_DIR), &tmp.join(FIRMWARE_DIR))?;
             }
             Ok(())
         })
@@ -549,6 +552,13 @@ impl Store {
             std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
             for sub in [DISKS_DIR, CHECKPOINTS_DIR] {
                 copy_tree(&dir.join(sub), &tmp.join(sub))?;
+            }
+            // Now's UEFI variable store, which `verify_folder` found there.
+            if let Some(nvram) = &state.now.nvram {
+                let fw = tmp.join(FIRMWARE_DIR);
+                std::fs::create_dir_all(&fw).map_err(|e| Error::io(&fw, e))?;
+                copy_file(&dir.join(FIRMWARE_DIR).join(nvram), &fw.join(nvram))?;
+                fsutil::sync_dir(&fw)?;
             }
             let mut next = state.clone();
             next.seq += 1;
