@@ -454,3 +454,42 @@ fn refusals_name_the_vm_once() {
     // Nothing was changed by any of them.
     assert_eq!(vm_names(d), ["my vm"]);
 }
+
+/// `vm disk remove` asks on a terminal before it deletes a disk's files (scripts and
+/// `--yes` are not asked).
+#[test]
+fn vm_disk_remove_asks_before_deleting_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["vm", "create", "web", "--disk", "16M", "--disk", "8M"], d);
+    let disks = || -> usize {
+        let v: Value =
+            serde_json::from_str(&ok(&["vm", "disk", "list", "web", "--json"], d)).unwrap();
+        v["disks"].as_array().unwrap().len()
+    };
+    let (success, text) = on_terminal(&["vm", "disk", "remove", "web", "1"], d, "n\n");
+    assert!(
+        !success
+            && text.contains("delete 1 file(s)")
+            && text.contains("[y/N]")
+            && text.contains("not removed"),
+        "{text}"
+    );
+    assert_eq!(disks(), 2);
+    let (success, text) = on_terminal(&["vm", "disk", "remove", "web", "1"], d, "y\n");
+    assert!(success && text.contains("deleted disk1.vhdx"), "{text}");
+    assert_eq!(disks(), 1);
+    // With a checkpoint, only Now's layer (what changed since) is deleted, and asked for;
+    // the checkpoint's stays.
+    ok(&["checkpoint", "create", "web", "--name", "one"], d);
+    let (success, text) = on_terminal(&["vm", "disk", "remove", "web", "0"], d, "y\n");
+    assert!(
+        success && text.contains("[y/N]") && text.contains("deleted disk0_"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kept disk0.vhdx: checkpoint(s) \"one\" use it"),
+        "{text}"
+    );
+    assert_eq!(disks(), 0);
+}
