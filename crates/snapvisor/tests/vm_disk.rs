@@ -186,6 +186,29 @@ fn disks_belong_to_now_and_checkpoints_keep_theirs() {
         e,
         "snapvisor: cannot add a disk to VM \"web\": the disk to import /nonexistent.img does not exist"
     );
+    // Another tool's image is refused with the command that converts it.
+    let qcow2 = dir.path().join("q.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow2)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let e = cli.fails(&[
+        "vm",
+        "disk",
+        "add",
+        "web",
+        "--import",
+        qcow2.to_str().unwrap(),
+    ]);
+    assert!(
+        e.starts_with("snapvisor: cannot add a disk to VM \"web\": ")
+            && e.contains("is a qcow2 image")
+            && e.contains("qemu-img convert -O vhdx"),
+        "{e}"
+    );
     let out = cli.run(&["vm", "disk", "add", "web", "--size", "4M", "--import", "x"]);
     assert_eq!(out.status.code(), Some(2));
     let out = cli.run(&["vm", "disk", "add", "web"]);
