@@ -339,6 +339,13 @@ fn the_guest_sees_an_added_disk_and_a_running_vm_is_exported_live() {
     assert!(!killed.exists());
     let all = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
     assert_eq!(all["checkpoints"][0]["type"], "recovery", "{all}");
+    // Now's layers are the worker's alone; sizes come from the checkpoint's under them.
+    let d = disks(&cli, "g");
+    assert_eq!(
+        (&d[0]["virtual_size"], &d[1]["virtual_size"]),
+        (&(64 << 20).into(), &(48 << 20).into()),
+        "{d:?}"
+    );
     let at = ticks(&store).into_iter().max().unwrap();
     let export = dir.path().join("export");
     let e = cli.json(&["vm", "export", "g", export.to_str().unwrap(), "--json"]);
