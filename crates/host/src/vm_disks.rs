@@ -42,14 +42,25 @@ impl VmHandle<'_> {
         vm.remove_disk(number).with_context(what)
     }
 
-    /// Refuses a VM whose worker runs it: its disks are served to the guest.
+    /// Refuses a VM whose worker runs it (running or paused): its disks are served to the
+    /// guest.
     fn refuse_live(&self) -> Result<()> {
-        if self.live_dir().is_some() {
-            return Err(vm::Error::Running {
-                vm: self.name.clone(),
-            }
-            .into());
+        let Some(dir) = self.live_dir() else {
+            return Ok(());
+        };
+        if crate::record::RunStatus::read(&dir).state == crate::RunState::Paused {
+            return Err(crate::Error::Refused {
+                kind: vhdx::ErrorKind::Busy,
+                reason: format!(
+                    "VM \"{}\" is paused; stop it first: `snapvisor vm stop {}`",
+                    self.name,
+                    disk::shell_quote(std::path::Path::new(&self.name))
+                ),
+            });
         }
-        Ok(())
+        Err(vm::Error::Running {
+            vm: self.name.clone(),
+        }
+        .into())
     }
 }

@@ -323,6 +323,12 @@ fn the_guest_sees_an_added_disk_and_a_running_vm_is_exported_live() {
         "snapvisor: VM \"g\" has no checkpoint named \"nosuch\" or with that id"
     );
     assert_eq!(names(&cli, "g"), ["disk0", "disk1"]);
+    cli.ok(&["vm", "pause", "g"]);
+    assert_eq!(
+        cli.fails(&["vm", "disk", "add", "g", "--size", "8M"]),
+        "snapvisor: VM \"g\" is paused; stop it first: `snapvisor vm stop g`"
+    );
+    cli.ok(&["vm", "resume", "g"]);
 
     // Export-VM, live: the guest keeps writing, the checkpoint taken for it goes again.
     let (_, written) = guest_sh(&store.join("g"), "echo exported > /dev/vdb; sync; echo ok");
