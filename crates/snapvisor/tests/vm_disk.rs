@@ -107,7 +107,7 @@ fn disks_belong_to_now_and_checkpoints_keep_theirs() {
     let before = files(&store, "web");
     let text = cli.ok(&["vm", "disk", "remove", "web", "0", "--dry-run"]);
     assert!(
-        text.contains("would keep disk0.vhdx: checkpoint(s) \"one\" use it"),
+        text.contains("would keep disk0.vhdx: checkpoint(s) \"one\", \"two\" use it"),
         "{text}"
     );
     assert!(text.contains("nothing was changed"), "{text}");

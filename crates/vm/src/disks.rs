@@ -221,10 +221,23 @@ pub fn preview_remove_disk(dir: &Path, state: &VmState, number: u32) -> Result<D
         .iter()
         .filter(|(_, l)| l.disk == name)
         .map(|(f, _)| {
+            // A checkpoint uses its own layers and what they read through (a hidden
+            // layer two checkpoints share).
             let users = next
                 .checkpoints
                 .iter()
-                .filter(|c| c.disks.contains(f))
+                .filter(|c| {
+                    c.disks.iter().any(|top| {
+                        let mut at = Some(top);
+                        while let Some(l) = at {
+                            if l == f {
+                                return true;
+                            }
+                            at = next.layers.get(l).and_then(|x| x.parent.as_ref());
+                        }
+                        false
+                    })
+                })
                 .map(|c| c.name.clone())
                 .collect();
             (f.clone(), users)
