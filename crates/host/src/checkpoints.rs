@@ -116,8 +116,18 @@ impl VmHandle<'_> {
 
     /// A checkpoint request to the running VM's worker.
     fn live_call(&self, dir: &Path, request: &Request) -> Result<Reply> {
-        self.call(dir, request, LIVE_OP_TIMEOUT)
-            .with_context(|| format!("the running VM \"{}\" refused", self.name))
+        // The worker's refusals that name the VM say it all; the caller's step names the
+        // VM for the others.
+        self.call(dir, request, LIVE_OP_TIMEOUT).map_err(|e| {
+            if crate::error::names_vm(&e.to_string(), &self.name) {
+                e
+            } else {
+                crate::Error::Step {
+                    what: "the running VM refused".into(),
+                    source: Box::new(e),
+                }
+            }
+        })
     }
 
     /// Deletes a checkpoint (or, with `subtree`, it and everything below it); the layers

@@ -100,7 +100,8 @@ pub enum Error {
     },
     /// A change only a stopped VM takes.
     #[error(
-        "VM \"{vm}\" is running: stop it to change its name or hardware (checkpoint settings can change while it runs)"
+        "VM \"{vm}\" is running; stop it first to change its name or hardware: `snapvisor vm stop {}` (checkpoint settings can change while it runs)",
+        disk::shell_quote(std::path::Path::new(vm))
     )]
     RunningHardware {
         /// The VM.
@@ -279,6 +280,10 @@ fn nbd_kind(e: &nbd::Error) -> ErrorKind {
 
 /// Names the step that failed, keeping the failure as its cause (what `anyhow`'s
 /// `context` does, for typed errors).
+///
+/// A step that names a VM (`cannot delete VM "web"`) is left out when the failure's own
+/// sentence already names that VM: refusals say which VM and what to do ("VM "web" is
+/// running; stop it first: ..."), and wrapping them would say the VM twice.
 pub trait Context<T> {
     /// Wraps the error with `what`.
     fn context(self, what: impl Into<String>) -> Result<T>;
@@ -288,17 +293,38 @@ pub trait Context<T> {
 
 impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
     fn context(self, what: impl Into<String>) -> Result<T> {
-        self.map_err(|e| Error::Step {
-            what: what.into(),
-            source: Box::new(e.into()),
-        })
+        self.map_err(|e| step(what.into(), e.into()))
     }
     fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
-        self.map_err(|e| Error::Step {
-            what: what().into(),
-            source: Box::new(e.into()),
-        })
+        self.map_err(|e| step(what().into(), e.into()))
     }
+}
+
+/// `source` wrapped in the step `what`, unless both name the same VM (see [`Context`]).
+fn step(what: String, source: Error) -> Error {
+    if let Some(vm) = named_vm(&what)
+        && names_vm(&source.to_string(), vm)
+    {
+        return source;
+    }
+    Error::Step {
+        what,
+        source: Box::new(source),
+    }
+}
+
+/// The VM a step names as `VM "NAME"`, if any: from its first `VM "` to its last quote,
+/// so that a name with quotes in it is whole (a step names one VM, with nothing quoted
+/// after it).
+fn named_vm(message: &str) -> Option<&str> {
+    let start = message.find("VM \"")? + 4;
+    let end = message.rfind('"')?;
+    (end > start).then(|| &message[start..end])
+}
+
+/// Whether a message names VM `vm` (`VM "vm"`, or `no VM named "vm"`).
+pub fn names_vm(message: &str, vm: &str) -> bool {
+    message.contains(&format!("VM \"{vm}\"")) || message.contains(&format!("VM named \"{vm}\""))
 }
 
 /// A size in the largest binary unit that keeps it at least 1, with one decimal.
@@ -316,4 +342,43 @@ fn binary_size(bytes: u64) -> String {
         bytes as f64 / (1u64 << (10 * unit)) as f64,
         UNITS[unit]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_naming_the_vm_its_failure_names_is_left_out() {
+        let running: Result<()> = Err(vm::Error::Running { vm: "web".into() }.into());
+        let e = running.context("cannot delete VM \"web\"").unwrap_err();
+        assert_eq!(
+            e.chain(),
+            "VM \"web\" is running; stop it first: `snapvisor vm stop web`"
+        );
+        let missing: Result<()> = Err(vm::Error::NoSuchVm {
+            name: "x".into(),
+            store: "/s".into(),
+        }
+        .into());
+        let e = missing.context("cannot delete VM \"x\"").unwrap_err();
+        assert_eq!(e.chain(), "no VM named \"x\" in the store /s");
+        // Another VM's name, or a cause that names none, keeps the step.
+        let other: Result<()> = Err(vm::Error::Running { vm: "db".into() }.into());
+        let e = other.context("cannot delete VM \"web\"").unwrap_err();
+        assert!(e.chain().starts_with("cannot delete VM \"web\": VM \"db\""));
+        let quoted: Result<()> = Err(vm::Error::CheckpointsDisabled(r#"a "b" c"#.into()).into());
+        let e = quoted
+            .context(r#"cannot checkpoint VM "a "b" c""#)
+            .unwrap_err();
+        assert!(
+            e.chain()
+                .starts_with(r#"checkpoints are disabled for VM "a "b" c""#)
+        );
+        let io: Result<()> = Err(Error::TimedOut {
+            what: "no answer".into(),
+        });
+        let e = io.context("cannot stop VM \"web\"").unwrap_err();
+        assert_eq!(e.chain(), "cannot stop VM \"web\": no answer");
+    }
 }

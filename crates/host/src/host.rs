@@ -179,6 +179,14 @@ impl VmChanges {
     }
 }
 
+/// What `export` did.
+#[derive(Clone, Debug)]
+pub struct Exported {
+    /// For a running VM: the checkpoint the export was taken from (since deleted), with
+    /// its consistency and how long the guest was paused and frozen.
+    pub live: Option<crate::protocol::Capture>,
+}
+
 /// One VM of a [`Host`].
 #[derive(Clone, Debug)]
 pub struct VmHandle<'h> {
@@ -477,11 +485,62 @@ impl VmHandle<'_> {
             .with_context(|| format!("cannot delete VM \"{}\"", self.name))
     }
 
-    /// Copies the whole VM (config, disks, checkpoint tree) into a new folder.
-    pub fn export(&self, dest: &Path) -> Result<()> {
-        self.store()
-            .export(&self.name, dest)
-            .with_context(|| format!("cannot export VM \"{}\"", self.name))
+    /// Copies the whole VM (config, disks, checkpoint tree) into a new folder. A running
+    /// VM is exported live, as Hyper-V's `Export-VM` does: its worker takes a recovery
+    /// checkpoint (frozen through the guest agent when it answers, else crash-consistent;
+    /// never with memory), the export is built with that checkpoint as its Now, and the
+    /// checkpoint is deleted again (merged away under the guest), whether the copy worked
+    /// or not. The guest runs throughout but for the pause of the switch. An export killed
+    /// half way leaves no folder at `dest`, and its recovery checkpoint is removed at the
+    /// VM's next open.
+    pub fn export(&self, dest: &Path) -> Result<Exported> {
+        let what = || format!("cannot export VM \"{}\"", self.name);
+        if let Some(dir) = self.live_dir() {
+            return self.export_live(&dir, dest).with_context(what);
+        }
+        self.store().export(&self.name, dest).with_context(what)?;
+        Ok(Exported { live: None })
+    }
+
+    fn export_live(&self, dir: &Path, dest: &Path) -> Result<Exported> {
+        // Refused before the guest is paused for nothing.
+        self.store().check_export_destination(dest)?;
+        if std::fs::read_dir(dest).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(vm::Error::InvalidArgument(format!(
+                "{} exists and is not empty; name a new folder",
+                dest.display()
+            ))
+            .into());
+        }
+        let request = Request::RecoveryCheckpoint {
+            name: format!(
+                "export ({})",
+                vm::fsutil::format_time(vm::fsutil::now_unix())
+            ),
+            quiesce: crate::protocol::Quiesce::Try,
+        };
+        let capture = match self
+            .call(dir, &request, LIVE_OP_TIMEOUT)
+            .context("the running VM did not take a checkpoint to export from")?
+        {
+            Reply::CheckpointTaken(c) => c,
+            other => return Err(control::unexpected(&request, &other)),
+        };
+        vm::fsutil::crashpoint("vm export: recovery checkpoint taken");
+        let copied = self.store().export_running(&self.name, dest, capture.id);
+        let deleted = self.delete_checkpoint(&capture.id.to_string(), false, crate::no_progress());
+        copied?;
+        if let Err(e) = deleted {
+            tracing::warn!(
+                "VM \"{}\" is exported, but its checkpoint {} could not be deleted (delete it with `snapvisor checkpoint delete`): {}",
+                self.name,
+                capture.id,
+                e.chain()
+            );
+        }
+        Ok(Exported {
+            live: Some(capture),
+        })
     }
 
     /// Merges every layer that can be merged; lists files nothing refers to.

@@ -52,8 +52,8 @@ pub struct VmDisk {
     pub disk_id: Uuid,
     /// Now's layer.
     pub file: PathBuf,
-    /// The virtual size, when the file could be read (a running VM's worker has it open
-    /// and locked).
+    /// The virtual size, when a file of its chain could be read (a running VM's worker
+    /// has Now's layer open and locked; its parents are shared).
     pub virtual_size: Option<u64>,
     /// Files in its chain, from the layer graph.
     pub chain_depth: usize,
@@ -77,9 +77,17 @@ impl VmInfo {
                     chain_depth += 1;
                     at = state.layers.get(&l).and_then(|x| x.parent.clone());
                 }
-                let virtual_size = vhdx::VhdxFile::open(&path, vhdx::OpenOptions::default())
-                    .ok()
-                    .map(|f| f.geometry().virtual_size);
+                // A running VM's worker holds Now's layer alone, but its parents only
+                // shared, and every layer of a chain has the same virtual size.
+                let mut virtual_size = None;
+                let mut at = Some(file.clone());
+                while let (None, Some(l)) = (virtual_size, at) {
+                    virtual_size =
+                        vhdx::VhdxFile::open(&layer_path(&dir, &l), vhdx::OpenOptions::default())
+                            .ok()
+                            .map(|f| f.geometry().virtual_size);
+                    at = state.layers.get(&l).and_then(|x| x.parent.clone());
+                }
                 VmDisk {
                     name: d.name.clone(),
                     disk_id: d.disk_id,

@@ -34,7 +34,9 @@
 //! | [`VmHandle::rename_checkpoint`], [`export_checkpoint`](VmHandle::export_checkpoint) | `vm::Vm` | worker runs the same `vm::Vm` call |
 //! | [`VmHandle::apply`] | `vm::Vm::apply` | stop (after a live checkpoint with `save_current`), apply offline, start again when the checkpoint has memory |
 //! | [`VmHandle::set`] | `vm::Vm::set` (and the store's rename) | checkpoint settings through the worker; name and hardware refused |
-//! | [`VmHandle::consolidate`], [`delete`](VmHandle::delete), [`export`](VmHandle::export) | `vm` | refused: the worker holds the VM's lock (`vm::Error::Running`: "stop it first") |
+//! | [`VmHandle::consolidate`], [`delete`](VmHandle::delete) | `vm` | refused: the worker holds the VM's lock (`vm::Error::Running`: "stop it first") |
+//! | [`VmHandle::export`] | `vm::Store::export` | worker: recovery checkpoint (`live.rs`), the tree copied with it as Now (`vm::Store::export_running`), then deleted live |
+//! | [`VmHandle::add_disk`], [`remove_disk`](VmHandle::remove_disk), [`disks`](VmHandle::disks) | `vm::Vm` (`vm::disks`) | add and remove refused (stop it first); the list is read without a lock |
 //! | [`VmHandle::info`], [`checkpoints`](VmHandle::checkpoints), [`Host::list`] | read without a lock | the same |
 //! | [`VmHandle::backup`] | Now's chains copied into the repository under the VM's lock | worker: recovery checkpoint (`live.rs`), its layers copied by the caller, then deleted live ([`backups`]) |
 //! | [`VmHandle::restore_in_place`], [`Host::restore_as`] | a checkpoint then Now overwritten; a new VM filled from the point | in place refused (stop it first) |
@@ -45,6 +47,7 @@
 //! |---|---|
 //! | `host.rs` | [`Host`], [`VmHandle`] and its lifecycle operations |
 //! | `checkpoints.rs` | the checkpoint operations of [`VmHandle`] |
+//! | `vm_disks.rs` | adding, removing and listing a VM's disks |
 //! | `backups.rs` | backups of VMs into a `backup` repository, restores out of it |
 //! | `info.rs` | what listings show ([`info::VmInfo`], [`info::CheckpointTree`]) |
 //! | `lifecycle.rs` | the front end's side of a worker: spawning it, waiting for it |
@@ -60,7 +63,7 @@
 //! | `machine.rs` | QEMU's program, accelerator, firmware, machine |
 //! | `qemu_process.rs` | QEMU as the worker's child; its state streamed to files |
 //!
-//! Imports point one way. The front end's side: `backups`, `checkpoints` → `host` → `lifecycle`,
+//! Imports point one way. The front end's side: `backups`, `checkpoints`, `vm_disks` → `host` → `lifecycle`,
 //! `info`, `control` → `record`, `machine` → `error` → `protocol`, `run_state`. The
 //! worker's side: `worker` → `live` → `live_merge` → `session` → `served`, and
 //! `qemu_process` → `machine`.
@@ -118,12 +121,14 @@ pub mod record;
 pub mod run_state;
 pub mod served;
 mod session;
+mod vm_disks;
 pub mod worker;
 
 pub use checkpoints::{Applied, ApplyOptions, Checkpointed, Deleted};
 pub use error::{Error, Result};
 pub use host::{
-    Host, Progress, StartOptions, StopOptions, Stopped, VmChanges, VmHandle, VmStatus, no_progress,
+    Exported, Host, Progress, StartOptions, StopOptions, Stopped, VmChanges, VmHandle, VmStatus,
+    no_progress,
 };
 pub use lifecycle::WorkerLauncher;
 pub use machine::{default_accel, ovmf_paths};

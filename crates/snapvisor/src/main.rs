@@ -20,6 +20,7 @@ mod safety;
 mod serving;
 mod units;
 mod vm_cmd;
+mod vm_disk_cmd;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;

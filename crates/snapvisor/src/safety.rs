@@ -201,10 +201,8 @@ pub fn tree_dry_run(
     delete: Option<(&str, bool)>,
     as_json: bool,
 ) -> Result<ExitCode> {
-    let (dir, state, unfinished) = host
-        .store()
-        .read_vm(vm)
-        .with_context(|| format!("cannot read VM {vm:?}"))?;
+    // Its errors name the VM (or the file that is damaged) already.
+    let (dir, state, unfinished) = host.store().read_vm(vm)?;
     let preview = match delete {
         Some((query, subtree)) => {
             vm::preview::preview_delete_checkpoint(&dir, &state, query, subtree)

@@ -85,7 +85,8 @@ pub enum VmCommand {
     Set(SetArgs),
     /// Delete a VM with all its files and checkpoints (asks first on a terminal).
     Delete(crate::safety::DeleteVmArgs),
-    /// Copy a whole VM (config, disks, checkpoint tree) into a new folder.
+    /// Copy a whole VM (config, disks, checkpoint tree) into a new folder; a running VM
+    /// is exported live, from a checkpoint taken for it and deleted afterwards.
     Export(ExportArgs),
     /// Register a VM folder: in place, or with --copy as a new VM.
     Import(ImportArgs),
@@ -104,6 +105,9 @@ pub enum VmCommand {
     Resume(NameJson),
     /// Show whether the VM runs and whether its guest agent answers.
     Status(NameJson),
+    /// Add, remove and list a VM's disks.
+    #[command(subcommand)]
+    Disk(crate::vm_disk_cmd::DiskCommand),
     /// The worker process itself (started by `vm start`).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -267,6 +271,9 @@ pub struct ExportArgs {
     name: String,
     /// The new folder (must not exist, or be empty).
     dir: PathBuf,
+    /// Print what was exported as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -292,11 +299,8 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
         VmCommand::Show(a) => show(&host, &a.name, a.json),
         VmCommand::Set(a) => set(&host, a),
         VmCommand::Delete(a) => crate::safety::delete_vm(&host, a),
-        VmCommand::Export(a) => {
-            host.vm(&a.name).export(&a.dir)?;
-            println!("exported VM \"{}\" to {}", a.name, a.dir.display());
-            Ok(ExitCode::SUCCESS)
-        }
+        VmCommand::Export(a) => export(&host, a),
+        VmCommand::Disk(cmd) => crate::vm_disk_cmd::run(cmd, &host),
         VmCommand::Import(a) => {
             let name = host.import(&a.dir, a.copy, a.new_name.as_deref())?;
             if a.json {
@@ -370,6 +374,39 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn export(host: &Host, a: ExportArgs) -> Result<ExitCode> {
+    let done = host.vm(&a.name).export(&a.dir)?;
+    let live = done.live.as_ref();
+    if a.json {
+        print_json(&json!({
+            "vm": a.name,
+            "folder": std::path::absolute(&a.dir).unwrap_or_else(|_| a.dir.clone()),
+            "live": live.is_some(),
+            "consistency": live.map_or("vm-off", |c| c.consistency.as_str()),
+            "paused_ms": live.map(|c| c.paused_ms),
+            "frozen_ms": live.and_then(|c| c.frozen_ms),
+            "fallback": live.and_then(|c| c.fallback.clone()),
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    match live {
+        None => println!("exported VM \"{}\" to {}", a.name, a.dir.display()),
+        Some(c) => {
+            println!(
+                "exported the running VM \"{}\" to {}: {}, the guest paused {:.1} ms; the checkpoint taken for it is deleted",
+                a.name,
+                a.dir.display(),
+                c.consistency.as_str(),
+                c.paused_ms
+            );
+            if let Some(why) = &c.fallback {
+                println!("  not application-consistent: {why}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn create(host: &Host, a: CreateArgs) -> Result<ExitCode> {

@@ -656,7 +656,7 @@ fn names_are_echoed_as_written_and_suggestions_are_shell_quoted() {
     assert_eq!(
         e,
         format!(
-            r#"snapvisor: cannot checkpoint VM "{name}": checkpoints are disabled for VM "{name}"; enable them with `snapvisor vm set 'my "big" vm\1' --checkpoint-type production`"#
+            r#"snapvisor: checkpoints are disabled for VM "{name}"; enable them with `snapvisor vm set 'my "big" vm\1' --checkpoint-type production`"#
         )
     );
     let e = cli.fails(&["checkpoint", "apply", name, r#"no "such" one"#]);
@@ -683,4 +683,30 @@ fn a_short_id_prefix_says_how_long_it_must_be() {
         "{e}"
     );
     cli.ok(&["checkpoint", "apply", "web", &id[..8]]);
+}
+
+/// A UEFI VM's variable store goes with `vm export` and `vm import --copy`, byte for byte
+/// (without it the copy could not start).
+#[test]
+fn a_uefi_vms_variable_store_goes_with_export_and_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new(&dir.path().join("store"));
+    cli.ok(&["vm", "create", "u", "--firmware", "uefi", "--disk", "1M"]);
+    let show = cli.json(&["vm", "show", "u", "--json"]);
+    let original = std::fs::read(show["uefi_vars"].as_str().unwrap()).unwrap();
+    let export = dir.path().join("export");
+    cli.ok(&["vm", "export", "u", export.to_str().unwrap()]);
+    cli.ok(&[
+        "vm",
+        "import",
+        export.to_str().unwrap(),
+        "--copy",
+        "--name",
+        "u2",
+    ]);
+    let show = cli.json(&["vm", "show", "u2", "--json"]);
+    let copied = std::fs::read(show["uefi_vars"].as_str().unwrap()).unwrap();
+    assert_eq!(copied, original);
+    let c = cli.json(&["vm", "consolidate", "u2", "--json"]);
+    assert_eq!(c["unreferenced_files"].as_array().unwrap().len(), 0, "{c}");
 }

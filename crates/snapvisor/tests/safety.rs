@@ -332,3 +332,164 @@ fn checkpoint_delete_and_consolidate_dry_runs_match_what_then_happens() {
     let out = ok(&["vm", "consolidate", "web", "--dry-run"], d);
     assert!(out.contains("would stay: 2 layers depend on it"), "{out}");
 }
+
+/// The first stderr line of a command that must fail.
+fn fails(args: &[&str], dir: &Path) -> String {
+    let out = snapvisor(args, dir);
+    assert!(
+        !out.status.success(),
+        "snapvisor {args:?} should have failed"
+    );
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Holds VM `vm`'s lock from another process (`flock`) with `note` in it, as a command or
+/// a VM's worker (whose note says the VM runs) holds it; released when dropped.
+struct Held(std::process::Child);
+
+impl Held {
+    fn new(dir: &Path, vm: &str, note: &str) -> Held {
+        let lock = dir.join("store").join(vm).join(".lock");
+        std::fs::write(&lock, note).unwrap();
+        // --no-fork: the lock dies with the pid killed on drop, not with an orphan.
+        let child = Command::new("flock")
+            .arg("--no-fork")
+            .arg(&lock)
+            .args(["sleep", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("util-linux flock is installed");
+        let held = Held(child);
+        // Taken once another locker would be refused.
+        for _ in 0..100 {
+            let probe = Command::new("flock")
+                .args(["-n", "-E", "9"])
+                .arg(&lock)
+                .arg("true")
+                .status()
+                .unwrap();
+            if probe.code() == Some(9) {
+                return held;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("flock did not take {}", lock.display());
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A refusal names the VM once, and says what to do: no `cannot delete VM "x": VM "x" is
+/// running` (the real running guest's refusals are in tests/vm_disk.rs).
+#[test]
+fn refusals_name_the_vm_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["vm", "create", "my vm", "--disk", "16M"], d);
+    ok(&["checkpoint", "create", "my vm", "--name", "one"], d);
+    let store = d.join("store");
+
+    {
+        // What a VM's worker writes in the lock it holds while the VM runs.
+        let _held = Held::new(
+            d,
+            "my vm",
+            "pid 1 is running `vm worker (the VM is running)` since 2026-01-01 00:00:00",
+        );
+        let running =
+            "snapvisor: VM \"my vm\" is running; stop it first: `snapvisor vm stop 'my vm'`";
+        for args in [
+            &["vm", "delete", "my vm", "--yes"][..],
+            &["vm", "export", "my vm", d.join("out").to_str().unwrap()],
+            &["vm", "consolidate", "my vm"],
+            &["vm", "set", "my vm", "--max-checkpoints", "20"],
+            &["vm", "disk", "add", "my vm", "--size", "8M"],
+            &["vm", "disk", "remove", "my vm", "0", "--yes"],
+            &["checkpoint", "create", "my vm"],
+            &["checkpoint", "delete", "my vm", "one"],
+            &["checkpoint", "apply", "my vm", "one", "--yes"],
+        ] {
+            assert_eq!(fails(args, d), running, "{args:?}");
+        }
+    }
+    {
+        let _held = Held::new(
+            d,
+            "my vm",
+            "pid 1 is running `checkpoint create` since 2026-01-01 00:00:00",
+        );
+        assert_eq!(
+            fails(&["vm", "delete", "my vm", "--yes"], d),
+            "snapvisor: VM \"my vm\" is busy: pid 1 is running `checkpoint create` since 2026-01-01 00:00:00; wait for it to finish, or pass --wait SECONDS"
+        );
+        assert_eq!(
+            fails(&["vm", "disk", "add", "my vm", "--size", "8M"], d),
+            "snapvisor: VM \"my vm\" is busy: pid 1 is running `checkpoint create` since 2026-01-01 00:00:00; wait for it to finish, or pass --wait SECONDS"
+        );
+    }
+    let missing = format!(
+        "snapvisor: no VM named \"nope\" in the store {}",
+        store.display()
+    );
+    for args in [
+        &["vm", "delete", "nope", "--yes"][..],
+        &["vm", "consolidate", "nope"],
+        &["vm", "consolidate", "nope", "--dry-run"],
+        &["vm", "export", "nope", d.join("out").to_str().unwrap()],
+        &["checkpoint", "create", "nope"],
+        &["vm", "disk", "add", "nope", "--size", "8M"],
+    ] {
+        assert_eq!(fails(args, d), missing, "{args:?}");
+    }
+    // Nothing was changed by any of them.
+    assert_eq!(vm_names(d), ["my vm"]);
+}
+
+/// `vm disk remove` asks on a terminal before it deletes a disk's files (scripts and
+/// `--yes` are not asked).
+#[test]
+fn vm_disk_remove_asks_before_deleting_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&["vm", "create", "web", "--disk", "16M", "--disk", "8M"], d);
+    let disks = || -> usize {
+        let v: Value =
+            serde_json::from_str(&ok(&["vm", "disk", "list", "web", "--json"], d)).unwrap();
+        v["disks"].as_array().unwrap().len()
+    };
+    let (success, text) = on_terminal(&["vm", "disk", "remove", "web", "1"], d, "n\n");
+    assert!(
+        !success
+            && text.contains("delete 1 file(s)")
+            && text.contains("[y/N]")
+            && text.contains("not removed"),
+        "{text}"
+    );
+    assert_eq!(disks(), 2);
+    let (success, text) = on_terminal(&["vm", "disk", "remove", "web", "1"], d, "y\n");
+    assert!(success && text.contains("deleted disk1.vhdx"), "{text}");
+    assert_eq!(disks(), 1);
+    // With a checkpoint, only Now's layer (what changed since) is deleted, and asked for;
+    // the checkpoint's stays.
+    ok(&["checkpoint", "create", "web", "--name", "one"], d);
+    let (success, text) = on_terminal(&["vm", "disk", "remove", "web", "0"], d, "y\n");
+    assert!(
+        success && text.contains("[y/N]") && text.contains("deleted disk0_"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kept disk0.vhdx: checkpoint(s) \"one\" use it"),
+        "{text}"
+    );
+    assert_eq!(disks(), 0);
+}

@@ -48,6 +48,9 @@
 //!   says so.
 //! - Commands that change a VM hold its `flock` lock; commands on different VMs run in
 //!   parallel. Commands that only look read `vm.json` without the lock (see Locking).
+//! - A VM's disks belong to Now; checkpoints keep the disk sets they were taken with, and
+//!   a disk's files go only with the last layer anything uses ([`disks`], which has the
+//!   crash model of adding and removing one).
 //! - A `--dry-run` of a checkpoint delete or a consolidate ([`preview`]) runs the same tree
 //!   edit and reconciliation rules on a copy of the committed state, reading `vm.json`
 //!   and the layer files only.
@@ -65,7 +68,7 @@
 //! | **in the worker** | mutexes of the running VM (the `host` crate) | one operation that pauses or switches the guest at a time; the served chain's read-write lock (requests share it, a switch takes it alone); 512 stripe locks of 1 MiB (guest writes and a live merge's copier) |
 //!
 //! What keeps each pair of operations safe (*offline op*: checkpoint create, apply, delete,
-//! rename, export, `vm set`, `vm consolidate`, `vm export`; *reader*: `vm list`, `vm show`,
+//! rename, export, `vm set`, `vm consolidate`, `vm export`, `vm disk add|remove`; *reader*: `vm list`, `vm show`,
 //! `checkpoint list`, `vm status`):
 //!
 //! | operations | what keeps them apart |
@@ -94,6 +97,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod disks;
 pub mod error;
 pub mod fsutil;
 pub mod journal;
@@ -104,6 +108,7 @@ pub mod store;
 pub mod vm;
 
 pub use config::{CheckpointType, DirectBoot, DiskConfig, Firmware, Hardware, VmConfig};
+pub use disks::{DiskEntry, DiskRemoval, DiskSource};
 pub use error::{Error, ErrorKind, Result};
 pub use state::{Checkpoint, CheckpointKind, Consistency, Layer, Now, VmState};
 pub use store::{NewVm, Store, VmEntry};

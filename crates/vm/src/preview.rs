@@ -90,6 +90,14 @@ pub fn preview_consolidate(dir: &Path, state: &VmState) -> Result<Preview> {
     Ok(preview)
 }
 
+/// What reconciliation would do to `state` (edited in place to its end state): for
+/// changes whose tree edit is made elsewhere (`vm disk remove`).
+pub fn preview_reconcile(dir: &Path, state: &mut VmState) -> Result<Preview> {
+    let mut preview = Preview::default();
+    reconcile(dir, state, &mut preview)?;
+    Ok(preview)
+}
+
 /// [`crate::Vm::reconcile`]'s loop on `state`: remove hidden layers nothing depends on,
 /// merge those one layer depends on, until neither is left.
 fn reconcile(dir: &Path, state: &mut VmState, out: &mut Preview) -> Result<()> {

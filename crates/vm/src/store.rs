@@ -373,6 +373,100 @@ impl Store {
             for sub in [DISKS_DIR, CHECKPOINTS_DIR] {
                 copy_tree(&src.join(sub), &tmp.join(sub))?;
             }
+            // A UEFI VM's variable store too: an import checks that Now's is there.
+            if src.join(FIRMWARE_DIR).is_dir() {
+                copy_tree(&src.join(FIRMWARE_DIR), &tmp.join(FIRMWARE_DIR))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Exports a running VM as `vm export` does a stopped one, as of checkpoint `id`: a
+    /// recovery checkpoint its worker just took (the worker holds the VM's lock; this reads
+    /// without it). The export's Now is that checkpoint's disks (its layers copied,
+    /// writable) and UEFI variables; the other checkpoints come along, the running
+    /// layers above `id` do not, and neither does `id` itself. The files copied are ones
+    /// the worker does not write while `id` exists; should the tree change meanwhile
+    /// (another checkpoint operation through the worker), the export is refused and
+    /// nothing is left at `dest`. Killed half way, it leaves nothing at `dest` either
+    /// (a `.NAME.partial-PID` folder beside it, which can be removed).
+    pub fn export_running(&self, name: &str, dest: &Path, id: Uuid) -> Result<()> {
+        self.check_export_destination(dest)?;
+        let (src, state, _) = self.read_vm(name)?;
+        let cp = state
+            .checkpoint(id)
+            .ok_or_else(|| Error::Corrupt {
+                path: src.join(STATE_FILE),
+                reason: format!("the checkpoint {id} to export from is not in the tree"),
+            })?
+            .clone();
+        let config = crate::vm::read_checkpoint_config(&src, id)?;
+        let mut out = state.clone();
+        out.seq += 1;
+        for live in &state.now.disks {
+            out.layers.remove(live);
+        }
+        // Recovery checkpoints are a backup's or an export's, for the time of a copy: `id`,
+        // and any that one which died left (its layers stay behind as hidden layers,
+        // which the export's first open merges away).
+        let dropped: std::collections::BTreeSet<Uuid> = state
+            .checkpoints
+            .iter()
+            .filter(|c| c.id == id || c.kind == crate::state::CheckpointKind::Recovery)
+            .map(|c| c.id)
+            .collect();
+        let kept_parent = |mut at: Option<Uuid>| {
+            while let Some(p) = at.filter(|p| dropped.contains(p)) {
+                at = state.checkpoint(p).and_then(|c| c.parent);
+            }
+            at
+        };
+        out.checkpoints.retain(|c| !dropped.contains(&c.id));
+        for c in &mut out.checkpoints {
+            c.parent = kept_parent(c.parent);
+        }
+        let cp_dir = src.join(CHECKPOINTS_DIR).join(id.to_string());
+        let nvram_src = cp_dir.join(crate::journal::CHECKPOINT_NVRAM_FILE);
+        let has_nvram = config.hardware.firmware == Firmware::Uefi && nvram_src.is_file();
+        out.now = Now {
+            parent: kept_parent(cp.parent),
+            disks: cp.disks.clone(),
+            nvram: has_nvram.then(|| "vars.fd".to_owned()),
+        };
+        out.config.hardware = config.hardware;
+        out.validate().map_err(|reason| Error::Corrupt {
+            path: src.join(STATE_FILE),
+            reason: format!("the export of the running VM would be inconsistent: {reason}"),
+        })?;
+        write_folder_atomically(dest, |tmp| {
+            let disks = tmp.join(DISKS_DIR);
+            std::fs::create_dir_all(&disks).map_err(|e| Error::io(&disks, e))?;
+            for file in out.layers.keys() {
+                let to = disks.join(file);
+                copy_file(&src.join(DISKS_DIR).join(file), &to)?;
+                fsutil::set_read_only(&to, !out.now.disks.contains(file))?;
+            }
+            fsutil::sync_dir(&disks)?;
+            let cps = tmp.join(CHECKPOINTS_DIR);
+            std::fs::create_dir_all(&cps).map_err(|e| Error::io(&cps, e))?;
+            for c in &out.checkpoints {
+                let sub = c.id.to_string();
+                copy_tree(&src.join(CHECKPOINTS_DIR).join(&sub), &cps.join(&sub))?;
+            }
+            fsutil::sync_dir(&cps)?;
+            if has_nvram {
+                let fw = tmp.join(FIRMWARE_DIR);
+                std::fs::create_dir_all(&fw).map_err(|e| Error::io(&fw, e))?;
+                copy_file(&nvram_src, &fw.join("vars.fd"))?;
+                fsutil::sync_dir(&fw)?;
+            }
+            out.save(&tmp.join(STATE_FILE))?;
+            let (_, after, _) = self.read_vm(name)?;
+            if after.seq != state.seq {
+                return Err(Error::InvalidArgument(format!(
+                    "the checkpoint tree of VM \"{name}\" changed while it was being exported (another checkpoint operation ran); nothing was exported: run the export again"
+                )));
+            }
             Ok(())
         })
     }
@@ -458,6 +552,13 @@ impl Store {
             std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
             for sub in [DISKS_DIR, CHECKPOINTS_DIR] {
                 copy_tree(&dir.join(sub), &tmp.join(sub))?;
+            }
+            // Now's UEFI variable store, which `verify_folder` found there.
+            if let Some(nvram) = &state.now.nvram {
+                let fw = tmp.join(FIRMWARE_DIR);
+                std::fs::create_dir_all(&fw).map_err(|e| Error::io(&fw, e))?;
+                copy_file(&dir.join(FIRMWARE_DIR).join(nvram), &fw.join(nvram))?;
+                fsutil::sync_dir(&fw)?;
             }
             let mut next = state.clone();
             next.seq += 1;

@@ -941,7 +941,7 @@ impl Vm {
         Ok(())
     }
 
-    fn run(&mut self, journal: Journal) -> Result<()> {
+    pub(crate) fn run(&mut self, journal: Journal) -> Result<()> {
         let last = journal.steps.iter().rev().find_map(|s| match s {
             Step::Commit { state } => Some((**state).clone()),
             _ => None,
@@ -963,7 +963,7 @@ impl Vm {
         Ok(())
     }
 
-    fn next_state(&self) -> VmState {
+    pub(crate) fn next_state(&self) -> VmState {
         let mut s = self.state.clone();
         s.seq += 1;
         s
@@ -1120,8 +1120,20 @@ fn execute(dir: &Path, journal: &Journal, progress: &mut ProgressFn, fresh: bool
     Err(e)
 }
 
-/// Removes half-written temporary files (`.NAME.tmp-PID`) a killed command left.
+/// Removes half-written temporary files (`.NAME.tmp-PID`) a killed command left, but
+/// those an unfinished journal still links into place (`vm disk add`'s new disk).
 fn remove_temp_files(dir: &Path) -> Result<()> {
+    let needed: BTreeSet<PathBuf> = match Journal::load(dir) {
+        Ok(Some(j)) => j
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::LinkFile { from, .. } | Step::CopyFile { from, .. } => Some(dir.join(from)),
+                _ => None,
+            })
+            .collect(),
+        _ => BTreeSet::new(),
+    };
     let mut dirs = vec![dir.to_owned(), dir.join(DISKS_DIR), dir.join(FIRMWARE_DIR)];
     for e in read_dir(&dir.join(CHECKPOINTS_DIR))? {
         dirs.push(e.path());
@@ -1129,7 +1141,7 @@ fn remove_temp_files(dir: &Path) -> Result<()> {
     for d in dirs {
         for e in read_dir(&d)? {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.contains(".tmp-") {
+            if name.starts_with('.') && name.contains(".tmp-") && !needed.contains(&e.path()) {
                 fsutil::remove_file(&e.path())?;
             }
         }
