@@ -108,6 +108,7 @@ pub mod control;
 pub mod error;
 mod host;
 pub mod info;
+mod lease;
 pub mod lifecycle;
 mod live;
 mod live_merge;
