@@ -36,7 +36,7 @@
 //! | [`VmHandle::set`] | `vm::Vm::set` (and the store's rename) | checkpoint settings through the worker; name and hardware refused |
 //! | [`VmHandle::consolidate`], [`delete`](VmHandle::delete), [`export`](VmHandle::export) | `vm` | refused: the worker holds the VM's lock (`vm::Error::Running`: "stop it first") |
 //! | [`VmHandle::info`], [`checkpoints`](VmHandle::checkpoints), [`Host::list`] | read without a lock | the same |
-//! | [`VmHandle::backup`] | Now's chains copied into the repository under the VM's lock | worker: recovery checkpoint (`live.rs`), its layers copied by the caller, then deleted live ([`backups`]) |
+//! | [`VmHandle::backup`] | Now's chains copied into the repository under the VM's lock (a saved VM with its saved state) | worker: recovery checkpoint (`live.rs`; with memory for `saved-state`), its layers (and memory) copied by the caller under a lease (`lease.rs`), then deleted live ([`backups`]) |
 //! | [`VmHandle::restore_in_place`], [`Host::restore_as`] | a checkpoint then Now overwritten; a new VM filled from the point | in place refused (stop it first) |
 //!
 //! ## Layout
@@ -55,13 +55,15 @@
 //! | `worker.rs` | the worker process's body: disks served, QEMU run, requests answered |
 //! | `session.rs` | the running VM as the worker holds it |
 //! | `live.rs` | checkpoints of the running guest |
+//! | `lease.rs` | backup leases: the worker removes a dead backup's recovery checkpoint |
 //! | `live_merge.rs` | merges under the running guest |
 //! | `served.rs` | [`served::ServedDisk`], the disk QEMU is served |
 //! | `machine.rs` | QEMU's program, accelerator, firmware, machine |
 //! | `qemu_process.rs` | QEMU as the worker's child; its state streamed to files |
 //!
 //! Imports point one way. The front end's side: `backups`, `checkpoints` → `host` → `lifecycle`,
-//! `info`, `control` → `record`, `machine` → `error` → `protocol`, `run_state`. The
+//! `info`, `control` → `record`, `machine` → `error` → `protocol`, `run_state`; `backups`
+//! and `live` → `lease` → `error`. The
 //! worker's side: `worker` → `live` → `live_merge` → `session` → `served`, and
 //! `qemu_process` → `machine`.
 //!

@@ -70,9 +70,13 @@ pub struct InitArgs {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum ModeArg {
+    /// Application-consistent if the guest agent answers, else crash-consistent.
     Auto,
+    /// Application-consistent (frozen through the guest agent), or refuse.
     Online,
+    /// Crash-consistent, without asking the agent.
     Crash,
+    /// With the guest's memory and device state: a restore comes back saved and resumes.
     SavedState,
 }
 

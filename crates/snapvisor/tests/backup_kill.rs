@@ -1,6 +1,6 @@
 //! Kill trials of `backup create` on the real test guest under TCG, its counter writing
 //! (one booted guest for all trials): the CLI stopped at each of its crash points
-//! (`SNAPVISOR_CRASH_AT`), SIGKILLed at random instants over 1.5 times a backup's measured
+//! (`SNAPVISOR_CRASH_AT`), SIGKILLed at random instants over 1.2 times the last backup's
 //! time (every mode, `--full` or not), and a few times the VM's worker SIGKILLed instead.
 //! After each kill: the guest is thawed (the agent says so) and its counter advances; no
 //! partial point is listed; each new point restores (to a raw file whose counter is whole,
@@ -95,8 +95,9 @@ fn restore_new_points(cli: &Cli, dir: &Path, checked: &mut Checked, what: &str) 
     }
 }
 
-/// Everything a kill must leave right (see the module doc).
-fn check_after_kill(cli: &Cli, dir: &Path, checked: &mut Checked, what: &str) {
+/// Everything a kill must leave right (see the module doc); returns how long the next
+/// backup (an `auto` one) took.
+fn check_after_kill(cli: &Cli, dir: &Path, checked: &mut Checked, what: &str) -> Duration {
     let store = dir.join("store");
     // The worker may still be finishing the dead backup's request; it thaws on every path.
     let t = Instant::now();
@@ -117,7 +118,9 @@ fn check_after_kill(cli: &Cli, dir: &Path, checked: &mut Checked, what: &str) {
     });
     restore_new_points(cli, dir, checked, what);
     // The next backup works, and removes what the dead one left.
+    let t = Instant::now();
     let next = cli.json(&["backup", "create", "g", "--json"]);
+    let took = t.elapsed();
     assert!(
         ["application", "crash"].contains(&next["consistency"].as_str().unwrap()),
         "{what}: {next}"
@@ -133,6 +136,7 @@ fn check_after_kill(cli: &Cli, dir: &Path, checked: &mut Checked, what: &str) {
         leases(&store)
     );
     assert_eq!(status(cli)["state"], "running", "{what}");
+    took
 }
 
 fn trials() -> usize {
@@ -211,7 +215,7 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
         "a backup takes {took:?} ({took_saved:?} with saved state) and passes {crash_points} crash points"
     );
     assert!(crash_points >= 3, "{crash_points}");
-    check_after_kill(&cli, dir.path(), &mut checked, "no kill");
+    let mut recent = check_after_kill(&cli, dir.path(), &mut checked, "no kill");
 
     // Every crash point of the CLI, in every mode that takes a recovery checkpoint.
     for mode in ["online", "crash", "saved-state"] {
@@ -225,7 +229,7 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
                 .output()
                 .unwrap();
             assert!(!out.status.success(), "{what}: it did not stop");
-            check_after_kill(&cli, dir.path(), &mut checked, &what);
+            recent = check_after_kill(&cli, dir.path(), &mut checked, &what);
         }
     }
 
@@ -237,12 +241,14 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
     for i in 0..trials() {
         let mode = ["auto", "online", "crash", "saved-state"][rng.random_range(0..4)];
         let full = rng.random_bool(0.3);
+        // Over the time the last backup took (the machine's load changes), a saved-state
+        // one in the proportion measured at the start.
         let span = if mode == "saved-state" {
-            took_saved
+            recent.mul_f64(took_saved.as_secs_f64() / took.as_secs_f64())
         } else {
-            took
+            recent
         };
-        let after = span.mul_f64(rng.random_range(0.0..1.5));
+        let after = span.mul_f64(rng.random_range(0.0..1.2));
         let what = format!("trial {i}: {mode} backup (full: {full}) killed after {after:?}");
         let args = mode_args(mode, full);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -256,7 +262,7 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
         let _ = child.kill();
         let st = child.wait().unwrap();
         outcomes[usize::from(st.success())] += 1;
-        check_after_kill(&cli, dir.path(), &mut checked, &what);
+        recent = check_after_kill(&cli, dir.path(), &mut checked, &what);
     }
     eprintln!(
         "random kills: {} killed, {} finished first",
@@ -275,7 +281,7 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(took.mul_f64(frac));
+        std::thread::sleep(recent.mul_f64(frac));
         Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .status()
@@ -291,7 +297,7 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
             "{what}: {all}"
         );
         wait("the guest agent", 120, || status(&cli)["agent"] == true);
-        check_after_kill(&cli, dir.path(), &mut checked, &what);
+        recent = check_after_kill(&cli, dir.path(), &mut checked, &what);
     }
 
     // Every point, all at once: verify is clean; each counter is a prefix of what the
