@@ -2,7 +2,8 @@
 //! writing: the point holds the guest's memory and device state; restored as a new VM
 //! (and in place) the VM is `saved`, and `vm start` resumes the guest from the point's
 //! instant: the counter goes on from where it was, in the same boot (the boot id in the
-//! counter's lines stays the same), while the original kept running meanwhile. A stopped
+//! counter's lines stays the same), while the original kept running meanwhile; shut down,
+//! the resumed clone's disk is a clean file system whose counter has no gap. A stopped
 //! VM is copied offline; a saved VM is copied with its saved state.
 
 mod support;
@@ -123,7 +124,36 @@ fn a_saved_state_point_restores_saved_and_resumes_from_its_instant() {
     clone_cli.ok(&["vm", "save", "clone"]);
     let ps = clone_cli.json(&["backup", "create", "clone", "--mode", "crash", "--json"]);
     assert_eq!(ps["consistency"], "saved-state", "{ps}");
+    // Resumed again and shut down cleanly: what the resumed guest wrote on the restored
+    // disk is a clean file system whose counter goes on without a gap, so the memory and
+    // the disks of the point belong to the same instant.
+    let resumed_at = console_ticks(&store.join("clone"))[0].0;
+    let at = console_ticks(&store.join("clone")).last().unwrap().0;
+    clone_cli.ok(&["vm", "start", "clone", "--accel", "tcg"]);
+    wait("the clone's ticks", 60, || {
+        console_ticks(&store.join("clone"))
+            .last()
+            .is_some_and(|t| t.0 > at + 2)
+    });
     clone_cli.ok(&["vm", "stop", "clone"]);
+    let show = clone_cli.json(&["vm", "show", "clone", "--json"]);
+    let file = show["disks"][0]["file"].as_str().unwrap().to_owned();
+    let raw = dir.path().join("clone.raw");
+    clone_cli.ok(&["disk", "convert", &file, raw.to_str().unwrap()]);
+    let fsck = std::process::Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&fsck.stdout).into_owned();
+    assert_eq!(fsck.status.code(), Some(0), "e2fsck -fn: {said}");
+    let counter = counter_in(&clone_cli, dir.path(), Path::new(&file));
+    assert_whole(&counter, "the resumed clone's disk");
+    let n = tick_numbers(&counter);
+    assert!(
+        n.contains(&resumed_at) && n.last() > Some(&(at + 2)),
+        "the clone's disk lacks the ticks it wrote after resuming ({resumed_at}..{at}): {n:?}"
+    );
 
     // In place, on the stopped original: saved again, and it resumes from the point.
     cli.ok(&["vm", "stop", "g", "--force"]);
