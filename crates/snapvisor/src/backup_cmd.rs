@@ -420,6 +420,12 @@ fn create(a: CreateArgs, store: &StoreArgs) -> Result<ExitCode> {
     )?;
     bar.finish_and_clear();
     warn_same_file_system(store, &a.repo.repo);
+    if a.mode == ModeArg::SavedState && done.consistency == "offline" {
+        eprintln!(
+            "note: VM \"{}\" is off, so it has no memory to save: it was copied offline",
+            a.vm
+        );
+    }
     if a.json {
         print_json(&created_json(&done))?;
     } else {

@@ -158,8 +158,12 @@ fn a_saved_state_point_restores_saved_and_resumes_from_its_instant() {
     // In place, on the stopped original: saved again, and it resumes from the point.
     cli.ok(&["vm", "stop", "g", "--force"]);
     // A stopped VM has no memory to save: copied offline.
-    let off = cli.json(&["backup", "create", "g", "--mode", "saved-state", "--json"]);
+    let out = cli.run(&["backup", "create", "g", "--mode", "saved-state", "--json"]);
+    assert!(out.status.success());
+    let off: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(off["consistency"], "offline", "{off}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no memory to save"), "{said}");
     cli.ok(&["backup", "restore", &id, "--in-place"]);
     std::fs::remove_file(store.join("g/logs/serial.log")).unwrap();
     starts_where_it_was(&cli, &store, "g", &boot, before, after);
