@@ -156,7 +156,7 @@ pub(crate) fn take(session: &Session, name: Option<&str>) -> Result<Capture> {
         }
         vm.state().config.checkpoint_type
     };
-    let was_paused = session.qmp.status(SECS(5))? == "paused";
+    let was_paused = guest_stopped(session)?;
     let mut fallback = None;
     let mut frozen: Option<Frozen> = None;
     if matches!(
@@ -209,7 +209,7 @@ pub(crate) fn take_recovery(
     sweep_dead_backups(session);
     let op = session.exclusive();
     vm::config::validate_checkpoint_name(name)?;
-    let was_paused = session.qmp.status(SECS(5))? == "paused";
+    let was_paused = guest_stopped(session)?;
     let mut fallback = None;
     let mut frozen: Option<Frozen> = None;
     if quiesce != Quiesce::Skip {
@@ -300,6 +300,14 @@ fn sweep_dead_backups(session: &Session) {
         }
         s.remove();
     }
+}
+
+/// Whether the guest's processors are stopped, so that a take must leave them stopped.
+/// Not only `paused`: once QEMU has written a paused guest's memory without the background
+/// snapshot (a standard or saved-state take of a paused VM), its status is `postmigrate`;
+/// a take that read only `paused` as paused then resumed a guest the user had paused.
+fn guest_stopped(session: &Session) -> Result<bool> {
+    Ok(session.qmp.status(SECS(5))? != "running")
 }
 
 /// Freezes the guest's file systems through its agent, or says why not.
