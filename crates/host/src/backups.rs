@@ -4,13 +4,20 @@
 //! group is the VM's name; it holds one disk stream per virtual disk (in the config's
 //! order, so `--disk N` is the store's `diskN`), the VM's configuration as the blob
 //! [`CONFIG_BLOB`] (the checkpoint config format of the `vm` crate), its UEFI variable
-//! store as [`NVRAM_BLOB`] when it has one, and the fields [`FIELDS`] name.
+//! store as [`NVRAM_BLOB`] when it has one, the guest's memory and device state as
+//! [`STATE_BLOB`] in a `saved-state` point, and the fields [`FIELDS`] name.
 //!
 //! | VM | what [`VmHandle::backup`] does | consistency |
 //! |---|---|---|
-//! | off | holds the VM's lock, copies Now's chain of each disk (read through the chain, holes skipped) | `offline` |
-//! | running | a recovery checkpoint through the worker (`Request::RecoveryCheckpoint`: frozen through the agent as the mode says, switched, thawed; never with memory), its layers copied read-only while the guest runs, then the checkpoint deleted live (merged away) | `application` (the agent froze the guest) or `crash` (`--mode crash`, or `auto` without an answering agent) |
-//! | saved | refused: its memory belongs to its current disks | |
+//! | off | holds the VM's lock, copies Now's chain of each disk (read through the chain, holes skipped), whatever the mode (`saved-state` too: there is no memory to save) | `offline` |
+//! | saved | the same, with its `saved/state.vsv` as [`STATE_BLOB`] (it belongs to the disks as they are), whatever the mode | `saved-state` |
+//! | running | a recovery checkpoint through the worker (`Request::RecoveryCheckpoint`: frozen through the agent as the mode says, switched, thawed), its layers copied read-only while the guest runs, then the checkpoint deleted live (merged away) | `application` (the agent froze the guest) or `crash` (`--mode crash`, or `auto` without an answering agent) |
+//! | running, `--mode saved-state` | the same, never frozen, with the guest's memory and device state as of the switch kept in the recovery checkpoint (QEMU's background snapshot: the guest runs on while its memory is written, or stays paused where that is not available) and streamed into the point as [`STATE_BLOB`] | `saved-state` |
+//!
+//! A restore (as a new VM or in place) of a `saved-state` point writes the state to the
+//! VM's `saved/state.vsv` last, so the VM is `saved` and `vm start` resumes the guest
+//! from the point's instant (the same machinery as the apply of a checkpoint with
+//! memory), with the VM's generation ID on its `vmgenid` device.
 //!
 //! A disk is copied in full when the VM has no earlier point, or with `full`; otherwise
 //! as an express full against the VM's last point (every block read and hashed, only
@@ -21,11 +28,22 @@
 //! leaves a VM that refuses to start or be backed up and says how to finish (run the
 //! restore again, which reuses the checkpoint the first run kept, or apply that checkpoint;
 //! for a new VM, delete it and restore again).
+//!
+//! # Crash model
+//!
+//! A point is listed only once committed (the `backup` crate). A `backup create` of a
+//! running VM holds a lease ([`crate::lease`]) from before it asks for the recovery
+//! checkpoint until that checkpoint is deleted: killed at any instant, the worker has
+//! already thawed the guest (the freeze never outlives the request), and the recovery
+//! checkpoint it left is removed by the worker before the next backup's, or at the VM's
+//! next open. A worker killed mid-backup takes QEMU with it; the next open removes the
+//! recovery checkpoint.
 
 use crate::error::{Context, Error, Result};
 use crate::host::{Host, VmHandle};
 use crate::protocol::{Quiesce, Reply, Request};
 use crate::record::RunStatus;
+use crate::run_state::RunState;
 use backup::{Method, Point, Repository};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,6 +55,9 @@ use vhdx::ErrorKind;
 pub const CONFIG_BLOB: &str = "config.json";
 /// The blob holding the VM's UEFI variable store.
 pub const NVRAM_BLOB: &str = "nvram.fd";
+/// The blob holding the guest's memory and device state, in a `saved-state` point (QEMU's
+/// migration stream, as in `saved/state.vsv`).
+pub const STATE_BLOB: &str = "state.vsv";
 
 /// The point fields this module writes: `vm`, `vm_uuid`, `consistency`, `method`,
 /// `duration_ms`, `freeze_ms`, `pause_ms`.
@@ -90,7 +111,7 @@ pub struct BackupOptions {
 pub struct BackedUp {
     /// The committed point.
     pub point: Point,
-    /// `offline`, `application` or `crash`.
+    /// `offline`, `application`, `crash` or `saved-state`.
     pub consistency: String,
     /// `full` or `express-full` (the method of the disks).
     pub method: String,
@@ -236,6 +257,7 @@ fn write_point(
     repo: &Repository,
     config: &vm::VmConfig,
     nvram: Option<&Path>,
+    state: Option<&Path>,
     disks: &[DiskSource],
     full: bool,
     consistency: &str,
@@ -253,6 +275,9 @@ fn write_point(
     writer.add_blob(CONFIG_BLOB, &vm::config::checkpoint_config_bytes(config))?;
     if let Some(path) = nvram {
         writer.add_blob_file(NVRAM_BLOB, path, progress)?;
+    }
+    if let Some(path) = state {
+        writer.add_blob_file(STATE_BLOB, path, progress)?;
     }
     let mut method = "full";
     for d in disks {
@@ -317,7 +342,20 @@ impl VmHandle<'_> {
         {
             return Err(e).with_context(what);
         }
-        let vm = self.open_offline("backup create").with_context(what)?;
+        // A saved VM is copied with its saved state, which belongs to its disks as they
+        // are: restored, it comes back saved, as it was.
+        let saved = self
+            .dir()
+            .is_ok_and(|d| RunStatus::read(&d).state == RunState::Saved);
+        let vm = if saved {
+            self.store()
+                .open_vm(&self.name, "backup create")
+                .with_context(what)?
+        } else {
+            self.open_offline("backup create").with_context(what)?
+        };
+        let saved_state = vm.dir().join(vm::journal::SAVED_STATE_FILE);
+        let saved = saved && saved_state.is_file();
         let state = vm.state();
         let disks: Vec<DiskSource> = state
             .config
@@ -341,9 +379,10 @@ impl VmHandle<'_> {
             repo,
             &state.config,
             nvram.as_deref(),
+            saved.then_some(saved_state.as_path()),
             &disks,
             opts.full,
-            "offline",
+            if saved { "saved-state" } else { "offline" },
             Duration::ZERO,
             Duration::ZERO,
             started,
@@ -360,23 +399,27 @@ impl VmHandle<'_> {
         started: Instant,
         progress: CopyProgress,
     ) -> Result<BackedUp> {
-        let quiesce = match opts.mode {
-            BackupMode::Auto => Quiesce::Try,
-            BackupMode::Online => Quiesce::Required,
-            BackupMode::Crash => Quiesce::Skip,
-            BackupMode::SavedState => {
-                return Err(refused(
-                    ErrorKind::Unsupported,
-                    "--mode saved-state is not available yet: use --mode auto, online or crash",
-                ));
-            }
+        // saved-state: DPM's offline method for a running VM, without taking it off
+        // line: no freeze, the guest paused for the switch while QEMU captures its device
+        // state, its memory written as of that instant into the recovery checkpoint.
+        let (quiesce, memory) = match opts.mode {
+            BackupMode::Auto => (Quiesce::Try, false),
+            BackupMode::Online => (Quiesce::Required, false),
+            BackupMode::Crash => (Quiesce::Skip, false),
+            BackupMode::SavedState => (Quiesce::Skip, true),
         };
+        // Held until the recovery checkpoint is gone: if this process dies, the worker
+        // removes the checkpoint before the next backup's (`crate::lease`).
+        let lease = crate::lease::Lease::take(&dir.join(crate::run_state::RUN_DIR))?;
+        vm::fsutil::crashpoint("backup create: lease taken");
         let request = Request::RecoveryCheckpoint {
             name: format!(
                 "recovery checkpoint ({})",
                 vm::fsutil::format_time(vm::fsutil::now_unix())
             ),
             quiesce,
+            memory,
+            lease: Some(lease.name().to_owned()),
         };
         let capture = match self
             .call(dir, &request, crate::host::LIVE_OP_TIMEOUT)
@@ -387,6 +430,7 @@ impl VmHandle<'_> {
         };
         vm::fsutil::crashpoint("backup create: recovery checkpoint taken");
         let consistency = match capture.consistency {
+            _ if memory => "saved-state",
             vm::Consistency::ApplicationConsistent => "application",
             _ => "crash",
         };
@@ -412,16 +456,24 @@ impl VmHandle<'_> {
                     top: vm_dir.join(vm::journal::DISKS_DIR).join(layer),
                 })
                 .collect();
-            let nvram = vm_dir
+            let checkpoint_dir = vm_dir
                 .join(vm::journal::CHECKPOINTS_DIR)
-                .join(c.id.to_string())
-                .join(vm::journal::CHECKPOINT_NVRAM_FILE);
+                .join(c.id.to_string());
+            let nvram = checkpoint_dir.join(vm::journal::CHECKPOINT_NVRAM_FILE);
+            let state = checkpoint_dir.join(vm::journal::CHECKPOINT_MEMORY_FILE);
+            if memory && !state.is_file() {
+                return Err(refused(
+                    ErrorKind::Corrupt,
+                    "the recovery checkpoint has no saved state",
+                ));
+            }
             let freeze = Duration::from_secs_f64(capture.frozen_ms.unwrap_or(0.0) / 1000.0);
             let pause = Duration::from_secs_f64(capture.paused_ms / 1000.0);
             write_point(
                 repo,
                 &config,
                 nvram.is_file().then_some(nvram.as_path()),
+                memory.then_some(state.as_path()),
                 &disks,
                 opts.full,
                 consistency,
@@ -431,8 +483,12 @@ impl VmHandle<'_> {
                 progress,
             )
         })();
+        vm::fsutil::crashpoint("backup create: point written");
         // Merged away under the guest, whether or not the copy worked.
         let deleted = self.delete_checkpoint(&capture.id.to_string(), false, crate::no_progress());
+        if deleted.is_ok() {
+            lease.release();
+        }
         match (result, deleted) {
             (Ok(done), Ok(_)) => Ok(done),
             (Ok(done), Err(e)) => {
@@ -531,6 +587,7 @@ impl VmHandle<'_> {
         }
         // The guest's disks went back in time, as after an apply.
         let generation_id = vm.renew_generation_id().with_context(what)?;
+        restore_saved_state(repo, point, vm.dir(), progress).with_context(what)?;
         unmark_restoring(vm.dir()).with_context(what)?;
         Ok(RestoredInPlace {
             kept_as,
@@ -538,6 +595,26 @@ impl VmHandle<'_> {
             generation_id,
         })
     }
+}
+
+/// A `saved-state` point's state becomes the restored VM's `saved/state.vsv` (streamed,
+/// written under a temporary name and linked into place last), so the VM is `saved` and
+/// `vm start` resumes the guest from the point's instant, as after the apply of a
+/// checkpoint with memory. Other points leave the VM off.
+fn restore_saved_state(
+    repo: &Repository,
+    point: &Point,
+    vm_dir: &Path,
+    progress: CopyProgress,
+) -> Result<()> {
+    if point.blob(STATE_BLOB).is_none() {
+        return Ok(());
+    }
+    let file = vm_dir.join(vm::journal::SAVED_STATE_FILE);
+    let folder = file.parent().expect("in a folder");
+    std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
+    backup::restore_blob_to_file(repo, point, STATE_BLOB, &file, progress)?;
+    Ok(())
 }
 
 impl Host {
@@ -589,6 +666,7 @@ impl Host {
                 let path = vm.dir().join(vm::journal::FIRMWARE_DIR).join(nvram);
                 vm::fsutil::atomic_write(&path, &bytes)?;
             }
+            restore_saved_state(repo, point, vm.dir(), progress)?;
             unmark_restoring(vm.dir())?;
             Ok(RestoredVm {
                 name: name.to_owned(),

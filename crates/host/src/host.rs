@@ -512,12 +512,17 @@ impl VmHandle<'_> {
             ))
             .into());
         }
+        // As a backup's: if this process dies, the worker removes the checkpoint before the
+        // next recovery checkpoint (`crate::lease`), or the next open does.
+        let lease = crate::lease::Lease::take(&dir.join(crate::run_state::RUN_DIR))?;
         let request = Request::RecoveryCheckpoint {
             name: format!(
                 "export ({})",
                 vm::fsutil::format_time(vm::fsutil::now_unix())
             ),
             quiesce: crate::protocol::Quiesce::Try,
+            memory: false,
+            lease: Some(lease.name().to_owned()),
         };
         let capture = match self
             .call(dir, &request, LIVE_OP_TIMEOUT)
@@ -529,6 +534,9 @@ impl VmHandle<'_> {
         vm::fsutil::crashpoint("vm export: recovery checkpoint taken");
         let copied = self.store().export_running(&self.name, dest, capture.id);
         let deleted = self.delete_checkpoint(&capture.id.to_string(), false, crate::no_progress());
+        if deleted.is_ok() {
+            lease.release();
+        }
         copied?;
         if let Err(e) = deleted {
             tracing::warn!(

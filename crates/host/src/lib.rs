@@ -38,7 +38,7 @@
 //! | [`VmHandle::export`] | `vm::Store::export` | worker: recovery checkpoint (`live.rs`), the tree copied with it as Now (`vm::Store::export_running`), then deleted live |
 //! | [`VmHandle::add_disk`], [`remove_disk`](VmHandle::remove_disk), [`disks`](VmHandle::disks) | `vm::Vm` (`vm::disks`) | add and remove refused (stop it first); the list is read without a lock |
 //! | [`VmHandle::info`], [`checkpoints`](VmHandle::checkpoints), [`Host::list`] | read without a lock | the same |
-//! | [`VmHandle::backup`] | Now's chains copied into the repository under the VM's lock | worker: recovery checkpoint (`live.rs`), its layers copied by the caller, then deleted live ([`backups`]) |
+//! | [`VmHandle::backup`] | Now's chains copied into the repository under the VM's lock (a saved VM with its saved state) | worker: recovery checkpoint (`live.rs`; with memory for `saved-state`), its layers (and memory) copied by the caller under a lease (`lease.rs`), then deleted live ([`backups`]) |
 //! | [`VmHandle::restore_in_place`], [`Host::restore_as`] | a checkpoint then Now overwritten; a new VM filled from the point | in place refused (stop it first) |
 //!
 //! ## Layout
@@ -58,13 +58,15 @@
 //! | `worker.rs` | the worker process's body: disks served, QEMU run, requests answered |
 //! | `session.rs` | the running VM as the worker holds it |
 //! | `live.rs` | checkpoints of the running guest |
+//! | `lease.rs` | backup leases: the worker removes a dead backup's recovery checkpoint |
 //! | `live_merge.rs` | merges under the running guest |
 //! | `served.rs` | [`served::ServedDisk`], the disk QEMU is served |
 //! | `machine.rs` | QEMU's program, accelerator, firmware, machine |
 //! | `qemu_process.rs` | QEMU as the worker's child; its state streamed to files |
 //!
 //! Imports point one way. The front end's side: `backups`, `checkpoints`, `vm_disks` → `host` → `lifecycle`,
-//! `info`, `control` → `record`, `machine` → `error` → `protocol`, `run_state`. The
+//! `info`, `control` → `record`, `machine` → `error` → `protocol`, `run_state`; `backups`
+//! and `live` → `lease` → `error`. The
 //! worker's side: `worker` → `live` → `live_merge` → `session` → `served`, and
 //! `qemu_process` → `machine`.
 //!
@@ -111,6 +113,7 @@ pub mod control;
 pub mod error;
 mod host;
 pub mod info;
+mod lease;
 pub mod lifecycle;
 mod live;
 mod live_merge;

@@ -156,7 +156,7 @@ pub(crate) fn take(session: &Session, name: Option<&str>) -> Result<Capture> {
         }
         vm.state().config.checkpoint_type
     };
-    let was_paused = session.qmp.status(SECS(5))? == "paused";
+    let was_paused = guest_stopped(session)?;
     let mut fallback = None;
     let mut frozen: Option<Frozen> = None;
     if matches!(
@@ -194,13 +194,22 @@ pub(crate) fn take(session: &Session, name: Option<&str>) -> Result<Capture> {
     )
 }
 
-/// Takes a backup's recovery checkpoint: frozen through the agent as `quiesce` asks,
-/// never with memory (the backup copies its disk layers while the guest runs on, then
-/// deletes it).
-pub(crate) fn take_recovery(session: &Session, name: &str, quiesce: Quiesce) -> Result<Capture> {
-    let _op = session.exclusive();
+/// Takes a backup's recovery checkpoint: frozen through the agent as `quiesce` asks;
+/// with memory and device state only when `memory` (a `saved-state` backup, which copies
+/// the state file too); otherwise the backup copies only its disk layers while the guest
+/// runs on, then deletes it. First removes the recovery checkpoints of backups that died
+/// ([`crate::lease`]); records the new one in the backup's `lease`.
+pub(crate) fn take_recovery(
+    session: &Session,
+    name: &str,
+    quiesce: Quiesce,
+    memory: bool,
+    lease: Option<&str>,
+) -> Result<Capture> {
+    sweep_dead_backups(session);
+    let op = session.exclusive();
     vm::config::validate_checkpoint_name(name)?;
-    let was_paused = session.qmp.status(SECS(5))? == "paused";
+    let was_paused = guest_stopped(session)?;
     let mut fallback = None;
     let mut frozen: Option<Frozen> = None;
     if quiesce != Quiesce::Skip {
@@ -221,12 +230,14 @@ pub(crate) fn take_recovery(session: &Session, name: &str, quiesce: Quiesce) -> 
         kind: CheckpointKind::Recovery,
         consistency: if frozen.is_some() {
             Consistency::ApplicationConsistent
+        } else if memory {
+            Consistency::CrashConsistentWithMemory
         } else {
             Consistency::CrashConsistent
         },
-        has_memory: false,
+        has_memory: memory,
     };
-    capture_thawed(
+    let capture = capture_thawed(
         session,
         Some(name),
         taken,
@@ -234,7 +245,69 @@ pub(crate) fn take_recovery(session: &Session, name: &str, quiesce: Quiesce) -> 
         frozen,
         frozen_at,
         fallback,
-    )
+    )?;
+    let Some(lease) = lease else {
+        return Ok(capture);
+    };
+    let run_dir = session.dir.join(crate::run_state::RUN_DIR);
+    match crate::lease::record(&run_dir, lease, capture.id) {
+        Ok(true) => Ok(capture),
+        recorded => {
+            drop(op);
+            // Nobody will copy or delete it: the backup that asked is gone (or its lease
+            // unusable, so it could not be swept later).
+            if let Err(e) = delete(session, &capture.id.to_string(), false) {
+                tracing::warn!(
+                    "removing the recovery checkpoint {}: {}",
+                    capture.id,
+                    e.chain()
+                );
+            }
+            match recorded {
+                Err(e) => Err(e).context("the backup's lease"),
+                _ => Err(Error::Refused {
+                    kind: ErrorKind::Invalid,
+                    reason: "the backup that asked for the recovery checkpoint is gone, so it was removed again".into(),
+                }),
+            }
+        }
+    }
+}
+
+/// Deletes (merging live) the recovery checkpoints whose backups died; logs, never
+/// fails: a checkpoint that stays is removed by the next sweep or the VM's next open.
+fn sweep_dead_backups(session: &Session) {
+    let run_dir = session.dir.join(crate::run_state::RUN_DIR);
+    // Under the operation lock, so that no take is between its capture and its record.
+    let stale = {
+        let _op = session.exclusive();
+        crate::lease::stale(&run_dir)
+    };
+    for s in stale {
+        let left = s.checkpoint.filter(|id| {
+            session
+                .vm()
+                .state()
+                .checkpoint(*id)
+                .is_some_and(|c| c.kind == CheckpointKind::Recovery)
+        });
+        if let Some(id) = left {
+            tracing::warn!("removing the recovery checkpoint {id}, left by a backup that died");
+            if let Err(e) = delete(session, &id.to_string(), false) {
+                tracing::warn!("removing the recovery checkpoint {id}: {}", e.chain());
+                continue;
+            }
+        }
+        s.remove();
+    }
+}
+
+/// Whether the guest's processors are stopped, so that a take must leave them stopped.
+/// Not only `paused`: once QEMU has written a paused guest's memory without the background
+/// snapshot (a standard or saved-state take of a paused VM), its status is `postmigrate`;
+/// a take that read only `paused` as paused then resumed a guest the user had paused.
+fn guest_stopped(session: &Session) -> Result<bool> {
+    Ok(session.qmp.status(SECS(5))? != "running")
 }
 
 /// Freezes the guest's file systems through its agent, or says why not.

@@ -6,9 +6,9 @@
 //! clearly instead of misread:
 //!
 //! ```text
-//! -> {"version":1,"request":{"op":"checkpoint-delete","checkpoint":"before upgrade","subtree":false}}
-//! <- {"version":1,"result":{"ok":{"reply":"checkpoint-deleted","deleted":"…",…}}}
-//! <- {"version":1,"result":{"error":{"kind":"not-found","message":"VM \"web\" has no checkpoint named …"}}}
+//! -> {"version":2,"request":{"op":"checkpoint-delete","checkpoint":"before upgrade","subtree":false}}
+//! <- {"version":2,"result":{"ok":{"reply":"checkpoint-deleted","deleted":"…",…}}}
+//! <- {"version":2,"result":{"error":{"kind":"not-found","message":"VM \"web\" has no checkpoint named …"}}}
 //! ```
 //!
 //! A request is a [`Request`]; the worker answers with a [`Reply`] or an error carrying
@@ -31,7 +31,7 @@ use vm::journal::Direction;
 use vm::{CheckpointKind, CheckpointType, Consistency, Reconciled};
 
 /// The version of the protocol this library speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The longest line either side reads.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
@@ -60,13 +60,20 @@ pub enum Request {
         /// Its name (default: `VM (YYYY-MM-DD hh:mm:ss)`).
         name: Option<String>,
     },
-    /// Take a recovery checkpoint for a backup: never with memory, quiesced as `quiesce`
-    /// says, whatever the VM's checkpoint type.
+    /// Take a recovery checkpoint for a backup, quiesced as `quiesce` says, whatever the
+    /// VM's checkpoint type; with the guest's memory and device state only when `memory`
+    /// (a `saved-state` backup). Recovery checkpoints whose backups died are removed first.
     RecoveryCheckpoint {
         /// Its name.
         name: String,
         /// Whether to freeze the guest through its agent first.
         quiesce: Quiesce,
+        /// Keep the guest's memory and device state in the checkpoint's folder.
+        memory: bool,
+        /// The backup's lease: a file name in the VM's `run/` folder that the backup holds
+        /// an exclusive `flock` on while it lives. The worker writes the checkpoint's id
+        /// into it; a lease whose lock is free names a recovery checkpoint to remove.
+        lease: Option<String>,
     },
     /// Delete a checkpoint (or its subtree); its layers merge under the guest.
     CheckpointDelete {
@@ -524,6 +531,8 @@ mod tests {
             Request::RecoveryCheckpoint {
                 name: "r".into(),
                 quiesce: Quiesce::Try,
+                memory: true,
+                lease: Some("backup-1.lease".into()),
             },
             Request::CheckpointExport {
                 checkpoint: "a b".into(),
@@ -551,14 +560,15 @@ mod tests {
             Err(ProtocolError::Unversioned)
         ));
         assert!(matches!(
-            decode_request(br#"{"version": 2, "request": {"op": "status"}}"#),
-            Err(ProtocolError::Version { found: 2 })
+            decode_request(br#"{"version": 1, "request": {"op": "status"}}"#),
+            Err(ProtocolError::Version { found: 1 })
         ));
         for bad in [
-            &br#"{"version": 1, "request": {"op": "reboot"}}"#[..],
-            br#"{"version": 1, "request": {"op": "stop", "force": true}}"#,
-            br#"{"version": 1, "request": {"op": "status", "extra": 1}}"#,
-            br#"{"version": 1}"#,
+            &br#"{"version": 2, "request": {"op": "reboot"}}"#[..],
+            br#"{"version": 2, "request": {"op": "stop", "force": true}}"#,
+            br#"{"version": 2, "request": {"op": "status", "extra": 1}}"#,
+            br#"{"version": 2, "request": {"op": "recovery-checkpoint", "name": "r", "quiesce": "try"}}"#,
+            br#"{"version": 2}"#,
             b"not json",
         ] {
             assert!(

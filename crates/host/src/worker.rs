@@ -290,9 +290,18 @@ fn handle(session: &Session, request: Request) -> Result<Reply> {
             session,
             name.as_deref(),
         )?)),
-        Request::RecoveryCheckpoint { name, quiesce } => Ok(Reply::CheckpointTaken(
-            crate::live::take_recovery(session, &name, quiesce)?,
-        )),
+        Request::RecoveryCheckpoint {
+            name,
+            quiesce,
+            memory,
+            lease,
+        } => Ok(Reply::CheckpointTaken(crate::live::take_recovery(
+            session,
+            &name,
+            quiesce,
+            memory,
+            lease.as_deref(),
+        )?)),
         Request::CheckpointDelete {
             checkpoint,
             subtree,

@@ -70,9 +70,13 @@ pub struct InitArgs {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum ModeArg {
+    /// Application-consistent if the guest agent answers, else crash-consistent.
     Auto,
+    /// Application-consistent (frozen through the guest agent), or refuse.
     Online,
+    /// Crash-consistent, without asking the agent.
     Crash,
+    /// With the guest's memory and device state: a restore comes back saved and resumes.
     SavedState,
 }
 
@@ -416,6 +420,12 @@ fn create(a: CreateArgs, store: &StoreArgs) -> Result<ExitCode> {
     )?;
     bar.finish_and_clear();
     warn_same_file_system(store, &a.repo.repo);
+    if a.mode == ModeArg::SavedState && done.consistency == "offline" {
+        eprintln!(
+            "note: VM \"{}\" is off, so it has no memory to save: it was copied offline",
+            a.vm
+        );
+    }
     if a.json {
         print_json(&created_json(&done))?;
     } else {

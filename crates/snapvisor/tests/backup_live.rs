@@ -153,7 +153,8 @@ fn online_mode_refuses_without_the_agent_and_auto_falls_back_to_crash() {
     // A backup that dies after its recovery checkpoint: nothing listed; the checkpoint is
     // hidden from `checkpoint list` (not from `--all`) and not counted in the limit.
     let mut c = cli.command(&["backup", "create", "g", "--mode", "crash"]);
-    c.env("SNAPVISOR_CRASH_AT", "1");
+    // Crash point 1 is the lease taken, 2 the recovery checkpoint taken.
+    c.env("SNAPVISOR_CRASH_AT", "2");
     let out = c.output().unwrap();
     assert!(!out.status.success(), "the backup should have died");
     assert!(
