@@ -57,10 +57,11 @@
 //! | `live.rs` | checkpoints of the running guest |
 //! | `live_merge.rs` | merges under the running guest |
 //! | `served.rs` | [`served::ServedDisk`], the disk QEMU is served |
-//! | `machine.rs` | QEMU's program, accelerator, firmware, machine |
+//! | `machine.rs` | QEMU's program, accelerator, firmware, machine; serial console paths and log rotation |
+//! | `console.rs` | [`VmHandle::console`]: one client on a running VM's serial console |
 //! | `qemu_process.rs` | QEMU as the worker's child; its state streamed to files |
 //!
-//! Imports point one way. The front end's side: `backups`, `checkpoints` → `host` → `lifecycle`,
+//! Imports point one way. The front end's side: `backups`, `checkpoints`, `console` → `host` → `lifecycle`,
 //! `info`, `control` → `record`, `machine` → `error` → `protocol`, `run_state`. The
 //! worker's side: `worker` → `live` → `live_merge` → `session` → `served`, and
 //! `qemu_process` → `machine`.
@@ -104,6 +105,7 @@
 
 pub mod backups;
 mod checkpoints;
+pub mod console;
 pub mod control;
 pub mod error;
 mod host;
@@ -121,6 +123,7 @@ mod session;
 pub mod worker;
 
 pub use checkpoints::{Applied, ApplyOptions, Checkpointed, Deleted};
+pub use console::Console;
 pub use error::{Error, Result};
 pub use host::{
     Host, Progress, StartOptions, StopOptions, Stopped, VmChanges, VmHandle, VmStatus, no_progress,
