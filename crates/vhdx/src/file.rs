@@ -304,6 +304,16 @@ impl VhdxFile {
         VhdxFile::open_inner(Arc::new(file), path, options, true)
     }
 
+    /// [`VhdxFile::open_salvage`] through any [`FileIo`] (the crash tests' files).
+    #[cfg(feature = "testing")]
+    pub(crate) fn open_salvage_io(
+        io: Arc<dyn FileIo>,
+        path: &Path,
+        options: OpenOptions,
+    ) -> Result<(VhdxFile, Vec<DroppedBlock>)> {
+        VhdxFile::open_inner(io, path, options, true)
+    }
+
     fn open_inner(
         io: Arc<dyn FileIo>,
         path: &Path,

@@ -296,3 +296,73 @@ fn a_lost_sector_bitmap_drops_the_partial_blocks_it_describes() {
     assert!(report.is_clean(), "{report:?}");
     assert_salvaged(&read_all(&child), &expected, &[2], bs);
 }
+
+/// Power lost at any point of a salvage (every sync in turn fails, then none, half or all
+/// of the unsynced writes are kept) leaves a file that is either still the truncated one
+/// or salvaged, never clean with other data; and a repair of it gives the same result.
+#[test]
+fn power_loss_during_a_salvage_leaves_a_file_a_repair_finishes() {
+    use std::sync::Arc;
+    use vhdx::{CrashIo, Fault, FaultyIo, FileIo};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.vhdx");
+    let bs = MIB;
+    vhdx::create(
+        &path,
+        &CreateParams {
+            block_size: Some(bs as u32),
+            ..CreateParams::dynamic(32 * MIB)
+        },
+    )
+    .unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut expected = vec![0u8; 32 * MIB as usize];
+    {
+        let c = Chain::open(&path, true).unwrap();
+        for b in [5u64, 0, 9, 30, 2, 17] {
+            let mut data = vec![0u8; bs as usize];
+            rng.fill(&mut data[..]);
+            c.write_at(&data, b * bs).unwrap();
+            expected[(b * bs) as usize..((b + 1) * bs) as usize].copy_from_slice(&data);
+        }
+        c.close().unwrap();
+    }
+    let stored = stored_blocks(&path);
+    truncate(&path, stored[3].1 + bs / 3);
+    let mut lost: Vec<u64> = stored[3..].iter().map(|&(b, _)| b).collect();
+    lost.sort_unstable();
+    let truncated = std::fs::read(&path).unwrap();
+    let crashed = dir.path().join("crashed.vhdx");
+    let mut completed = false;
+    let mut syncs = 0;
+    while !completed {
+        let io = Arc::new(FaultyIo::new(
+            CrashIo::new(truncated.clone()),
+            syncs,
+            Fault::SyncFailure,
+        ));
+        let result = vhdx::salvage_io(io.clone() as Arc<dyn FileIo>, &path);
+        completed = result.is_ok();
+        if let Ok(n) = result {
+            assert_eq!(n, 3);
+        }
+        for keep in [0.0, 0.5, 1.0] {
+            let what = format!("sync {syncs} failed, unsynced writes kept with p={keep}");
+            let image = io.inner().crash(|_| rng.random_bool(keep));
+            std::fs::write(&crashed, &image).unwrap();
+            let report = vhdx::check(&crashed, false).unwrap();
+            if report.is_clean() {
+                assert_salvaged(&read_all(&crashed), &expected, &lost, bs);
+            } else {
+                assert_eq!(report.lost_blocks, 3, "{what}: {report:?}");
+            }
+            let report = vhdx::check(&crashed, true)
+                .unwrap_or_else(|e| panic!("{what}: repair failed: {}", vhdx::error_chain(&e)));
+            assert!(report.is_clean(), "{what}: {report:?}");
+            assert_salvaged(&read_all(&crashed), &expected, &lost, bs);
+        }
+        syncs += 1;
+        assert!(syncs < 50, "the salvage never completed");
+    }
+    assert!(syncs > 2, "the salvage took only {syncs} syncs");
+}
