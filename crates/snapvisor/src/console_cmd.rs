@@ -4,7 +4,7 @@
 //! On a terminal: raw mode (every key goes to the guest, Ctrl-C included), `Ctrl-]`
 //! detaches, the terminal is restored however the command ends (detach, the VM stopping,
 //! an error). With stdin not a terminal (scripts): stdin is copied to the console and the
-//! console to stdout; at stdin's end the console is copied on for `--wait` seconds (so
+//! console to stdout; at stdin's end the console is copied on for `--linger` seconds (so
 //! the answer to the last line is seen), then the command detaches. Either way the VM
 //! runs on after a detach, and the command ends by itself when the VM stops.
 //!
@@ -30,7 +30,7 @@ pub struct ConsoleArgs {
     /// When stdin is not a terminal: seconds to keep copying the console to stdout after
     /// stdin ends (then detach).
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
-    wait: f64,
+    linger: f64,
 }
 
 enum End {
@@ -45,10 +45,10 @@ enum End {
 }
 
 pub fn run(host: &Host, a: ConsoleArgs) -> Result<ExitCode> {
-    if !(a.wait.is_finite() && a.wait >= 0.0) {
+    if !(a.linger.is_finite() && a.linger >= 0.0) {
         anyhow::bail!(
-            "--wait {} is not a number of seconds: give 0 or more",
-            a.wait
+            "--linger {} is not a number of seconds: give 0 or more",
+            a.linger
         );
     }
     let vm = host.vm(&a.name);
@@ -127,10 +127,10 @@ pub fn run(host: &Host, a: ConsoleArgs) -> Result<ExitCode> {
 
     let mut end = rx.recv().unwrap_or(End::ConsoleClosed);
     if let End::InputEnded = end {
-        // The guest may still be answering the last line: copy on for --wait, unless
+        // The guest may still be answering the last line: copy on for --linger, unless
         // the console closes first.
         if let Ok(e @ (End::ConsoleClosed | End::Failed(_))) =
-            rx.recv_timeout(Duration::from_secs_f64(a.wait))
+            rx.recv_timeout(Duration::from_secs_f64(a.linger))
         {
             end = e;
         }

@@ -76,7 +76,7 @@ fn console_through_a_pipe_shows_the_guest_detaches_and_the_vm_runs_on() {
     );
     cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
 
-    let (mut child, rx) = attach(&cli, &["--wait", "0"]);
+    let (mut child, rx) = attach(&cli, &["--linger", "0"]);
     let (first, boot) = next_tick(&rx, 120);
     let (second, _) = next_tick(&rx, 30);
     assert!(second > first, "{first} then {second}");
