@@ -512,6 +512,12 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
                 a.path.display(),
                 report.errors.len()
             );
+            if report.lost_blocks > 0 && !a.repair {
+                println!(
+                    "to salvage the rest: snapvisor disk check --repair {} (copy the file first to keep it as it is)",
+                    disk::shell_quote(&a.path)
+                );
+            }
         }
     }
     Ok(if report.is_clean() {

@@ -85,7 +85,8 @@ fn disk_check_repair_salvages_a_truncated_vhdx() {
     assert!(
         text.contains("probably truncated")
             && text.contains("3 blocks (3 MiB of the virtual disk: 0x500000-0x7fffff (3 MiB))")
-            && text.contains("repair keeps the 5 intact blocks"),
+            && text.contains("repair keeps the 5 intact blocks")
+            && text.contains("to salvage the rest: snapvisor disk check --repair t.vhdx"),
         "{text}"
     );
     let out = snapvisor(&["disk", "check", "t.vhdx", "--json"], d, None);

@@ -203,7 +203,7 @@ pub enum Corruption {
     },
     /// The log, the BAT region or the metadata region extends past the end of the file.
     #[error(
-        "{what} at offset {offset} length {length} extends past the end of the file ({file_len} bytes)"
+        "{what} at offset {offset} length {length} extends past the end of the file ({file_len} bytes): the file was probably truncated, before its data area (nothing in it can be salvaged without that structure)"
     )]
     BeyondEndOfFile {
         /// Which structure.

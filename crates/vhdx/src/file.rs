@@ -393,6 +393,30 @@ impl VhdxFile {
             .find(METADATA_REGION_GUID)
             .ok_or(corrupt(Corruption::MissingRegion { name: "metadata" }))?
             .clone();
+        // Before anything is read from them: a file cut short reads zeros there, which
+        // would be reported as a damaged structure rather than as the truncation it is.
+        for (what, offset, length) in [
+            ("the log", header.log_offset, u64::from(header.log_length)),
+            (
+                "the metadata region",
+                meta_region.file_offset,
+                u64::from(meta_region.length),
+            ),
+            (
+                "the bat region",
+                bat_region.file_offset,
+                u64::from(bat_region.length),
+            ),
+        ] {
+            if length > 0 && offset.checked_add(length).is_none_or(|e| e > file_len) {
+                return Err(corrupt(Corruption::BeyondEndOfFile {
+                    what,
+                    offset,
+                    length,
+                    file_len,
+                }));
+            }
+        }
         if u64::from(meta_region.length) < METADATA_TABLE_SIZE as u64
             || u64::from(meta_region.length) > 256 * MIB
         {

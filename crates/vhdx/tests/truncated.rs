@@ -366,3 +366,28 @@ fn power_loss_during_a_salvage_leaves_a_file_a_repair_finishes() {
     }
     assert!(syncs > 2, "the salvage took only {syncs} syncs");
 }
+
+/// Cut before the data area (inside the log, the BAT or the metadata): nothing can be
+/// salvaged; check says the file was probably truncated, repair fails and changes nothing.
+#[test]
+fn a_file_cut_before_its_data_area_is_not_salvaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.vhdx");
+    vhdx::create(&path, &CreateParams::dynamic(64 * MIB)).unwrap();
+    {
+        let c = Chain::open(&path, true).unwrap();
+        c.write_at(&[7u8; 4096], 0).unwrap();
+        c.close().unwrap();
+    }
+    for cut in [MIB + MIB / 2, 3 * MIB + 4096] {
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(cut as usize);
+        let p = dir.path().join("cut.vhdx");
+        std::fs::write(&p, &bytes).unwrap();
+        let report = vhdx::check(&p, false).unwrap();
+        let text = report.errors.join("\n");
+        assert!(text.contains("probably truncated"), "cut at {cut}: {text}");
+        assert!(vhdx::check(&p, true).is_err(), "cut at {cut}");
+        assert_eq!(std::fs::read(&p).unwrap(), bytes, "cut at {cut}");
+    }
+}
