@@ -5,8 +5,9 @@
 //! detaches, the terminal is restored however the command ends (detach, the VM stopping,
 //! an error). With stdin not a terminal (scripts): stdin is copied to the console and the
 //! console to stdout; at stdin's end the console is copied on for `--linger` seconds (so
-//! the answer to the last line is seen), then the command detaches. Either way the VM
-//! runs on after a detach, and the command ends by itself when the VM stops.
+//! the answer to the last line is seen), then the command detaches. SIGTERM, SIGHUP (and
+//! SIGINT, which raw mode passes to the guest as a byte instead) detach as well. Either
+//! way the VM runs on after a detach, and the command ends by itself when the VM stops.
 //!
 //! One client at a time: a second `vm console` of the same VM is refused with the first
 //! one's pid (see `host::console`); whatever the guest writes is in the serial log
@@ -66,6 +67,20 @@ pub fn run(host: &Host, a: ConsoleArgs) -> Result<ExitCode> {
         None
     };
     let (tx, rx) = mpsc::channel::<End>();
+    // SIGTERM and SIGHUP (and SIGINT when not in raw mode) detach, so that the terminal
+    // is restored and the attach message answered, instead of dying in raw mode.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot watch for signals")?;
+    let sig_tx = tx.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = sig_tx.send(End::Detached);
+        }
+    });
 
     let mut from_vm = console
         .stream()

@@ -108,6 +108,21 @@ fn console_through_a_pipe_shows_the_guest_detaches_and_the_vm_runs_on() {
     let log = std::fs::read_to_string(store.join("g/logs/serial.log")).unwrap();
     assert!(log.contains(&format!("tick {second} boot={boot}")), "{log}");
 
+    // SIGTERM detaches too (the terminal, if any, restored), the VM running on.
+    let (child, rx) = attach(&cli, &[]);
+    next_tick(&rx, 60);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (status, err) = stderr_of(child);
+    assert!(
+        status.success() && err.contains("detached"),
+        "{status}: {err}"
+    );
+    assert_eq!(status_of(&cli), "running");
+
     // Attached again (the first client's lock went with it); the VM stopping ends it.
     let (child, rx) = attach(&cli, &[]);
     let (again, again_boot) = next_tick(&rx, 60);
