@@ -68,6 +68,39 @@ pub enum Error {
         /// Its run state.
         state: RunState,
     },
+    /// `vm console` of a VM that does not run.
+    #[error(
+        "VM \"{vm}\" is not running: start it with snapvisor vm start {}",
+        disk::shell_quote(std::path::Path::new(vm))
+    )]
+    ConsoleNotRunning {
+        /// The VM.
+        vm: String,
+        /// Its run state.
+        state: RunState,
+    },
+    /// Another client is attached to the VM's serial console.
+    #[error(
+        "the serial console of VM \"{vm}\" is in use by another snapvisor vm console{}: one client at a time; detach that one first (^] on its terminal)",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    ConsoleBusy {
+        /// The VM.
+        vm: String,
+        /// The attached client's pid, when it could be read.
+        pid: Option<u32>,
+    },
+    /// The VM runs without a console socket (started by a snapvisor before `vm console`).
+    #[error(
+        "VM \"{vm}\" was started without a console socket (by an earlier snapvisor); its output is in {}; restart it to attach",
+        log.display()
+    )]
+    NoConsoleSocket {
+        /// The VM.
+        vm: String,
+        /// Its serial log.
+        log: PathBuf,
+    },
     /// The VM's memory is more than the host has.
     #[error(
         "{} of memory is more than this host has ({}); give the VM at most that with --memory (or set SNAPVISOR_HOST_MEMORY to check against another host's memory)",
@@ -218,11 +251,15 @@ impl Error {
             Error::Io { source, .. } | Error::Spawn { source, .. } => ErrorKind::of_io(source),
             Error::Step { source, .. } => source.kind(),
             Error::NotRunning { .. }
+            | Error::ConsoleNotRunning { .. }
             | Error::NotRunningFailed { .. }
             | Error::MemoryExceedsHost { .. }
             | Error::Saved { .. }
             | Error::Transition { .. } => ErrorKind::Invalid,
-            Error::AlreadyRunning { .. } | Error::RunningHardware { .. } => ErrorKind::Busy,
+            Error::AlreadyRunning { .. }
+            | Error::RunningHardware { .. }
+            | Error::ConsoleBusy { .. } => ErrorKind::Busy,
+            Error::NoConsoleSocket { .. } => ErrorKind::Unsupported,
             Error::DidNotStart { .. } | Error::QemuFailed { .. } => ErrorKind::Io,
             Error::TimedOut { .. } => ErrorKind::Busy,
             Error::Worker { kind, .. } | Error::Refused { kind, .. } => *kind,

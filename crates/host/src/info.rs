@@ -41,6 +41,10 @@ pub struct VmInfo {
     pub uefi_vars: Option<PathBuf>,
     /// Hidden layers (files, with how many layers depend on each).
     pub hidden_layers: Vec<(PathBuf, usize)>,
+    /// The serial log of the current run (or of the last one when the VM is off).
+    pub serial_log: PathBuf,
+    /// The earlier runs' serial logs that are kept, newest first.
+    pub older_serial_logs: Vec<PathBuf>,
 }
 
 /// One of Now's disks.
@@ -107,7 +111,11 @@ impl VmInfo {
             .into_iter()
             .map(|(f, n)| (layer_path(&dir, &f), n))
             .collect();
+        let serial_log = crate::machine::serial_log(&dir);
+        let older_serial_logs = crate::machine::older_serial_logs(&dir);
         VmInfo {
+            serial_log,
+            older_serial_logs,
             dir,
             state,
             unfinished,

@@ -61,12 +61,13 @@
 //! | `lease.rs` | backup leases: the worker removes a dead backup's recovery checkpoint |
 //! | `live_merge.rs` | merges under the running guest |
 //! | `served.rs` | [`served::ServedDisk`], the disk QEMU is served |
-//! | `machine.rs` | QEMU's program, accelerator, firmware, machine |
+//! | `machine.rs` | QEMU's program, accelerator, firmware, machine; serial console paths and log rotation |
+//! | `console.rs` | [`VmHandle::console`]: one client on a running VM's serial console |
 //! | `qemu_process.rs` | QEMU as the worker's child; its state streamed to files |
 //!
-//! Imports point one way. The front end's side: `backups`, `checkpoints`, `vm_disks` → `host` → `lifecycle`,
-//! `info`, `control` → `record`, `machine` → `error` → `protocol`, `run_state`; `backups`
-//! and `live` → `lease` → `error`. The
+//! Imports point one way. The front end's side: `backups`, `checkpoints`, `vm_disks`,
+//! `console` → `host` → `lifecycle`, `info`, `control` → `record`, `machine` → `error` →
+//! `protocol`, `run_state`; `backups` and `live` → `lease` → `error`. The
 //! worker's side: `worker` → `live` → `live_merge` → `session` → `served`, and
 //! `qemu_process` → `machine`.
 //!
@@ -109,6 +110,7 @@
 
 pub mod backups;
 mod checkpoints;
+pub mod console;
 pub mod control;
 pub mod error;
 mod host;
@@ -128,6 +130,7 @@ mod vm_disks;
 pub mod worker;
 
 pub use checkpoints::{Applied, ApplyOptions, Checkpointed, Deleted};
+pub use console::Console;
 pub use error::{Error, Result};
 pub use host::{
     Exported, Host, Progress, StartOptions, StopOptions, Stopped, VmChanges, VmHandle, VmStatus,

@@ -1,9 +1,79 @@
 //! What QEMU runs: the program, the accelerator, the firmware, and the machine built
-//! from a VM's committed state.
+//! from a VM's committed state; where its serial console goes.
+//!
+//! ## Serial console and its logs
+//!
+//! QEMU listens for one console client on `run/console.sock` (`snapvisor vm console`)
+//! and logs every byte the guest writes to its serial port into `logs/serial.log`, also
+//! while nobody is attached. Each start of QEMU (`vm start`, a resume from a saved state,
+//! the start after an apply with memory) begins a new `serial.log`: the previous one
+//! becomes `serial.log.1`, that one `serial.log.2`, and so on; the last
+//! [`KEPT_SERIAL_LOGS`] earlier logs are kept, older ones deleted. An empty log is not
+//! rotated (a start that failed before the guest wrote anything keeps the history).
 
 use crate::error::{Error, Result};
 use crate::run_state::{LOG_DIR, RUN_DIR, SAVED_STATE};
 use std::path::{Path, PathBuf};
+
+/// The current serial log, in the VM's log folder.
+pub const SERIAL_LOG: &str = "serial.log";
+/// Earlier serial logs kept beside the current one (`serial.log.1` is the last run's).
+pub const KEPT_SERIAL_LOGS: usize = 5;
+/// The console socket, in the VM's run folder.
+pub const CONSOLE_SOCKET: &str = "console.sock";
+
+/// The current serial log of the VM in `dir` (written while it runs, or the last run's).
+pub fn serial_log(dir: &Path) -> PathBuf {
+    dir.join(LOG_DIR).join(SERIAL_LOG)
+}
+
+/// The earlier serial logs of the VM in `dir` that exist, newest first.
+pub fn older_serial_logs(dir: &Path) -> Vec<PathBuf> {
+    (1..=KEPT_SERIAL_LOGS)
+        .map(|n| rotated(dir, n))
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+fn rotated(dir: &Path, n: usize) -> PathBuf {
+    dir.join(LOG_DIR).join(format!("{SERIAL_LOG}.{n}"))
+}
+
+/// The socket QEMU's serial console listens on, for the VM in `dir`.
+pub fn console_socket(dir: &Path) -> PathBuf {
+    dir.join(RUN_DIR).join(CONSOLE_SOCKET)
+}
+
+/// Before QEMU starts: moves `serial.log` to `serial.log.1` (and each earlier log one
+/// place on, dropping the oldest beyond [`KEPT_SERIAL_LOGS`]), so that the new run writes
+/// a new log and the last runs' output stays. Renames only, then the folder synced: a
+/// crash between two renames leaves a gap in the numbers, never a lost current log.
+pub fn rotate_serial_logs(dir: &Path) -> Result<()> {
+    let current = serial_log(dir);
+    match std::fs::metadata(&current) {
+        Ok(m) if m.len() > 0 => {}
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(&current, e)),
+    }
+    let oldest = rotated(dir, KEPT_SERIAL_LOGS);
+    match std::fs::remove_file(&oldest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&oldest, e)),
+    }
+    for n in (1..KEPT_SERIAL_LOGS).rev() {
+        let from = rotated(dir, n);
+        match std::fs::rename(&from, rotated(dir, n + 1)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&from, e)),
+        }
+    }
+    std::fs::rename(&current, rotated(dir, 1)).map_err(|e| Error::io(&current, e))?;
+    vm::fsutil::sync_dir(&dir.join(LOG_DIR))?;
+    Ok(())
+}
 
 /// The environment variable naming the QEMU binary.
 pub const QEMU_VAR: &str = "SNAPVISOR_QEMU";
@@ -122,7 +192,8 @@ pub fn machine_spec(
         disks,
         qmp_socket: run_dir.join("qmp.sock"),
         agent_socket: Some(run_dir.join("qga.sock")),
-        serial_log: dir.join(LOG_DIR).join("serial.log"),
+        serial_log: serial_log(dir),
+        console_socket: Some(console_socket(dir)),
         paused: false,
         incoming: dir.join(SAVED_STATE).exists(),
     })
@@ -176,6 +247,31 @@ pub fn check_memory(memory: u64) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn serial_logs_rotate_and_keep_the_last_ones() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path();
+        std::fs::create_dir_all(dir.join(super::LOG_DIR)).unwrap();
+        // Nothing to rotate yet, and an empty log stays where it is.
+        super::rotate_serial_logs(dir).unwrap();
+        std::fs::write(super::serial_log(dir), "").unwrap();
+        super::rotate_serial_logs(dir).unwrap();
+        assert!(super::older_serial_logs(dir).is_empty());
+        for run in 0..8 {
+            std::fs::write(super::serial_log(dir), format!("run {run}")).unwrap();
+            super::rotate_serial_logs(dir).unwrap();
+            assert!(!super::serial_log(dir).exists());
+        }
+        let older = super::older_serial_logs(dir);
+        assert_eq!(older.len(), super::KEPT_SERIAL_LOGS);
+        let runs: Vec<String> = older
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert_eq!(runs, ["run 7", "run 6", "run 5", "run 4", "run 3"]);
+        assert!(older[0].ends_with("logs/serial.log.1"), "{older:?}");
+    }
+
     #[test]
     fn sizes_parse() {
         use super::parse_binary_size as p;

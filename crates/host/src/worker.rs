@@ -143,6 +143,11 @@ fn serve_vm(
     }
     let spec = crate::machine::machine_spec(&state, dir, opts.accel, disks)?;
     let _ = std::fs::remove_file(&spec.qmp_socket);
+    // A new serial log for this run, the last runs' kept (see `machine`).
+    crate::machine::rotate_serial_logs(dir)?;
+    if let Some(sock) = &spec.console_socket {
+        let _ = std::fs::remove_file(sock);
+    }
     let qemu_log = dir.join(LOG_DIR).join("qemu.log");
     let qemu_said = || {
         std::fs::read_to_string(&qemu_log)

@@ -88,6 +88,13 @@ fn errors_say_what_kind_of_failure_they_are() {
         timeout: Duration::from_secs(1),
     });
     assert_eq!(kind(stop.map(drop)), ErrorKind::Invalid);
+    let e = web.console().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid);
+    assert_eq!(
+        e.to_string(),
+        "VM \"web\" is not running: start it with snapvisor vm start web"
+    );
+    assert!(web.serial_log().unwrap().ends_with("web/logs/serial.log"));
     // Another command holds the VM.
     let held = host
         .store()

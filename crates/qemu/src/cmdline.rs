@@ -68,8 +68,12 @@ pub struct MachineSpec {
     pub qmp_socket: PathBuf,
     /// The host side of the guest-agent channel, if any.
     pub agent_socket: Option<PathBuf>,
-    /// Where the serial console goes.
+    /// Where the serial console's output is logged (all of it, whether or not a client
+    /// is attached to `console_socket`).
     pub serial_log: PathBuf,
+    /// A unix socket QEMU listens on for one client of the serial console (input and
+    /// output); `None` writes the console to `serial_log` only.
+    pub console_socket: Option<PathBuf>,
     /// Start paused (`-S`).
     pub paused: bool,
     /// Wait for a saved state (`-incoming defer`, then `migrate-incoming`).
@@ -115,8 +119,25 @@ impl MachineSpec {
             push(&mut a, "-incoming");
             push(&mut a, "defer");
         }
-        push(&mut a, "-serial");
-        a.push(opt("file:", &self.serial_log));
+        match &self.console_socket {
+            Some(sock) => {
+                // QEMU logs every byte the guest writes to `logfile`, also while no client
+                // is connected (the socket write fails, the log write does not), and
+                // listens again when a client goes: the guest never waits for a reader.
+                a.push("-chardev".into());
+                let mut c = opt("socket,id=serial0,server=on,wait=off,path=", sock);
+                c.push(",logfile=");
+                c.push(escape_commas(&self.serial_log));
+                c.push(",logappend=on");
+                a.push(c);
+                push(&mut a, "-serial");
+                push(&mut a, "chardev:serial0");
+            }
+            None => {
+                push(&mut a, "-serial");
+                a.push(opt("file:", &self.serial_log));
+            }
+        }
         push(&mut a, "-qmp");
         let mut q = opt("unix:", &self.qmp_socket);
         q.push(",server=on,wait=off");
@@ -209,6 +230,7 @@ mod tests {
             qmp_socket: "/run/qmp.sock".into(),
             agent_socket: Some("/run/qga.sock".into()),
             serial_log: "/log/serial.log".into(),
+            console_socket: Some("/run/console.sock".into()),
             paused: false,
             incoming: false,
         };
@@ -227,6 +249,9 @@ mod tests {
         assert!(joined.contains("name=org.qemu.guest_agent.0"));
         assert!(joined.contains("if=pflash,format=raw,unit=0,readonly=on,file=/fw/code.fd"));
         assert!(joined.contains("if=pflash,format=raw,unit=1,file=/vm/firmware/vars,,1.fd"));
+        assert!(joined.contains(
+            "-chardev socket,id=serial0,server=on,wait=off,path=/run/console.sock,logfile=/log/serial.log,logappend=on -serial chardev:serial0"
+        ), "{joined}");
         assert!(!args.contains(&"-initrd".to_string()));
         assert!(!args.contains(&"-S".to_string()));
     }

@@ -111,7 +111,8 @@ pub struct CheckArgs {
     /// The VHDX file to check.
     path: PathBuf,
     /// Replay the log, rewrite a damaged header or region table copy, trim unused space
-    /// at the end.
+    /// at the end; salvage a truncated file (blocks past its end are dropped and read as
+    /// zeros, every block inside it is kept; the report names the ranges lost).
     #[arg(long)]
     repair: bool,
     /// Print JSON.
@@ -440,6 +441,22 @@ struct CheckJson<'a> {
     full_blocks: u64,
     partial_blocks: u64,
     zero_blocks: u64,
+    /// Blocks past the end of a truncated file (that `--repair` drops, or dropped).
+    lost: LostJson,
+}
+
+#[derive(Serialize)]
+struct LostJson {
+    blocks: u64,
+    bytes: u64,
+    /// Virtual byte ranges, `{offset, length}`.
+    ranges: Vec<RangeJson>,
+}
+
+#[derive(Serialize)]
+struct RangeJson {
+    offset: u64,
+    length: u64,
 }
 
 fn check(a: CheckArgs) -> Result<ExitCode> {
@@ -460,6 +477,15 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
             full_blocks: report.full_blocks,
             partial_blocks: report.partial_blocks,
             zero_blocks: report.zero_blocks,
+            lost: LostJson {
+                blocks: report.lost_blocks,
+                bytes: report.lost_bytes,
+                ranges: report
+                    .lost_ranges
+                    .iter()
+                    .map(|&(offset, length)| RangeJson { offset, length })
+                    .collect(),
+            },
         })?;
     } else {
         for r in &report.repaired {
@@ -486,6 +512,12 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
                 a.path.display(),
                 report.errors.len()
             );
+            if report.lost_blocks > 0 && !a.repair {
+                println!(
+                    "to salvage the rest: snapvisor disk check --repair {} (copy the file first to keep it as it is)",
+                    disk::shell_quote(&a.path)
+                );
+            }
         }
     }
     Ok(if report.is_clean() {

@@ -11,6 +11,7 @@ mod backup_cmd;
 mod checkpoint_cmd;
 mod completions;
 mod config;
+mod console_cmd;
 mod demo;
 mod disk_cmd;
 mod exit;

@@ -111,6 +111,9 @@ pub enum VmCommand {
     /// The worker process itself (started by `vm start`).
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// Attach to the running VM's serial console (as `virsh console`): Ctrl-] detaches and
+    /// the VM keeps running; with stdin not a terminal, copies stdin in and the console out.
+    Console(crate::console_cmd::ConsoleArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -363,6 +366,7 @@ pub fn run(cmd: VmCommand, store: &StoreArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Status(a) => status(&host, &a.name, a.json),
+        VmCommand::Console(a) => crate::console_cmd::run(&host, a),
         VmCommand::Worker(a) => {
             host::worker::run(
                 host.store(),
@@ -573,6 +577,8 @@ pub fn show_json(info: &VmInfo) -> Value {
         "now_parent": info.now_parent().map(|p| json!({"id": p.id, "name": p.name})),
         "hidden_layers": hidden,
         "unfinished_operation": info.unfinished,
+        "serial_log": info.serial_log,
+        "older_serial_logs": info.older_serial_logs,
     })
 }
 
@@ -630,6 +636,11 @@ pub fn show(host: &Host, name: &str, as_json: bool) -> Result<ExitCode> {
     if let Some(op) = &info.unfinished {
         println!("  unfinished     {op}");
     }
+    println!(
+        "  serial log     {} ({} earlier kept)",
+        info.serial_log.display(),
+        info.older_serial_logs.len()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -648,6 +659,7 @@ fn status(host: &Host, name: &str, as_json: bool) -> Result<ExitCode> {
             "agent": agent,
             "generation_id": live.map(|l| &l.generation_id),
             "error": record.and_then(|r| r.error.clone()),
+            "serial_log": host.vm(name).serial_log()?,
         }))?;
     } else {
         println!("{name}: {}", status.run.state.as_str());

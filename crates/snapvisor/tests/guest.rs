@@ -129,6 +129,7 @@ fn the_guest_runs_on_a_served_vhdx_under_qmp_and_its_agent() {
         qmp_socket: d.join("qmp.sock"),
         agent_socket: Some(d.join("ga.sock")),
         serial_log: d.join("console.log"),
+        console_socket: None,
         paused: false,
         incoming: false,
     };

@@ -9,10 +9,30 @@
 //! `repair` fixes only what can be fixed without guessing: replays the log, rewrites a
 //! damaged header or region table copy from the good one, and truncates unused space at the
 //! end of the file. It never touches payload data or BAT entries it cannot trust.
+//!
+//! ## Truncated files
+//!
+//! A file cut short (an incomplete copy or download) has BAT entries pointing at blocks
+//! that lie, wholly or partly, past its end. `check` says the file was probably truncated
+//! and which virtual byte ranges those blocks hold; `repair` salvages the rest: blocks
+//! whose data lies inside the file are kept as they are, and each block past the end (and
+//! each partially present block whose sector bitmap lies past the end) becomes
+//! `PAYLOAD_BLOCK_ZERO`, so that it reads as zeros: in a differencing file too, where
+//! falling back to the parent would mix an older point in time in without a word. The
+//! report names every range dropped ([`CheckReport::lost_ranges`]). The header section,
+//! the log, the BAT and the metadata region must lie inside the file; if they do not,
+//! nothing is salvaged.
+//!
+//! ## Crash model
+//!
+//! Every change `repair` makes to BAT entries, headers and region tables goes through the
+//! log, as the engine's own writes do: a crash during a repair leaves the file as it was
+//! or repaired, and `repair` can simply run again (a salvage that did not commit drops the
+//! same blocks again). Payload data is never written.
 
 use crate::chain::open_parent;
 use crate::error::{Error, Result};
-use crate::file::{DiskKind, OpenOptions, VhdxFile};
+use crate::file::{DiskKind, DroppedBlock, OpenOptions, VhdxFile};
 use crate::format::*;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -44,6 +64,14 @@ pub struct CheckReport {
     pub partial_blocks: u64,
     /// Payload blocks explicitly zero.
     pub zero_blocks: u64,
+    /// A truncated file: the virtual byte ranges (offset, length; merged, ascending) of
+    /// the blocks whose data lies past the end of the file, which `repair` drops (they
+    /// read as zeros after it). After a repair, the ranges it dropped.
+    pub lost_ranges: Vec<(u64, u64)>,
+    /// Payload blocks in [`CheckReport::lost_ranges`].
+    pub lost_blocks: u64,
+    /// Virtual bytes in [`CheckReport::lost_ranges`].
+    pub lost_bytes: u64,
 }
 
 impl CheckReport {
@@ -56,12 +84,95 @@ impl CheckReport {
 /// Checks a file; with `repair`, fixes what can be fixed first.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
     let mut repaired = Vec::new();
+    let mut lost = Lost::default();
     if repair {
-        repaired = repair_file(path)?;
+        (repaired, lost) = repair_file(path)?;
     }
     let mut report = inspect(path)?;
     report.repaired = repaired;
+    if repair && report.lost_blocks == 0 {
+        (report.lost_ranges, report.lost_blocks, report.lost_bytes) =
+            (lost.ranges, lost.blocks, lost.bytes);
+    }
     Ok(report)
+}
+
+/// What a salvage drops: virtual ranges (merged), blocks, bytes.
+#[derive(Default)]
+struct Lost {
+    ranges: Vec<(u64, u64)>,
+    blocks: u64,
+    bytes: u64,
+    /// Blocks whose own data was inside the file but whose sector bitmap was not.
+    bitmap_only: u64,
+}
+
+impl Lost {
+    fn of(file: &VhdxFile, dropped: &[DroppedBlock]) -> Lost {
+        let g = file.geometry();
+        let bs = u64::from(g.block_size);
+        let mut lost = Lost::default();
+        for d in dropped {
+            let (start, len) = (d.block * bs, g.block_len(d.block));
+            lost.blocks += 1;
+            lost.bytes += len;
+            lost.bitmap_only += u64::from(d.bitmap_only);
+            match lost.ranges.last_mut() {
+                Some(last) if last.0 + last.1 == start => last.1 += len,
+                _ => lost.ranges.push((start, len)),
+            }
+        }
+        lost
+    }
+
+    /// `0x100000-0x2fffff (2 MiB), ...`, the first few ranges and how many more.
+    fn describe_ranges(&self) -> String {
+        const SHOWN: usize = 8;
+        let mut parts: Vec<String> = self
+            .ranges
+            .iter()
+            .take(SHOWN)
+            .map(|&(o, l)| format!("{:#x}-{:#x} ({})", o, o + l - 1, bytes(l)))
+            .collect();
+        if self.ranges.len() > SHOWN {
+            parts.push(format!("and {} more ranges", self.ranges.len() - SHOWN));
+        }
+        parts.join(", ")
+    }
+
+    fn what(&self) -> String {
+        let mut s = format!(
+            "{} block{} ({} of the virtual disk: {})",
+            self.blocks,
+            if self.blocks == 1 { "" } else { "s" },
+            bytes(self.bytes),
+            self.describe_ranges()
+        );
+        if self.bitmap_only > 0 {
+            s.push_str(&format!(
+                "; {} of them lie inside the file but their sector bitmap does not",
+                self.bitmap_only
+            ));
+        }
+        s
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && n >= 1u64 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{n} bytes");
+    }
+    let v = n as f64 / (1u64 << (10 * unit)) as f64;
+    if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {} ({n} bytes)", UNITS[unit])
+    }
 }
 
 fn raw_copies(path: &Path) -> Result<(Vec<u8>, u64)> {
@@ -127,11 +238,34 @@ fn inspect(path: &Path) -> Result<CheckReport> {
 
     let file = match VhdxFile::open(path, OpenOptions::default()) {
         Ok(f) => f,
-        Err(Error::Corrupt { source, .. }) => {
-            report.errors.push(source.to_string());
-            return Ok(report);
+        Err(e) => {
+            // A truncated file: say what a repair would keep and drop.
+            if let Ok((salvaged, dropped)) = VhdxFile::open_salvage(path, OpenOptions::default())
+                && !dropped.is_empty()
+            {
+                let lost = Lost::of(&salvaged, &dropped);
+                report.errors.push(match e {
+                    Error::Corrupt { source, .. } => source.to_string(),
+                    e => crate::error_chain(&e),
+                });
+                let alloc = salvaged.allocation();
+                report.errors.push(format!(
+                    "the file was probably truncated: {} lie past its end; repair keeps the {} intact blocks and drops these, which then read as zeros",
+                    lost.what(),
+                    (alloc.full_blocks + alloc.partial_blocks),
+                ));
+                (report.lost_ranges, report.lost_blocks, report.lost_bytes) =
+                    (lost.ranges, lost.blocks, lost.bytes);
+                return Ok(report);
+            }
+            match e {
+                Error::Corrupt { source, .. } => {
+                    report.errors.push(source.to_string());
+                    return Ok(report);
+                }
+                e => return Err(e),
+            }
         }
-        Err(e) => return Err(e),
     };
     let alloc = file.allocation();
     report.full_blocks = alloc.full_blocks;
@@ -177,7 +311,26 @@ fn merge_spans(mut spans: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-fn repair_file(path: &Path) -> Result<Vec<String>> {
+/// The salvage `check` with repair runs on a truncated file, through any [`FileIo`]: the
+/// entries past the end dropped and committed through the log, the file closed. Returns
+/// the number of blocks dropped. For the crash tests, which cut its power midway.
+#[cfg(feature = "testing")]
+pub fn salvage_io(io: std::sync::Arc<dyn crate::FileIo>, path: &Path) -> Result<u64> {
+    let (file, dropped) = VhdxFile::open_salvage_io(
+        io,
+        path,
+        OpenOptions {
+            writable: true,
+            keep_data_write_guid: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    file.flush()?;
+    file.close()?;
+    Ok(dropped.len() as u64)
+}
+
+fn repair_file(path: &Path) -> Result<(Vec<String>, Lost)> {
     let mut repaired = Vec::new();
     let (head, _) = raw_copies(path)?;
     let header_ok: Vec<bool> = HEADER_OFFSETS
@@ -195,16 +348,30 @@ fn repair_file(path: &Path) -> Result<Vec<String>> {
         .is_some_and(|h| !h.log_guid.is_nil());
 
     // Opening writable replays the log in place.
-    let file = VhdxFile::open(
-        path,
-        OpenOptions {
-            writable: true,
-            keep_data_write_guid: true,
-            ..OpenOptions::default()
+    let options = OpenOptions {
+        writable: true,
+        keep_data_write_guid: true,
+        ..OpenOptions::default()
+    };
+    let mut lost = Lost::default();
+    let file = match VhdxFile::open(path, options.clone()) {
+        Ok(f) => f,
+        Err(e) => match VhdxFile::open_salvage(path, options) {
+            Ok((file, dropped)) if !dropped.is_empty() => {
+                // The dropped entries are dirty: this flush commits them through the log.
+                file.flush()?;
+                lost = Lost::of(&file, &dropped);
+                repaired.push(format!(
+                    "salvaged the truncated file: dropped {}, which read as zeros now; every block inside the file is kept",
+                    lost.what()
+                ));
+                file
+            }
+            _ => return Err(e),
         },
-    )?;
+    };
     if had_log {
-        repaired.push("replayed the log".into());
+        repaired.insert(0, "replayed the log".into());
     }
     if header_ok.iter().any(|ok| !ok) {
         file.rewrite_headers()?;
@@ -219,5 +386,5 @@ fn repair_file(path: &Path) -> Result<Vec<String>> {
         repaired.push(format!("truncated {trimmed} unused bytes at the end"));
     }
     file.close()?;
-    Ok(repaired)
+    Ok((repaired, lost))
 }

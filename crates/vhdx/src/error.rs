@@ -191,7 +191,7 @@ pub enum Corruption {
     /// A BAT entry points at a block that lies past the end of the file: data the file
     /// should hold is missing, most often because it was cut short.
     #[error(
-        "bat entry {index} points at offset {offset}, past the end of the file ({file_len} bytes): the file was probably truncated (an incomplete copy or download)"
+        "bat entry {index} points at offset {offset}, at a block that runs past the end of the file ({file_len} bytes): the file was probably truncated (an incomplete copy or download)"
     )]
     BlockBeyondEnd {
         /// Entry index.
@@ -203,7 +203,7 @@ pub enum Corruption {
     },
     /// The log, the BAT region or the metadata region extends past the end of the file.
     #[error(
-        "{what} at offset {offset} length {length} extends past the end of the file ({file_len} bytes)"
+        "{what} at offset {offset} length {length} extends past the end of the file ({file_len} bytes): the file was probably truncated, before its data area (nothing in it can be salvaged without that structure)"
     )]
     BeyondEndOfFile {
         /// Which structure.

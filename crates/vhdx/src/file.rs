@@ -287,6 +287,39 @@ impl VhdxFile {
 
     /// Opens a file through any [`FileIo`]; `path` names it in errors and locates parents.
     pub fn open_io(io: Arc<dyn FileIo>, path: &Path, options: OpenOptions) -> Result<VhdxFile> {
+        VhdxFile::open_inner(io, path, options, false).map(|(f, _)| f)
+    }
+
+    /// Opens a file whose blocks may lie (partly) past its end, as a truncated copy's do,
+    /// for [`crate::check`]'s salvage: every such block, and every partially present
+    /// block whose sector bitmap lies past the end, reads as zeros in the handle returned
+    /// (its entry is `PAYLOAD_BLOCK_ZERO`; a sector-bitmap entry past the end is
+    /// `SB_BLOCK_NOT_PRESENT`). Writable, those entries are dirty, so the next flush
+    /// commits them through the log. Returns them, in block order.
+    pub(crate) fn open_salvage(
+        path: &Path,
+        options: OpenOptions,
+    ) -> Result<(VhdxFile, Vec<DroppedBlock>)> {
+        let file = open_locked(path, options.writable, options.shared_lock)?;
+        VhdxFile::open_inner(Arc::new(file), path, options, true)
+    }
+
+    /// [`VhdxFile::open_salvage`] through any [`FileIo`] (the crash tests' files).
+    #[cfg(feature = "testing")]
+    pub(crate) fn open_salvage_io(
+        io: Arc<dyn FileIo>,
+        path: &Path,
+        options: OpenOptions,
+    ) -> Result<(VhdxFile, Vec<DroppedBlock>)> {
+        VhdxFile::open_inner(io, path, options, true)
+    }
+
+    fn open_inner(
+        io: Arc<dyn FileIo>,
+        path: &Path,
+        options: OpenOptions,
+        salvage: bool,
+    ) -> Result<(VhdxFile, Vec<DroppedBlock>)> {
         let ioerr = |e| Error::io(path, e);
         let corrupt = |c| Error::corrupt(path, c);
 
@@ -360,6 +393,30 @@ impl VhdxFile {
             .find(METADATA_REGION_GUID)
             .ok_or(corrupt(Corruption::MissingRegion { name: "metadata" }))?
             .clone();
+        // Before anything is read from them: a file cut short reads zeros there, which
+        // would be reported as a damaged structure rather than as the truncation it is.
+        for (what, offset, length) in [
+            ("the log", header.log_offset, u64::from(header.log_length)),
+            (
+                "the metadata region",
+                meta_region.file_offset,
+                u64::from(meta_region.length),
+            ),
+            (
+                "the bat region",
+                bat_region.file_offset,
+                u64::from(bat_region.length),
+            ),
+        ] {
+            if length > 0 && offset.checked_add(length).is_none_or(|e| e > file_len) {
+                return Err(corrupt(Corruption::BeyondEndOfFile {
+                    what,
+                    offset,
+                    length,
+                    file_len,
+                }));
+            }
+        }
         if u64::from(meta_region.length) < METADATA_TABLE_SIZE as u64
             || u64::from(meta_region.length) > 256 * MIB
         {
@@ -404,6 +461,11 @@ impl VhdxFile {
             }));
         }
         let bat = read_bat(io.as_ref(), bat_region.file_offset, entries).map_err(ioerr)?;
+        let (dropped, changed) = if salvage {
+            drop_blocks_beyond(&geometry, kind, &bat, file_len)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let log_offset = header.log_offset;
         let log_length = u64::from(header.log_length);
         let structures_end = validate_layout(
@@ -459,7 +521,13 @@ impl VhdxFile {
             }),
         };
         file.load_bitmaps()?;
-        Ok(file)
+        if !changed.is_empty() {
+            let mut st = file.lock();
+            for index in changed {
+                st.dirty_bat.insert(index * BAT_ENTRY_SIZE / SECTOR);
+            }
+        }
+        Ok((file, dropped))
     }
 
     fn load_bitmaps(&self) -> Result<()> {
@@ -1800,6 +1868,86 @@ pub(crate) fn parse_known_metadata(items: &[MetadataItem]) -> Result<KnownMetada
 
 /// Checks BAT states, and that no two objects of the file overlap and every block lies
 /// inside the file. Returns the end of the last structure.
+/// A payload block [`VhdxFile::open_salvage`] dropped: its data (or its sector bitmap)
+/// lay past the end of the file, and it reads as zeros now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DroppedBlock {
+    /// The payload block.
+    pub block: u64,
+    /// Its entry before (state and file offset).
+    pub was: BatEntry,
+    /// Whether its data lay inside the file and only its chunk's sector bitmap did not.
+    pub bitmap_only: bool,
+}
+
+/// Changes, in `bat`, every entry whose data lies (partly) at or past `file_len` (see
+/// [`VhdxFile::open_salvage`]); returns the payload blocks dropped and the indices of
+/// every entry changed.
+fn drop_blocks_beyond(
+    g: &Geometry,
+    kind: DiskKind,
+    bat: &Bat,
+    file_len: u64,
+) -> (Vec<DroppedBlock>, Vec<u64>) {
+    let differencing = kind == DiskKind::Differencing;
+    let ratio = g.chunk_ratio();
+    let payload_blocks = g.payload_blocks();
+    let mut lost_bitmaps = BTreeSet::new();
+    let mut payload = Vec::new();
+    bat.for_each_nonzero(|index, e| {
+        if index % (ratio + 1) == ratio {
+            if differencing
+                && e.state() == SB_BLOCK_PRESENT
+                && e.file_offset() >= HEADER_SECTION_SIZE
+                && e.file_offset().saturating_add(SECTOR_BITMAP_BLOCK_SIZE) > file_len
+            {
+                lost_bitmaps.insert(index / (ratio + 1));
+            }
+            return;
+        }
+        let block = index - index / (ratio + 1);
+        if block < payload_blocks {
+            payload.push((block, e));
+        }
+    });
+    let mut dropped = Vec::new();
+    for (block, e) in payload {
+        let stored = matches!(
+            e.state(),
+            PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT
+        );
+        if !stored || e.file_offset() < HEADER_SECTION_SIZE {
+            // Not stored, or damage of another kind that validation reports as it is.
+            continue;
+        }
+        let beyond = e.file_offset().saturating_add(g.block_len(block)) > file_len;
+        let chunk = block / ratio;
+        let bitmap_lost =
+            e.state() == PAYLOAD_BLOCK_PARTIALLY_PRESENT && lost_bitmaps.contains(&chunk);
+        if beyond || bitmap_lost {
+            dropped.push(DroppedBlock {
+                block,
+                was: e,
+                bitmap_only: !beyond,
+            });
+        }
+    }
+    // Dropped blocks read as zeros whatever the kind of file: in a differencing file,
+    // falling back to the parent would mix an older point in time in silently.
+    let mut changed = Vec::new();
+    for chunk in &lost_bitmaps {
+        let index = g.bitmap_index(*chunk);
+        bat.set(index, BatEntry::new(SB_BLOCK_NOT_PRESENT, 0));
+        changed.push(index);
+    }
+    for d in &dropped {
+        let index = g.payload_index(d.block);
+        bat.set(index, BatEntry::new(PAYLOAD_BLOCK_ZERO, 0));
+        changed.push(index);
+    }
+    (dropped, changed)
+}
+
 fn validate_layout(
     g: &Geometry,
     kind: DiskKind,
@@ -1871,7 +2019,9 @@ fn validate_layout(
                     return;
                 }
             }
-            if e.file_offset() >= file_len {
+            // The whole bitmap block: a bitmap cut short would read its missing sectors
+            // as not present, and the parent's older data would show through silently.
+            if e.file_offset().saturating_add(SECTOR_BITMAP_BLOCK_SIZE) > file_len {
                 bad = Some(Corruption::BlockBeyondEnd {
                     index,
                     offset: e.file_offset(),

@@ -101,6 +101,10 @@ mod reparent;
 mod testing;
 
 pub use chain::{Chain, Extent, MAX_CHAIN_DEPTH, open_parent, open_parent_with, parent_candidates};
+/// Files for tests: in memory, with injected faults, with simulated power loss. Only with
+/// the `testing` feature, so release builds carry none of them.
+#[cfg(feature = "testing")]
+pub use check::salvage_io;
 pub use check::{CheckReport, check};
 pub use create::{
     CreateParams, create, create_differencing, locator_for, sync_parent_dir, temp_name,
@@ -116,8 +120,6 @@ pub use merge::{
     relink,
 };
 pub use reparent::{SetParentOutcome, set_parent};
-/// Files for tests: in memory, with injected faults, with simulated power loss. Only with
-/// the `testing` feature, so release builds carry none of them.
 #[cfg(feature = "testing")]
 pub use testing::{CrashIo, Fault, FaultyIo, MemFile};
 

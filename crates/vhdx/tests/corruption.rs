@@ -483,6 +483,14 @@ fn each_damaged_structure_is_a_precise_corruption() {
             "{}: check reports no error",
             dmg.name
         );
+        if dmg.name == "bat entry beyond the end of the file" {
+            // What a truncated file looks like: repair salvages the rest (the block past
+            // the end reads zeros; see tests/truncated.rs).
+            let repaired = vhdx::check(&path, true).unwrap();
+            assert!(repaired.is_clean(), "{}: {repaired:?}", dmg.name);
+            assert_eq!(repaired.lost_blocks, 1, "{}: {repaired:?}", dmg.name);
+            continue;
+        }
         assert!(
             vhdx::check(&path, true).is_err(),
             "{}: repair of an unusable file must fail",
