@@ -101,6 +101,7 @@ pub mod lock;
 pub mod preview;
 pub mod state;
 pub mod store;
+pub mod tracking;
 pub mod vm;
 
 pub use config::{CheckpointType, DirectBoot, DiskConfig, Firmware, Hardware, VmConfig};
