@@ -92,8 +92,8 @@ pub struct LayerSeen {
 struct MrtHeader {
     disk_size: u64,
     region_bytes: u64,
-    /// The recovery point the sets are relative to.
-    reference: Option<Uuid>,
+    /// The recovery point the sets are relative to (its id in the repository).
+    reference: Option<String>,
     /// The recovery checkpoint of a backup whose set is frozen and not settled.
     pending: Option<Uuid>,
     /// The worker session that serves the disk, if one does (or died doing so).
@@ -163,7 +163,7 @@ impl Tracking {
 
     /// Empty sets relative to `reference`, for a disk of `disk_size` bytes whose chain is
     /// `chain`.
-    pub fn new(disk_size: u64, reference: Option<Uuid>, chain: Vec<LayerSeen>) -> Tracking {
+    pub fn new(disk_size: u64, reference: Option<String>, chain: Vec<LayerSeen>) -> Tracking {
         let bytes = pages_of(disk_size) * PAGE_BITS_BYTES;
         Tracking {
             header: MrtHeader {
@@ -301,8 +301,8 @@ impl Tracking {
     }
 
     /// The recovery point the sets are relative to.
-    pub fn reference(&self) -> Option<Uuid> {
-        self.header.reference
+    pub fn reference(&self) -> Option<&str> {
+        self.header.reference.as_deref()
     }
 
     /// The recovery checkpoint whose backup froze a set and did not settle it.
@@ -422,12 +422,12 @@ impl Tracking {
     /// A backup's end: with its committed `point`, the sets become relative to it (the
     /// frozen set was in it); without, the frozen set goes back into the current one.
     /// Does nothing when `checkpoint` is not the pending one.
-    pub fn settle(&mut self, checkpoint: Uuid, point: Option<Uuid>) {
+    pub fn settle(&mut self, checkpoint: Uuid, point: Option<&str>) {
         if self.header.pending != Some(checkpoint) {
             return;
         }
         match point {
-            Some(p) => self.header.reference = Some(p),
+            Some(p) => self.header.reference = Some(p.to_owned()),
             None => {
                 for (c, f) in self.current.iter_mut().zip(&self.frozen) {
                     *c |= *f;
@@ -439,12 +439,68 @@ impl Tracking {
     }
 
     /// Starts over relative to `reference`: both sets empty.
-    pub fn reset(&mut self, reference: Option<Uuid>) {
+    pub fn reset(&mut self, reference: Option<String>) {
         self.current.iter_mut().for_each(|b| *b = 0);
         self.frozen.iter_mut().for_each(|b| *b = 0);
         self.header.reference = reference;
         self.header.pending = None;
     }
+}
+
+/// The layers of an open chain as the tracker records them, top first.
+pub fn chain_seen(chain: &vhdx::Chain) -> Vec<LayerSeen> {
+    chain
+        .layers()
+        .iter()
+        .map(|l| LayerSeen {
+            file: l
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            data_write_guid: l.data_write_guid(),
+        })
+        .collect()
+}
+
+/// The tracking of disk `disk` of the VM in `vm_dir`, checked against the chain of its
+/// Now layer `top` (opened read-only: the VM must not be running). A chain that cannot
+/// be opened makes it invalid.
+pub fn check_disk(vm_dir: &Path, disk: &str, top: &Path) -> Result<Status> {
+    let status = Tracking::load(&Tracking::path(vm_dir, disk))?;
+    let Status::Valid(t) = status else {
+        return Ok(status);
+    };
+    let chain = match vhdx::Chain::open(top, false) {
+        Ok(c) => c,
+        Err(e) => {
+            return Ok(Status::Invalid(format!(
+                "cannot read the disk's chain: {e}"
+            )));
+        }
+    };
+    Ok(
+        match t.check_chain(chain.virtual_size(), &chain_seen(&chain)) {
+            Ok(()) => Status::Valid(t),
+            Err(reason) => Status::Invalid(reason),
+        },
+    )
+}
+
+/// Records that the disks of the VM in `vm_dir` (name and Now layer of each) are backed
+/// up as `point`: each file starts over relative to it, with the chain as it is now. For
+/// a stopped VM whose lock the caller holds.
+pub fn establish(vm_dir: &Path, disks: &[(String, PathBuf)], point: &str) -> Result<()> {
+    for (name, top) in disks {
+        let chain = vhdx::Chain::open(top, false)?;
+        let t = Tracking::new(
+            chain.virtual_size(),
+            Some(point.to_owned()),
+            chain_seen(&chain),
+        );
+        t.save(&Tracking::path(vm_dir, name))?;
+    }
+    Ok(())
 }
 
 /// The regions `[offset, offset + len)` touches, clamped to the disk.
@@ -465,6 +521,9 @@ pub struct LiveTracker {
     marked: Vec<AtomicU64>,
     /// Marking failed and the file is gone: nothing more to mark.
     dropped: AtomicBool,
+    /// Marking failed and the file could not be removed either: it may claim less than
+    /// what changed, so no change may be made.
+    failed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -486,6 +545,7 @@ impl LiveTracker {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             dropped: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         };
         t.sync_marked(&t.lock().tracking);
         Ok(t)
@@ -493,11 +553,17 @@ impl LiveTracker {
 
     fn write_open(path: &Path, tracking: Tracking) -> Result<Inner> {
         tracking.save(path)?;
-        let file = std::fs::OpenOptions::new()
+        let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        {
+            Ok(f) => f,
+            Err(e) => {
+                crate::fsutil::remove_file(path)?;
+                return Err(Error::io(path, e));
+            }
+        };
         let current_at = tracking.header_bytes().len() as u64;
         Ok(Inner {
             file,
@@ -534,7 +600,7 @@ impl LiveTracker {
     /// fails is the error returned, and the change must not be made.
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
         if self.dropped.load(Ordering::Relaxed) {
-            return Ok(());
+            return self.refuse_if_failed();
         }
         let span = region_span(offset, len, self.lock_free_size());
         if span.clone().all(|i| self.is_marked(i)) {
@@ -568,12 +634,31 @@ impl LiveTracker {
                 "cannot mark a changed region in {}: {e}; change tracking is dropped, the next backup will be an express full",
                 self.path.display()
             );
-            self.dropped.store(true, Ordering::SeqCst);
-            return crate::fsutil::remove_file(&self.path);
+            return self.drop_file();
         }
         for i in span {
             self.marked[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
         }
+        Ok(())
+    }
+
+    /// Stops tracking: the file is removed (tracking none), or if even that fails, every
+    /// later change is refused until it can be.
+    fn drop_file(&self) -> Result<()> {
+        self.dropped.store(true, Ordering::SeqCst);
+        if let Err(e) = crate::fsutil::remove_file(&self.path) {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn refuse_if_failed(&self) -> Result<()> {
+        if !self.failed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        crate::fsutil::remove_file(&self.path)?;
+        self.failed.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -587,12 +672,28 @@ impl LiveTracker {
     /// that was dropped stays dropped.
     pub fn update(&self, f: impl FnOnce(&mut Tracking)) -> Result<()> {
         if self.dropped.load(Ordering::SeqCst) {
-            return Ok(());
+            return self.refuse_if_failed();
         }
         let mut inner = self.lock();
         let mut t = inner.tracking.clone();
         f(&mut t);
-        *inner = LiveTracker::write_open(&self.path, t)?;
+        match LiveTracker::write_open(&self.path, t) {
+            Ok(new) => *inner = new,
+            Err(e) => {
+                use std::os::unix::fs::MetadataExt;
+                let ino = |m: std::io::Result<std::fs::Metadata>| m.ok().map(|m| m.ino());
+                let on_disk = ino(std::fs::metadata(&self.path));
+                if on_disk.is_some() && on_disk == ino(inner.file.metadata()) {
+                    // The old file stands (the rename did not happen): marks go on into it.
+                    return Err(e);
+                }
+                // Replaced by a file nobody marks, or gone: stop, refusing changes while
+                // a file that may lie stays.
+                drop(inner);
+                let _ = self.drop_file();
+                return Err(e);
+            }
+        }
         self.sync_marked(&inner.tracking);
         Ok(())
     }
@@ -630,7 +731,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = Tracking::path(dir.path(), "disk0");
         let size = 10 * REGION_BYTES + 5;
-        let mut t = Tracking::new(size, Some(Uuid::new_v4()), chain());
+        let mut t = Tracking::new(size, Some("ab".into()), chain());
         t.mark(1, 1);
         t.mark(REGION_BYTES * 2 - 1, 2);
         t.mark(size - 1, 1);
@@ -669,8 +770,8 @@ mod tests {
         let c3 = Uuid::new_v4();
         t.freeze(c3);
         t.mark(5 * REGION_BYTES, 1);
-        let p = Uuid::new_v4();
-        t.settle(c1, Some(Uuid::new_v4())); // not the pending one: ignored
+        let p = "00ff";
+        t.settle(c1, Some("11")); // not the pending one: ignored
         assert_eq!(t.pending(), Some(c3));
         t.settle(c3, Some(p));
         assert_eq!(t.reference(), Some(p));
@@ -682,7 +783,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = Tracking::path(dir.path(), "disk0");
         assert!(matches!(Tracking::load(&path).unwrap(), Status::None));
-        let mut t = Tracking::new(40 * REGION_BYTES, Some(Uuid::new_v4()), chain());
+        let mut t = Tracking::new(40 * REGION_BYTES, Some("ab".into()), chain());
         t.mark(7 * REGION_BYTES, 1);
         let good = t.encode();
         let mut cases: Vec<(Vec<u8>, &str)> = vec![
