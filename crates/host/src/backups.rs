@@ -97,7 +97,7 @@ pub struct BackedUp {
     pub point: Point,
     /// `offline`, `application` or `crash`.
     pub consistency: String,
-    /// `full` or `express-full` (the method of the disks).
+    /// `full`, `express-full` or `incremental` (the weakest method of the disks).
     pub method: String,
     /// Bytes read from the disks and blobs.
     pub bytes_read: u64,

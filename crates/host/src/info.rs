@@ -93,7 +93,18 @@ impl TrackingState {
     /// The state of disk `disk` of the VM in `dir` whose Now layer is `top`.
     pub fn read(dir: &std::path::Path, disk: &str, top: &std::path::Path, live: bool) -> Self {
         let status = if live {
-            vm::tracking::Tracking::load(&vm::tracking::Tracking::path(dir, disk))
+            // The worker writes pages in place: one caught half written fails its
+            // checksum, so read again before calling it invalid.
+            let path = vm::tracking::Tracking::path(dir, disk);
+            let mut status = vm::tracking::Tracking::load(&path);
+            for _ in 0..4 {
+                if !matches!(status, Ok(vm::tracking::Status::Invalid(_))) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                status = vm::tracking::Tracking::load(&path);
+            }
+            status
         } else {
             vm::tracking::check_disk(dir, disk, top)
         };

@@ -211,7 +211,13 @@ fn a_stopped_vm_backs_up_and_restores_as_a_clone_to_a_file_and_in_place() {
         "a refused restore changes nothing"
     );
 
-    // In place: what the VM had is kept as a checkpoint.
+    // In place: what the VM had is kept as a checkpoint. Change tracking of disk 0 is
+    // valid up to here, and the restore rewrites the disk behind it: invalid after.
+    let tracked = cli.json(&["vm", "show", "web", "--json"]);
+    assert_eq!(
+        tracked["disks"][0]["tracking"]["state"], "valid",
+        "{tracked}"
+    );
     cli.write_disk("web", 1, 0, b"after the last backup");
     let before = now_data(cli, "web");
     let generation = cli.json(&["vm", "show", "web", "--json"])["generation_id"].clone();
@@ -222,6 +228,11 @@ fn a_stopped_vm_backs_up_and_restores_as_a_clone_to_a_file_and_in_place() {
     let kept = r["kept_as"]["name"].as_str().unwrap().to_owned();
     assert!(kept.starts_with("before restore ("), "{kept}");
     assert!(now_data(cli, "web") == at1, "Now holds point 1");
+    let tracked = cli.json(&["vm", "show", "web", "--json"]);
+    assert_eq!(
+        tracked["disks"][0]["tracking"]["state"], "invalid",
+        "{tracked}"
+    );
     let tree = cli.json(&["checkpoint", "list", "web", "--json"]);
     let text = tree.to_string();
     assert!(text.contains(&kept), "{text}");

@@ -516,6 +516,8 @@ fn region_span(offset: u64, len: u64, size: u64) -> Range<u64> {
 #[derive(Debug)]
 pub struct LiveTracker {
     path: PathBuf,
+    /// The disk's size (ranges beyond it are the disk's to refuse, not to mark).
+    size: u64,
     inner: Mutex<Inner>,
     /// The current set as 64-region words, for the lock-free test of the hot path.
     marked: Vec<AtomicU64>,
@@ -540,6 +542,7 @@ impl LiveTracker {
         let regions = regions_of(tracking.disk_size());
         let t = LiveTracker {
             path: path.to_owned(),
+            size: tracking.disk_size(),
             inner: Mutex::new(LiveTracker::write_open(path, tracking)?),
             marked: (0..regions.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
@@ -602,7 +605,7 @@ impl LiveTracker {
         if self.dropped.load(Ordering::Relaxed) {
             return self.refuse_if_failed();
         }
-        let span = region_span(offset, len, self.lock_free_size());
+        let span = region_span(offset, len, self.size);
         if span.clone().all(|i| self.is_marked(i)) {
             return Ok(());
         }
@@ -660,11 +663,6 @@ impl LiveTracker {
         crate::fsutil::remove_file(&self.path)?;
         self.failed.store(false, Ordering::SeqCst);
         Ok(())
-    }
-
-    fn lock_free_size(&self) -> u64 {
-        // The size never changes while the file is open (a resize needs the VM off).
-        self.marked.len() as u64 * 64 * REGION_BYTES
     }
 
     /// Changes the file whole (atomically) with `f`, and keeps marking into the new one.
@@ -853,19 +851,22 @@ mod tests {
         live.mark(5, 10).unwrap();
         live.mark(40_000 * REGION_BYTES - 1, 2).unwrap();
         live.mark(5, 10).unwrap();
+        // Beyond the end: the disk refuses it, nothing to mark (and no panic).
+        live.mark(size - 1, 10 * REGION_BYTES).unwrap();
+        live.mark(size + 5, 1).unwrap();
         let read = |p: &Path| match Tracking::load(p).unwrap() {
             Status::Valid(t) => t,
             other => panic!("{other:?}"),
         };
         let on_disk = read(&path);
-        assert_eq!(on_disk.changed_regions(), 3);
+        assert_eq!(on_disk.changed_regions(), 4);
         assert_eq!(on_disk, live.snapshot());
         let c = Uuid::new_v4();
         live.update(|t| t.freeze(c)).unwrap();
         live.mark(REGION_BYTES * 7, 1).unwrap();
         let on_disk = read(&path);
-        assert_eq!(on_disk.frozen().len(), 2);
-        assert_eq!(on_disk.changed_regions(), 4);
+        assert_eq!(on_disk.frozen().len(), 3);
+        assert_eq!(on_disk.changed_regions(), 5);
         assert_eq!(on_disk.pending(), Some(c));
     }
 }
