@@ -947,6 +947,7 @@ impl Vm {
             crate::journal::SAVED_DIR,
             crate::journal::MERGE_PROGRESS_FILE,
             crate::lock::LOCK_FILE,
+            crate::tracking::TRACKING_DIR,
         ];
         for e in read_dir(&self.dir)? {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -1184,7 +1185,12 @@ fn execute(dir: &Path, journal: &Journal, progress: &mut ProgressFn, fresh: bool
 
 /// Removes half-written temporary files (`.NAME.tmp-PID`) a killed command left.
 fn remove_temp_files(dir: &Path) -> Result<()> {
-    let mut dirs = vec![dir.to_owned(), dir.join(DISKS_DIR), dir.join(FIRMWARE_DIR)];
+    let mut dirs = vec![
+        dir.to_owned(),
+        dir.join(DISKS_DIR),
+        dir.join(FIRMWARE_DIR),
+        dir.join(crate::tracking::TRACKING_DIR),
+    ];
     for e in read_dir(&dir.join(CHECKPOINTS_DIR))? {
         dirs.push(e.path());
     }
