@@ -361,7 +361,7 @@ impl Tracking {
                 .is_some_and(|s| session_guid(s, &now.file) == now.data_write_guid);
             if now.data_write_guid != was.data_write_guid && !by_session {
                 return Err(format!(
-                    "{} was written outside the tracker since it last saw it (its DataWriteGuid changed)",
+                    "{} was written outside change tracking since it last saw it: its DataWriteGuid changed",
                     now.file
                 ));
             }
