@@ -92,12 +92,23 @@ impl Session {
                     continue;
                 }
             };
-            let updated = t.update(|t| {
-                t.set_chain(seen);
-                if let Some(c) = freeze {
-                    t.freeze(c);
+            let updated = match freeze {
+                // Marking stopped after a failure: a backup's switch (no change in
+                // flight) starts it over, with no reference; the backup's point becomes
+                // the reference when it commits.
+                Some(c) if t.is_dropped() => {
+                    let mut fresh = vm::tracking::Tracking::new(disk::Disk::size(&**d), None, seen);
+                    fresh.set_session(t.snapshot().session());
+                    fresh.freeze(c);
+                    t.restart(fresh)
                 }
-            });
+                _ => t.update(|t| {
+                    t.set_chain(seen);
+                    if let Some(c) = freeze {
+                        t.freeze(c);
+                    }
+                }),
+            };
             if let Err(e) = updated {
                 tracing::warn!("change tracking: cannot record the switch: {e}");
             }

@@ -696,6 +696,18 @@ impl LiveTracker {
         Ok(())
     }
 
+    /// Starts over with `tracking` (a tracker that was dropped after a failure included),
+    /// when no change is in flight: a backup's switch, which then re-establishes tracking
+    /// from its point.
+    pub fn restart(&self, tracking: Tracking) -> Result<()> {
+        let mut inner = self.lock();
+        *inner = LiveTracker::write_open(&self.path, tracking)?;
+        self.sync_marked(&inner.tracking);
+        self.failed.store(false, Ordering::SeqCst);
+        self.dropped.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// A copy of what the file holds.
     pub fn snapshot(&self) -> Tracking {
         self.lock().tracking.clone()
@@ -868,5 +880,10 @@ mod tests {
         assert_eq!(on_disk.frozen().len(), 3);
         assert_eq!(on_disk.changed_regions(), 5);
         assert_eq!(on_disk.pending(), Some(c));
+        // Starting over: nothing marked, and marking goes on into the new file.
+        live.restart(Tracking::new(size, None, chain())).unwrap();
+        assert_eq!(read(&path).changed_regions(), 0);
+        live.mark(REGION_BYTES * 7, 1).unwrap();
+        assert_eq!(read(&path).changed_regions(), 1);
     }
 }
