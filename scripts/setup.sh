@@ -12,6 +12,9 @@ command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 # The test guest's disks are ext4 images, checked from the host.
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
+# The completion tests load the zsh and fish scripts into the real shells.
+command -v zsh >/dev/null 2>&1 || need+=(zsh)
+command -v fish >/dev/null 2>&1 || need+=(fish)
 # UEFI VMs boot OVMF (its own package: it does not pull in Debian's QEMU).
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
 

@@ -25,6 +25,12 @@
 //! end whether a point was committed (the set becomes relative to it) or not (the set goes
 //! back), before the checkpoint is deleted. A stopped VM's tracking is checked against its
 //! chains here, and after the point commits it starts over relative to the point.
+//!
+//! A restore into a VM's disks ([`VmHandle::restore_in_place`], [`Host::restore_as`])
+//! brackets its writes with the VM folder's [`RESTORE_MARKER`]: a restore killed half way
+//! leaves a VM that refuses to start or be backed up and says how to finish (run the
+//! restore again, which reuses the checkpoint the first run kept, or apply that checkpoint;
+//! for a new VM, delete it and restore again).
 
 use crate::error::{Context, Error, Result};
 use crate::host::{Host, VmHandle};
@@ -149,6 +155,73 @@ fn refused(kind: ErrorKind, reason: impl Into<String>) -> Error {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The file in a VM's folder that says a restore into its disks began and did not end.
+///
+/// Written (atomically, then the folder synced) before the first byte of a disk is
+/// restored and removed after the last, so that a restore killed half way is not mistaken
+/// for a VM whose disks are whole: [`VmHandle::start`] and `backup create` refuse such a
+/// VM, saying how to finish or undo the restore.
+pub const RESTORE_MARKER: &str = "restore-in-progress.json";
+const RESTORE_MARKER_VERSION: u32 = 1;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RestoreMarker {
+    version: u32,
+    /// The point's id.
+    point: String,
+    /// The checkpoint that holds what the VM had before (an in-place restore without
+    /// `discard`).
+    kept_checkpoint: Option<String>,
+    /// Whether the VM was created by the restore (`--as NAME`).
+    new_vm: bool,
+}
+
+fn mark_restoring(dir: &Path, marker: &RestoreMarker) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(marker).expect("a restore marker serializes");
+    vm::fsutil::atomic_write(&dir.join(RESTORE_MARKER), &bytes)?;
+    Ok(())
+}
+
+fn unmark_restoring(dir: &Path) -> Result<()> {
+    let path = dir.join(RESTORE_MARKER);
+    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+    vm::fsutil::sync_dir(dir)?;
+    Ok(())
+}
+
+/// Why the VM in `dir` must not run or be backed up: a restore into it was interrupted.
+/// `None` when no restore is pending.
+pub(crate) fn interrupted_restore(dir: &Path, name: &str) -> Option<Error> {
+    let bytes = std::fs::read(dir.join(RESTORE_MARKER)).ok()?;
+    let quoted = disk::shell_quote(Path::new(name));
+    let reason = match serde_json::from_slice::<RestoreMarker>(&bytes) {
+        Ok(m) if m.new_vm => format!(
+            "VM {name:?} was being restored from point {} when the restore stopped, and its disks are incomplete: delete it (snapvisor vm delete {quoted}) and restore again",
+            short(&m.point)
+        ),
+        Ok(m) => match m.kept_checkpoint {
+            Some(c) => format!(
+                "a restore of point {p} into VM {name:?} stopped half way, and its disks are partly restored: run it again (snapvisor backup restore {p} --in-place), or go back to what the VM had (snapvisor checkpoint apply {quoted} {c})",
+                p = short(&m.point),
+                c = short(&c)
+            ),
+            None => format!(
+                "a restore of point {p} into VM {name:?} stopped half way, and its disks are partly restored: run it again (snapvisor backup restore {p} --in-place)",
+                p = short(&m.point)
+            ),
+        },
+        Err(_) => format!(
+            "a restore into VM {name:?} stopped half way ({} is unreadable): restore it again",
+            dir.join(RESTORE_MARKER).display()
+        ),
+    };
+    Some(refused(ErrorKind::Invalid, reason))
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }
 
 /// The newest point of `vm` (by name and identity), the base of an express full.
@@ -303,6 +376,13 @@ impl VmHandle<'_> {
             return self
                 .backup_live(&dir, repo, opts, started, progress)
                 .with_context(what);
+        }
+        if let Some(e) = self
+            .dir()
+            .ok()
+            .and_then(|dir| interrupted_restore(&dir, &self.name))
+        {
+            return Err(e).with_context(what);
         }
         let vm = self.open_offline("backup create").with_context(what)?;
         let state = vm.state();
@@ -495,7 +575,20 @@ impl VmHandle<'_> {
             ))
             .with_context(what);
         }
-        let kept_as = if discard {
+        // A rerun after an interrupted restore keeps the checkpoint the first run took (a new
+        // one would only hold half-restored disks).
+        let pending = std::fs::read(vm.dir().join(RESTORE_MARKER))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<RestoreMarker>(&b).ok())
+            .filter(|m| !m.new_vm);
+        let kept_before = pending
+            .as_ref()
+            .and_then(|m| m.kept_checkpoint.as_deref())
+            .and_then(|id| id.parse::<Uuid>().ok())
+            .and_then(|id| vm.state().checkpoint(id).map(|c| (id, c.name.clone())));
+        let kept_as = if let Some(kept) = kept_before {
+            Some(kept)
+        } else if discard || pending.is_some() {
             None
         } else {
             let name = format!(
@@ -505,6 +598,17 @@ impl VmHandle<'_> {
             let id = vm.create_checkpoint(Some(&name)).with_context(what)?;
             Some((id, name))
         };
+        mark_restoring(
+            vm.dir(),
+            &RestoreMarker {
+                version: RESTORE_MARKER_VERSION,
+                point: point.id.clone(),
+                kept_checkpoint: kept_as.as_ref().map(|(id, _)| id.to_string()),
+                new_vm: false,
+            },
+        )
+        .with_context(what)?;
+        vm::fsutil::crashpoint("backup restore: in place, marked");
         let mut bytes_written = 0;
         for (i, layer) in vm.state().now.disks.clone().iter().enumerate() {
             let target = disk::open(&vm.layer_path(layer), true).with_context(what)?;
@@ -519,6 +623,7 @@ impl VmHandle<'_> {
         }
         // The guest's disks went back in time, as after an apply.
         let generation_id = vm.renew_generation_id().with_context(what)?;
+        unmark_restoring(vm.dir()).with_context(what)?;
         Ok(RestoredInPlace {
             kept_as,
             bytes_written,
@@ -555,6 +660,16 @@ impl Host {
         let fill = || -> Result<RestoredVm> {
             let vm = self.store().open_vm(name, "backup restore")?;
             let state = vm.state().clone();
+            mark_restoring(
+                vm.dir(),
+                &RestoreMarker {
+                    version: RESTORE_MARKER_VERSION,
+                    point: point.id.clone(),
+                    kept_checkpoint: None,
+                    new_vm: true,
+                },
+            )?;
+            vm::fsutil::crashpoint("backup restore: as a new VM, marked");
             let mut bytes_written = 0;
             for (i, layer) in state.now.disks.iter().enumerate() {
                 let target = disk::open(&vm.layer_path(layer), true)?;
@@ -566,6 +681,7 @@ impl Host {
                 let path = vm.dir().join(vm::journal::FIRMWARE_DIR).join(nvram);
                 vm::fsutil::atomic_write(&path, &bytes)?;
             }
+            unmark_restoring(vm.dir())?;
             Ok(RestoredVm {
                 name: name.to_owned(),
                 uuid: state.config.uuid,

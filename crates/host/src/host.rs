@@ -287,6 +287,9 @@ impl VmHandle<'_> {
                 pid: run.worker_pid().unwrap_or(0),
             });
         }
+        if let Some(e) = crate::backups::interrupted_restore(&dir, &self.name) {
+            return Err(e);
+        }
         // Before the worker takes an automatic checkpoint for a start that cannot happen.
         let (_, state, _) = self.store().read_vm(&self.name)?;
         crate::machine::check_memory(state.config.hardware.memory)

@@ -659,26 +659,13 @@ fn mount(a: MountArgs) -> Result<ExitCode> {
     let export = std::sync::Arc::new(nbd::Export::new(&name, std::sync::Arc::new(disk), true));
     let server = nbd::Server::bind(&a.socket, export)
         .with_context(|| format!("cannot serve on {}", a.socket.display()))?;
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
-    let stopper = server.stopper();
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            stopper.stop();
-        }
-    });
-    println!(
+    let banner = format!(
         "serving disk {} of point {} read-only as nbd+unix:///{name}?socket={} (Ctrl-C to stop)",
         a.disk,
         point.short_id(),
         a.socket.display()
     );
-    std::io::stdout().flush().ok();
-    server.run().context("serving the point failed")?;
-    drop(server);
+    crate::serving::until_signal(server, &banner, "the point")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -773,28 +773,13 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     let export = std::sync::Arc::new(nbd::Export::new(&a.name, d, a.read_only));
     let server = nbd::Server::bind(&a.socket, export)
         .with_context(|| format!("cannot serve {}", a.path.display()))?;
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
-    let stopper = server.stopper();
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            stopper.stop();
-        }
-    });
-    println!(
+    let banner = format!(
         "serving {} as nbd+unix:///{}?socket={}{}",
         a.path.display(),
         a.name,
         a.socket.display(),
         if a.read_only { " (read-only)" } else { "" }
     );
-    std::io::stdout().flush().ok();
-    server
-        .run()
-        .with_context(|| format!("serving {} failed", a.path.display()))?;
-    drop(server);
+    crate::serving::until_signal(server, &banner, &a.path.display().to_string())?;
     Ok(ExitCode::SUCCESS)
 }

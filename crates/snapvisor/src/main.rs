@@ -17,6 +17,7 @@ mod exit;
 mod extra_cmd;
 mod render;
 mod safety;
+mod serving;
 mod units;
 mod vm_cmd;
 

@@ -286,6 +286,119 @@ fn a_stopped_vm_backs_up_and_restores_as_a_clone_to_a_file_and_in_place() {
     let _ = &s.repo;
 }
 
+/// A restore in place killed at each of its steps in turn: before its marker the VM is as
+/// it was; after it, `backup create` (and `vm start`) refuse, naming how to finish; a rerun
+/// completes with the checkpoint the first run kept.
+#[test]
+fn an_interrupted_restore_in_place_is_refused_until_run_again() {
+    let mut reached_marker = false;
+    for at in 1..60 {
+        let s = Setup::new();
+        let cli = &s.cli;
+        cli.ok(&["vm", "create", "web", "--disk", "64M"]);
+        cli.write_disk("web", 0, 0, &noise(1, 3 * MIB as usize));
+        cli.ok(&["backup", "init"]);
+        let p1 = cli.json(&["backup", "create", "web", "--json"]);
+        let id1 = p1["id"].as_str().unwrap().to_owned();
+        let at1 = now_data(cli, "web");
+        cli.write_disk("web", 0, MIB, &noise(2, 2 * MIB as usize));
+        let before = now_data(cli, "web");
+        let mut c = cli.command(&["backup", "restore", &id1, "--in-place"]);
+        c.env("SNAPVISOR_CRASH_AT", at.to_string())
+            .env("SNAPVISOR_CRASH_TRACE", "1");
+        let out = c.output().unwrap();
+        if out.status.success() {
+            assert!(reached_marker, "the restore never wrote its marker");
+            assert!(now_data(cli, "web") == at1);
+            return;
+        }
+        let trace = String::from_utf8_lossy(&out.stderr).into_owned();
+        let last = trace
+            .lines()
+            .rfind(|l| l.starts_with("crashpoint "))
+            .unwrap_or_else(|| panic!("died without reaching a crash point: {trace}"))
+            .to_owned();
+        let marked = trace.contains("backup restore: in place, marked");
+        reached_marker |= marked;
+        let refused = cli.run(&["backup", "create", "web"]);
+        if marked {
+            assert_eq!(refused.status.code(), Some(1), "after {last}");
+            let e = String::from_utf8_lossy(&refused.stderr);
+            assert!(
+                e.contains("stopped half way")
+                    && e.contains(&format!(
+                        "snapvisor backup restore {} --in-place",
+                        &id1[..12]
+                    ))
+                    && e.contains("snapvisor checkpoint apply web "),
+                "after {last}: {e}"
+            );
+            let e = cli.fails(&["vm", "start", "web"]);
+            assert!(e.contains("stopped half way"), "after {last}: {e}");
+        } else {
+            assert!(refused.status.success(), "after {last}");
+            assert!(now_data(cli, "web") == before, "after {last}");
+        }
+        let r = cli.json(&["backup", "restore", &id1, "--in-place", "--json"]);
+        assert!(now_data(cli, "web") == at1, "after {last}, rerun");
+        // By id: a run killed while it took its checkpoint may have left one of the same
+        // name (taken within the same second), holding the same disks.
+        let kept = r["kept_as"]["id"].as_str().unwrap().to_owned();
+        cli.ok(&["checkpoint", "apply", "web", &kept]);
+        if marked {
+            assert!(
+                now_data(cli, "web") == before,
+                "after {last}: the kept checkpoint holds what the VM had"
+            );
+        }
+        cli.ok(&["backup", "create", "web"]);
+    }
+    panic!("the restore never completed");
+}
+
+/// A restore as a new VM killed once its VM exists: the half-restored VM refuses to start
+/// or be backed up, saying to delete it and restore again; after that the restore works.
+#[test]
+fn a_new_vm_whose_restore_was_killed_says_to_delete_it() {
+    let s = Setup::new();
+    let cli = &s.cli;
+    cli.ok(&["vm", "create", "web", "--disk", "64M"]);
+    cli.write_disk("web", 0, 0, &noise(1, 3 * MIB as usize));
+    cli.ok(&["backup", "init"]);
+    let id = cli.json(&["backup", "create", "web", "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let at = now_data(cli, "web");
+    for n in 1..40 {
+        let mut c = cli.command(&["backup", "restore", &id, "--as", "copy"]);
+        c.env("SNAPVISOR_CRASH_AT", n.to_string())
+            .env("SNAPVISOR_CRASH_TRACE", "1");
+        let out = c.output().unwrap();
+        assert!(
+            !out.status.success(),
+            "the restore never reached its marker"
+        );
+        if !String::from_utf8_lossy(&out.stderr).contains("as a new VM, marked") {
+            // Killed while the VM was being created: gone, or whole and empty.
+            let _ = cli.run(&["vm", "delete", "copy", "--yes"]);
+            continue;
+        }
+        for args in [&["vm", "start", "copy"][..], &["backup", "create", "copy"]] {
+            let e = cli.fails(args);
+            assert!(
+                e.contains("incomplete") && e.contains("snapvisor vm delete copy"),
+                "{args:?}: {e}"
+            );
+        }
+        cli.ok(&["vm", "delete", "copy", "--yes"]);
+        cli.ok(&["backup", "restore", &id, "--as", "copy"]);
+        assert!(now_data(cli, "copy") == at);
+        return;
+    }
+    panic!("no crash point of the restore was reached");
+}
+
 #[test]
 fn a_point_is_served_read_only_over_nbd() {
     let s = Setup::new();

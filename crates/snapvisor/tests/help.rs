@@ -35,7 +35,7 @@ fn ok(args: &[&str], home: &Path, env: &[(&str, &str)]) -> String {
 }
 
 #[test]
-fn bash_completes_commands_and_values() {
+fn bash_fish_and_zsh_complete_commands_and_values() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let script = ok(&["completions", "bash"], d, &[]);
@@ -75,14 +75,53 @@ fn bash_completes_commands_and_values() {
     }
     let got = complete("snapvisor disk set-parent --ig");
     assert_eq!(got.trim(), "--ignore-id-mismatch");
-    // zsh and fish scripts name the commands too (neither shell is installed here).
-    for shell in ["zsh", "fish"] {
-        let script = ok(&["completions", shell], d, &[]);
+    // fish completes as a user's <TAB> would (`complete -C` asks for a command line's
+    // candidates); zsh loads the script into its completion system and binds it.
+    std::fs::write(
+        d.join("snapvisor.fish"),
+        ok(&["completions", "fish"], d, &[]),
+    )
+    .unwrap();
+    let fish = |line: &str| -> Vec<String> {
+        let out = Command::new("fish")
+            .args(["-c", &format!("source snapvisor.fish; complete -C'{line}'")])
+            .current_dir(d)
+            .output()
+            .expect("fish is installed (scripts/setup.sh)");
         assert!(
-            script.contains("set-parent") && script.contains("checkpoint"),
-            "{shell}"
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-    }
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.split('\t').next().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(fish("snapvisor disk re"), ["read", "resize"]);
+    assert!(fish("snapvisor checkpoint ").iter().any(|c| c == "apply"));
+    assert_eq!(
+        fish("snapvisor disk set-parent --ig"),
+        ["--ignore-id-mismatch"]
+    );
+    std::fs::write(d.join("_snapvisor"), ok(&["completions", "zsh"], d, &[])).unwrap();
+    let out = Command::new("zsh")
+        .args([
+            "-f",
+            "-c",
+            "autoload -U compinit; compinit -u -d ./zcompdump; source ./_snapvisor; \
+             print -r -- $_comps[snapvisor]; whence -w _snapvisor",
+        ])
+        .current_dir(d)
+        .output()
+        .expect("zsh is installed (scripts/setup.sh)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("_snapvisor\n") && text.contains("function"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = snapvisor(&["completions", "tcsh"], d, &[]);
     assert_eq!(
         out.status.code(),

@@ -282,7 +282,7 @@ impl VhdxFile {
     /// Opens a file on disk.
     pub fn open(path: &Path, options: OpenOptions) -> Result<VhdxFile> {
         let file = open_locked(path, options.writable, options.shared_lock)?;
-        VhdxFile::open_io(Arc::new(file), path, options)
+        VhdxFile::open_io(Arc::new(crate::io::DiskFile::new(file)), path, options)
     }
 
     /// Opens a file through any [`FileIo`]; `path` names it in errors and locates parents.
@@ -880,6 +880,17 @@ impl VhdxFile {
     /// marks whole sectors, and this file cannot read its parent to fill the rest
     /// ([`crate::Chain`] does that for unaligned writes).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_with(buf, offset, false)
+    }
+
+    /// [`VhdxFile::write_at`] for data that will not be read back soon (a merge's copy):
+    /// it may bypass the page cache ([`FileIo::write_uncached_at`]). Same durability:
+    /// durable after the next [`VhdxFile::flush`].
+    pub fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_with(buf, offset, true)
+    }
+
+    fn write_with(&self, buf: &[u8], offset: u64, uncached: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         self.check_sector_aligned(offset, buf.len() as u64)?;
@@ -894,28 +905,31 @@ impl VhdxFile {
             let block = pos / bs;
             let in_block = pos % bs;
             let n = ((bs - in_block) as usize).min(buf.len() - done);
-            self.write_in_block(block, in_block, &buf[done..done + n])?;
+            self.write_in_block(block, in_block, &buf[done..done + n], uncached)?;
             done += n;
         }
         Ok(())
     }
 
-    fn write_in_block(&self, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
+    fn write_in_block(&self, block: u64, in_block: u64, data: &[u8], uncached: bool) -> Result<()> {
         let g = self.geometry;
         let index = g.payload_index(block);
+        let write_data = |at: u64| {
+            if uncached {
+                self.io.write_uncached_at(data, at)
+            } else {
+                self.io.write_at(data, at)
+            }
+            .map_err(|e| self.ioerr(e))
+        };
         loop {
             let e = self.entry(index);
             match e.state() {
                 PAYLOAD_BLOCK_FULLY_PRESENT => {
-                    return self
-                        .io
-                        .write_at(data, e.file_offset() + in_block)
-                        .map_err(|e| self.ioerr(e));
+                    return write_data(e.file_offset() + in_block);
                 }
                 PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
-                    self.io
-                        .write_at(data, e.file_offset() + in_block)
-                        .map_err(|e| self.ioerr(e))?;
+                    write_data(e.file_offset() + in_block)?;
                     let mut st = self.lock();
                     self.check_poisoned(&st)?;
                     // A whole-block discard may have remapped the block meanwhile: then
@@ -932,7 +946,14 @@ impl VhdxFile {
                     if self.entry(index) != e {
                         continue;
                     }
-                    return self.allocate_and_write(&mut st, block, in_block, data, e);
+                    return self.allocate_and_write(
+                        &mut st,
+                        block,
+                        in_block,
+                        data.len() as u64,
+                        e,
+                        write_data,
+                    );
                 }
             }
         }
@@ -943,20 +964,19 @@ impl VhdxFile {
         st: &mut State,
         block: u64,
         in_block: u64,
-        data: &[u8],
+        data_len: u64,
         old: BatEntry,
+        write_data: impl Fn(u64) -> Result<()>,
     ) -> Result<()> {
         let g = self.geometry;
-        let whole = in_block == 0 && data.len() as u64 == g.block_len(block);
+        let whole = in_block == 0 && data_len == g.block_len(block);
         let partial_in_parent =
             self.kind == DiskKind::Differencing && old.state() == PAYLOAD_BLOCK_NOT_PRESENT;
         if partial_in_parent && !whole {
             self.ensure_bitmap_block(st, block / g.chunk_ratio())?;
         }
         let offset = self.allocate(st, u64::from(g.block_size))?;
-        self.io
-            .write_at(data, offset + in_block)
-            .map_err(|e| self.ioerr(e))?;
+        write_data(offset + in_block)?;
         if partial_in_parent && !whole {
             {
                 let mut maps = self.bitmaps.write().unwrap();
@@ -973,7 +993,7 @@ impl VhdxFile {
                 g.payload_index(block),
                 BatEntry::new(PAYLOAD_BLOCK_PARTIALLY_PRESENT, offset),
             );
-            self.set_bits(st, block, in_block, data.len() as u64);
+            self.set_bits(st, block, in_block, data_len);
         } else {
             // Fresh space reads as zeros, which is what the rest of a ZERO or NOT_PRESENT
             // block of a non-differencing file must read as.
@@ -1110,7 +1130,7 @@ impl VhdxFile {
                 );
             } else {
                 let zeros = vec![0u8; n as usize];
-                self.write_in_block(block, in_block, &zeros)?;
+                self.write_in_block(block, in_block, &zeros, false)?;
             }
             pos += n;
         }

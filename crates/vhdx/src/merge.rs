@@ -31,6 +31,7 @@ use crate::format::{
     KEY_PARENT_LINKAGE2, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
     PAYLOAD_BLOCK_PARTIALLY_PRESENT, braced_guid, parse_braced_guid,
 };
+use crate::io::DIRECT_ALIGN;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -124,13 +125,16 @@ fn copy_parallel(
     std::thread::scope(|s| -> Result<()> {
         for _ in 0..COPY_THREADS {
             s.spawn(|| {
-                let mut buf = vec![0u8; COPY_CHUNK as usize];
+                // Aligned for writes past the page cache (`write_uncached_at`).
+                let mut space = vec![0u8; COPY_CHUNK as usize + DIRECT_ALIGN];
+                let skip = space.as_ptr().align_offset(DIRECT_ALIGN);
+                let buf = &mut space[skip..skip + COPY_CHUNK as usize];
                 while !failed.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs.get(i) else { break };
                     let buf = &mut buf[..job.len as usize];
-                    let result =
-                        read(job.source, buf).and_then(|()| dest.write_at(buf, job.dest_offset));
+                    let result = read(job.source, buf)
+                        .and_then(|()| dest.write_uncached_at(buf, job.dest_offset));
                     match result {
                         Ok(()) => {
                             copied.fetch_add(job.len, Ordering::Relaxed);
