@@ -19,9 +19,19 @@
 //! from the point's instant (the same machinery as the apply of a checkpoint with
 //! memory), with the VM's generation ID on its `vmgenid` device.
 //!
-//! A disk is copied in full when the VM has no earlier point, or with `full`; otherwise
-//! as an express full against the VM's last point (every block read and hashed, only
-//! chunks that differ stored), since change tracking does not exist yet.
+//! A disk is copied in full when the VM has no earlier point, or with `full`. Otherwise,
+//! when its change tracking ([`vm::tracking`]) is valid and relative to the VM's last
+//! point in this repository, it is copied **incrementally**: only the regions marked
+//! changed are read, the rest is the last point's. Else it is an **express full** against
+//! the VM's last point (every block read and hashed, only chunks that differ stored). The
+//! point's `method` is the weakest of its disks' (`full`, then `express-full`, then
+//! `incremental`).
+//!
+//! Tracking of a running VM is the worker's: the recovery checkpoint's switch freezes the
+//! changed set, this module reads it from the tracking file, and tells the worker at the
+//! end whether a point was committed (the set becomes relative to it) or not (the set goes
+//! back), before the checkpoint is deleted. A stopped VM's tracking is checked against its
+//! chains here, and after the point commits it starts over relative to the point.
 //!
 //! A restore into a VM's disks ([`VmHandle::restore_in_place`], [`Host::restore_as`])
 //! brackets its writes with the VM folder's [`RESTORE_MARKER`]: a restore killed half way
@@ -46,6 +56,7 @@ use crate::record::RunStatus;
 use crate::run_state::RunState;
 use backup::{Method, Point, Repository};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -113,7 +124,7 @@ pub struct BackedUp {
     pub point: Point,
     /// `offline`, `application`, `crash` or `saved-state`.
     pub consistency: String,
-    /// `full` or `express-full` (the method of the disks).
+    /// `full`, `express-full` or `incremental` (the weakest method of the disks).
     pub method: String,
     /// Bytes read from the disks and blobs.
     pub bytes_read: u64,
@@ -249,6 +260,49 @@ struct DiskSource {
     name: String,
     disk_id: Uuid,
     top: std::path::PathBuf,
+    /// What changed since a recovery point, as change tracking says (the point's id).
+    changed: Option<(String, Vec<Range<u64>>)>,
+}
+
+/// The changes a valid tracking file of a stopped VM's disk records since its reference.
+fn offline_changes(vm_dir: &Path, disk: &str, top: &Path) -> Option<(String, Vec<Range<u64>>)> {
+    match vm::tracking::check_disk(vm_dir, disk, top) {
+        Ok(vm::tracking::Status::Valid(t)) => Some((t.reference()?.to_owned(), t.changed())),
+        Ok(vm::tracking::Status::Invalid(why)) => {
+            tracing::info!("change tracking of {disk} is invalid: {why}");
+            None
+        }
+        Ok(vm::tracking::Status::None) => None,
+        Err(e) => {
+            tracing::warn!("change tracking of {disk}: {e}");
+            None
+        }
+    }
+}
+
+/// The set a running VM's worker froze for recovery checkpoint `checkpoint`, read from
+/// the tracking file the worker keeps marking (a page caught half written fails its
+/// checksum: read again).
+fn frozen_changes(
+    vm_dir: &Path,
+    disk: &str,
+    checkpoint: Uuid,
+) -> Option<(String, Vec<Range<u64>>)> {
+    let path = vm::tracking::Tracking::path(vm_dir, disk);
+    for _ in 0..5 {
+        match vm::tracking::Tracking::load(&path) {
+            Ok(vm::tracking::Status::Valid(t)) => {
+                return (t.pending() == Some(checkpoint))
+                    .then(|| Some((t.reference()?.to_owned(), t.frozen())))
+                    .flatten();
+            }
+            Ok(vm::tracking::Status::Invalid(_)) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(vm::tracking::Status::None) | Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Copies disks and blobs of one VM into a new point and commits it.
@@ -279,7 +333,8 @@ fn write_point(
     if let Some(path) = state {
         writer.add_blob_file(STATE_BLOB, path, progress)?;
     }
-    let mut method = "full";
+    // The weakest method of the disks names the point's.
+    let mut rank = 0;
     for d in disks {
         let source = disk::open(&d.top, false)
             .with_context(|| format!("cannot open {} to back it up", d.top.display()))?;
@@ -287,17 +342,29 @@ fn write_point(
             .as_ref()
             .and_then(|p| p.disks.iter().find(|s| s.name == d.name))
             .filter(|s| s.size == source.size());
-        let m = match base_stream {
-            Some(b) => {
-                method = "express-full";
+        let changed = d
+            .changed
+            .as_ref()
+            .filter(|(reference, _)| base.as_ref().is_some_and(|p| p.id == *reference));
+        let m = match (base_stream, changed) {
+            (Some(b), Some((_, ranges))) => Method::Incremental {
+                base: b,
+                changed: ranges,
+            },
+            (Some(b), None) => {
+                rank = rank.max(1);
                 Method::ExpressFull { base: b }
             }
-            None => Method::Full,
+            (None, _) => {
+                rank = 2;
+                Method::Full
+            }
         };
         let mut fields = BTreeMap::new();
         fields.insert("disk_id".to_owned(), d.disk_id.to_string());
         writer.add_disk(&d.name, &*source, m, fields, progress)?;
     }
+    let method = ["incremental", "express-full", "full"][rank];
     let stats = writer.stats();
     let duration = started.elapsed();
     writer.set_field("vm", &config.name);
@@ -367,6 +434,7 @@ impl VmHandle<'_> {
                 name: d.name.clone(),
                 disk_id: d.disk_id,
                 top: vm.layer_path(layer),
+                changed: offline_changes(vm.dir(), &d.name, &vm.layer_path(layer)),
             })
             .collect();
         let nvram = state
@@ -375,7 +443,7 @@ impl VmHandle<'_> {
             .as_ref()
             .map(|n| vm.dir().join(vm::journal::FIRMWARE_DIR).join(n));
         // The VM's lock is held (in `vm`) until the point is committed.
-        write_point(
+        let done = write_point(
             repo,
             &state.config,
             nvram.as_deref(),
@@ -388,7 +456,19 @@ impl VmHandle<'_> {
             started,
             progress,
         )
-        .with_context(what)
+        .with_context(what)?;
+        // Still under the lock: the disks are what the point holds.
+        let tops: Vec<_> = disks
+            .iter()
+            .map(|d| (d.name.clone(), d.top.clone()))
+            .collect();
+        if let Err(e) = vm::tracking::establish(vm.dir(), &tops, &done.point.id) {
+            tracing::warn!(
+                "change tracking does not start from point {}: {e}",
+                done.point.id
+            );
+        }
+        Ok(done)
     }
 
     fn backup_live(
@@ -454,6 +534,7 @@ impl VmHandle<'_> {
                     name: d.name.clone(),
                     disk_id: d.disk_id,
                     top: vm_dir.join(vm::journal::DISKS_DIR).join(layer),
+                    changed: frozen_changes(&vm_dir, &d.name, capture.id),
                 })
                 .collect();
             let checkpoint_dir = vm_dir
@@ -484,6 +565,17 @@ impl VmHandle<'_> {
             )
         })();
         vm::fsutil::crashpoint("backup create: point written");
+        // The tracked sets follow the outcome before the checkpoint goes.
+        let settle = Request::TrackingSettle {
+            checkpoint: capture.id,
+            point: result.as_ref().ok().map(|d| d.point.id.clone()),
+        };
+        if let Err(e) = self.call(dir, &settle, crate::host::LIVE_OP_TIMEOUT) {
+            tracing::warn!(
+                "change tracking did not record the backup's end (the next backup rereads more): {}",
+                e.chain()
+            );
+        }
         // Merged away under the guest, whether or not the copy worked.
         let deleted = self.delete_checkpoint(&capture.id.to_string(), false, crate::no_progress());
         if deleted.is_ok() {

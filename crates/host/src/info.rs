@@ -61,6 +61,75 @@ pub struct VmDisk {
     pub virtual_size: Option<u64>,
     /// Files in its chain, from the layer graph.
     pub chain_depth: usize,
+    /// Its change tracking.
+    pub tracking: TrackingState,
+}
+
+/// A disk's change tracking, as `vm show` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum TrackingState {
+    /// No tracking file: the next backup is a full or an express full.
+    None,
+    /// A file that cannot be trusted: the next backup is an express full.
+    Invalid {
+        /// Why.
+        reason: String,
+    },
+    /// Changes since `reference` are tracked.
+    Valid {
+        /// The recovery point the changes are relative to (none yet: the next backup
+        /// establishes one).
+        reference: Option<String>,
+        /// Regions possibly changed since.
+        regions: u64,
+        /// Their bytes.
+        bytes: u64,
+        /// A running backup's recovery checkpoint whose set is frozen.
+        pending: Option<Uuid>,
+        /// Whether the VM's worker is marking it now (its chain is checked when the VM
+        /// stops; a stopped VM's is checked here).
+        live: bool,
+    },
+}
+
+impl TrackingState {
+    /// The state of disk `disk` of the VM in `dir` whose Now layer is `top`.
+    pub fn read(dir: &std::path::Path, disk: &str, top: &std::path::Path, live: bool) -> Self {
+        let status = if live {
+            // The worker writes pages in place: one caught half written fails its
+            // checksum, so read again before calling it invalid.
+            let path = vm::tracking::Tracking::path(dir, disk);
+            let mut status = vm::tracking::Tracking::load(&path);
+            for _ in 0..4 {
+                if !matches!(status, Ok(vm::tracking::Status::Invalid(_))) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                status = vm::tracking::Tracking::load(&path);
+            }
+            status
+        } else {
+            vm::tracking::check_disk(dir, disk, top)
+        };
+        match status {
+            Ok(vm::tracking::Status::None) => TrackingState::None,
+            Ok(vm::tracking::Status::Invalid(reason)) => TrackingState::Invalid { reason },
+            Err(e) => TrackingState::Invalid {
+                reason: e.to_string(),
+            },
+            Ok(vm::tracking::Status::Valid(t)) => {
+                let regions = t.changed_regions();
+                TrackingState::Valid {
+                    reference: t.reference().map(str::to_owned),
+                    regions,
+                    bytes: t.changed().iter().map(|r| r.end - r.start).sum(),
+                    pending: t.pending(),
+                    live,
+                }
+            }
+        }
+    }
 }
 
 impl VmInfo {
@@ -92,12 +161,14 @@ impl VmInfo {
                             .map(|f| f.geometry().virtual_size);
                     at = state.layers.get(&l).and_then(|x| x.parent.clone());
                 }
+                let tracking = TrackingState::read(&dir, &d.name, &path, run.is_live());
                 VmDisk {
                     name: d.name.clone(),
                     disk_id: d.disk_id,
                     file: path,
                     virtual_size,
                     chain_depth,
+                    tracking,
                 }
             })
             .collect();

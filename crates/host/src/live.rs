@@ -63,6 +63,8 @@ pub(crate) fn delete(session: &Session, query: &str, subtree: bool) -> Result<Li
             (Vec::new(), Some(e.chain()))
         }
     };
+    // The merges changed the chains (not what they read): the tracker records them.
+    session.track_chains(None);
     let vm = session.vm();
     // Whatever could not merge live merges once the VM stops.
     let merge_when_stopped: Vec<String> = vm
@@ -382,6 +384,8 @@ fn capture(
             return Err(e);
         }
     };
+    // Still paused: a backup's changed set is frozen at exactly this switch.
+    session.track_chains((taken.kind == CheckpointKind::Recovery).then_some(id));
     let switch_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let mut memory = None;
     let paused_ms;

@@ -96,6 +96,15 @@ pub enum Request {
         /// The new folder (absolute: the worker's working folder is not the client's).
         dir: PathBuf,
     },
+    /// A backup's end, for change tracking: the sets frozen at recovery checkpoint
+    /// `checkpoint`'s switch become relative to the committed `point`, or without one
+    /// (the backup failed) go back into the changed sets.
+    TrackingSettle {
+        /// The backup's recovery checkpoint.
+        checkpoint: uuid::Uuid,
+        /// The committed point's id.
+        point: Option<String>,
+    },
     /// Change the checkpoint settings (`None` keeps a value).
     CheckpointSettings {
         /// The checkpoint type.
@@ -134,6 +143,7 @@ impl Request {
             Request::CheckpointRename { .. } => "checkpoint-rename",
             Request::CheckpointExport { .. } => "checkpoint-export",
             Request::CheckpointSettings { .. } => "checkpoint-settings",
+            Request::TrackingSettle { .. } => "tracking-settle",
         }
     }
 }
@@ -537,6 +547,10 @@ mod tests {
             Request::CheckpointExport {
                 checkpoint: "a b".into(),
                 dir: "/x/y".into(),
+            },
+            Request::TrackingSettle {
+                checkpoint: uuid::Uuid::new_v4(),
+                point: None,
             },
             Request::CheckpointSettings {
                 checkpoint_type: Some(CheckpointType::ProductionOnly),

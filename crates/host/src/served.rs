@@ -13,11 +13,17 @@
 //!   acknowledged write, so a crash leaves the chain reading exactly what it did.
 //! - Reads take no lock beyond the chain's own: neither a copy nor the mirror changes
 //!   what the chain reads.
+//! - **Change tracking.** With a tracker ([`ServedDisk::track`]), every write,
+//!   write-zeroes and discard first makes sure its regions are durably marked
+//!   ([`vm::tracking::LiveTracker::mark`]: an atomic test per region once marked), so the
+//!   marked set is a superset of the changes whatever crashes. Files opened writable by
+//!   a worker session take the session's DataWriteGuid ([`vm::tracking::session_guid`])
+//!   at their first write, so the tracker recognises them after a worker kill.
 
 use disk::{Disk, Extent, VhdxDisk};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Instant;
 
 /// Bytes of the disk one stripe lock covers (a copier works a block at a time: the
@@ -35,6 +41,10 @@ pub struct ServedDisk {
     stripes: Vec<Mutex<()>>,
     /// The longest a guest write took (waits included) since the last merge began, in µs.
     longest_write_us: AtomicU64,
+    /// The worker session whose DataWriteGuid writable opens give their top file.
+    session: Option<uuid::Uuid>,
+    /// The change tracker, once the worker started it.
+    tracker: OnceLock<Arc<vm::tracking::LiveTracker>>,
 }
 
 impl std::fmt::Debug for ServedDisk {
@@ -55,7 +65,14 @@ fn detached() -> disk::Error {
 impl ServedDisk {
     /// Opens the chain of `path` for the guest (writable).
     pub fn open(path: &Path) -> disk::Result<ServedDisk> {
-        let d = VhdxDisk::open(path, true)?;
+        ServedDisk::open_in_session(path, None)
+    }
+
+    /// Opens the chain of `path` for the guest (writable); with `session`, the top file
+    /// (and every top file [`ServedDisk::reopen`] opens) takes the session's
+    /// DataWriteGuid at its first write.
+    pub fn open_in_session(path: &Path, session: Option<uuid::Uuid>) -> disk::Result<ServedDisk> {
+        let d = open_top(path, session)?;
         Ok(ServedDisk {
             size: d.size(),
             sector: d.sector_size(),
@@ -64,7 +81,19 @@ impl ServedDisk {
             merging: AtomicBool::new(false),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             longest_write_us: AtomicU64::new(0),
+            session,
+            tracker: OnceLock::new(),
         })
+    }
+
+    /// Marks every later change in `tracker` before making it (once per disk).
+    pub fn track(&self, tracker: Arc<vm::tracking::LiveTracker>) {
+        let _ = self.tracker.set(tracker);
+    }
+
+    /// The change tracker, if started.
+    pub fn tracker(&self) -> Option<&Arc<vm::tracking::LiveTracker>> {
+        self.tracker.get()
     }
 
     /// Runs `f` on the chain slot with every request held back.
@@ -87,7 +116,7 @@ impl ServedDisk {
 
     /// Opens the chain of `path` in place of the closed one.
     pub fn reopen(&self, path: &Path) -> disk::Result<()> {
-        let d = VhdxDisk::open(path, true)?;
+        let d = open_top(path, self.session)?;
         self.switch(|slot| *slot = Some(d));
         Ok(())
     }
@@ -187,6 +216,13 @@ impl ServedDisk {
         let started = self.merging.load(Ordering::SeqCst).then(Instant::now);
         let slot = self.chain.read().unwrap_or_else(|p| p.into_inner());
         let d = slot.as_ref().ok_or_else(detached)?;
+        if let Some(t) = self.tracker.get() {
+            // Durably marked before the change can be acknowledged.
+            t.mark(offset, len).map_err(|e| disk::Error::Io {
+                path: "(change tracking)".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
         if !self.merging.load(Ordering::SeqCst) {
             op(d.chain())?;
         } else {
@@ -207,6 +243,27 @@ impl ServedDisk {
         }
         Ok(())
     }
+}
+
+/// Opens `path` writable with its parents; with `session`, the top file takes the
+/// session's DataWriteGuid at its first write.
+fn open_top(path: &Path, session: Option<uuid::Uuid>) -> disk::Result<VhdxDisk> {
+    let Some(s) = session else {
+        return VhdxDisk::open(path, true);
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let top = vhdx::VhdxFile::open(
+        path,
+        vhdx::OpenOptions {
+            writable: true,
+            data_write_guid: Some(vm::tracking::session_guid(s, &name)),
+            ..Default::default()
+        },
+    )?;
+    Ok(VhdxDisk::from_chain(vhdx::Chain::from_top(top)?, true))
 }
 
 impl Disk for ServedDisk {

@@ -78,6 +78,58 @@ impl Session {
         Ok(())
     }
 
+    /// Records each disk's chain as it is now in its tracking file (after a switch), and
+    /// with `freeze` freezes the changed set for that recovery checkpoint's backup (the
+    /// guest must be paused: no change in flight). A failure is logged: the file keeps the
+    /// old chain, so the next check finds it invalid, never wrong.
+    pub(crate) fn track_chains(&self, freeze: Option<uuid::Uuid>) {
+        for d in &self.disks {
+            let Some(t) = d.tracker() else { continue };
+            let seen = match d.with_chain(vm::tracking::chain_seen) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("change tracking: cannot read a served chain: {e}");
+                    continue;
+                }
+            };
+            let updated = match freeze {
+                // Marking stopped after a failure: a backup's switch (no change in
+                // flight) starts it over, with no reference; the backup's point becomes
+                // the reference when it commits.
+                Some(c) if t.is_dropped() => {
+                    let mut fresh = vm::tracking::Tracking::new(disk::Disk::size(&**d), None, seen);
+                    fresh.set_session(t.snapshot().session());
+                    fresh.freeze(c);
+                    t.restart(fresh)
+                }
+                _ => t.update(|t| {
+                    t.set_chain(seen);
+                    if let Some(c) = freeze {
+                        t.freeze(c);
+                    }
+                }),
+            };
+            if let Err(e) = updated {
+                tracing::warn!("change tracking: cannot record the switch: {e}");
+            }
+        }
+    }
+
+    /// A backup's end: its frozen sets become relative to `point`, or (without) go back
+    /// into the current sets.
+    pub(crate) fn settle_tracking(
+        &self,
+        checkpoint: uuid::Uuid,
+        point: Option<&str>,
+    ) -> Result<()> {
+        for d in &self.disks {
+            if let Some(t) = d.tracker() {
+                t.update(|t| t.settle(checkpoint, point))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Records a new run state (checked against the state machine) in `run/worker.json`.
     pub(crate) fn set_state(&self, state: RunState) -> Result<()> {
         let mut r = lock(&self.record);

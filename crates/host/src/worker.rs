@@ -10,6 +10,13 @@
 //! `running` record whose lock is free means the worker died, and the VM is reported
 //! stopped unexpectedly. Its files stay consistent: a VHDX chain whose writer died is
 //! replayed from its log at the next open.
+//!
+//! Change tracking ([`vm::tracking`]): before anything changes the disks (the automatic
+//! checkpoint included), each disk's tracking file is checked against its chain; a valid
+//! one goes on, anything else starts over with no reference. The worker then records its
+//! session, serves the disks with every change marked first, records each switch, and
+//! when the VM has stopped (and the layers are reconciled) records the final chain with
+//! no session, so that an offline backup can trust it.
 
 use crate::error::{Context, Error, Result};
 use crate::protocol::{LiveStatus, Reply, Request, StopHow};
@@ -18,6 +25,7 @@ use crate::record::WorkerRecord;
 use crate::run_state::{LOG_DIR, RUN_DIR, RunState, SAVED_STATE};
 use crate::served::ServedDisk;
 use crate::session::{Session, lock};
+use disk::Disk;
 use serde_json::Value;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -25,6 +33,7 @@ use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vm::tracking::{LiveTracker, Status, Tracking};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -46,6 +55,7 @@ pub fn run(store: &vm::Store, name: &str, opts: WorkerOptions) -> Result<()> {
     let _alive = vm::lock::Lock::acquire(&run_dir, name, "vm worker", Duration::ZERO)?;
     let mut record = WorkerRecord::starting(opts.accel);
     record.write(&dir)?;
+    let prepared = prepare_tracking(&vm_handle);
     // Hyper-V's automatic checkpoints: one at start when there is none, taken before the
     // guest runs (so it is of the VM off); deleted again after a clean shutdown.
     let automatic = if vm_handle.state().config.automatic_checkpoints
@@ -67,7 +77,15 @@ pub fn run(store: &vm::Store, name: &str, opts: WorkerOptions) -> Result<()> {
         None
     };
     let shared_vm = Arc::new(Mutex::new(vm_handle));
-    let result = serve_vm(&shared_vm, &dir, &opts, &mut record);
+    let mut trackers = Vec::new();
+    let result = serve_vm(
+        &shared_vm,
+        &dir,
+        &opts,
+        &mut record,
+        prepared,
+        &mut trackers,
+    );
     // QEMU is gone and the disks are closed: merges that had to wait for the VM to stop
     // can run now, and a clean shutdown takes the automatic checkpoint away.
     {
@@ -89,6 +107,7 @@ pub fn run(store: &vm::Store, name: &str, opts: WorkerOptions) -> Result<()> {
         if let Some(e) = r.failed {
             tracing::warn!("merging layers after the VM stopped: {e}");
         }
+        seal_tracking(&vm, &trackers);
     }
     let result = result.map(|_| ());
     let ended = match &result {
@@ -109,12 +128,64 @@ pub fn run(store: &vm::Store, name: &str, opts: WorkerOptions) -> Result<()> {
     result
 }
 
+/// Each disk's tracking, if its file is valid for the chain as it is (the VM not served
+/// yet); the reason it starts over is logged otherwise.
+fn prepare_tracking(vm: &vm::Vm) -> Vec<Option<Tracking>> {
+    let state = vm.state();
+    state
+        .config
+        .hardware
+        .disks
+        .iter()
+        .zip(&state.now.disks)
+        .map(|(d, layer)| {
+            match vm::tracking::check_disk(vm.dir(), &d.name, &vm.layer_path(layer)) {
+                Ok(Status::Valid(t)) => Some(t),
+                Ok(Status::Invalid(why)) => {
+                    tracing::info!("change tracking of {} starts over: {why}", d.name);
+                    None
+                }
+                Ok(Status::None) => None,
+                Err(e) => {
+                    tracing::warn!("change tracking of {} starts over: {e}", d.name);
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Records the chains as the stopped VM leaves them, with no session: what an offline
+/// backup checks against.
+fn seal_tracking(vm: &vm::Vm, trackers: &[(usize, Arc<LiveTracker>)]) {
+    for (i, t) in trackers {
+        let Some(layer) = vm.state().now.disks.get(*i) else {
+            continue;
+        };
+        let sealed = vhdx::Chain::open(&vm.layer_path(layer), false)
+            .map_err(vm::Error::from)
+            .and_then(|c| {
+                let seen = vm::tracking::chain_seen(&c);
+                drop(c);
+                t.update(|t| {
+                    t.set_chain(seen);
+                    t.set_session(None);
+                })
+            });
+        if let Err(e) = sealed {
+            tracing::warn!("change tracking: cannot record the stopped VM's chains: {e}");
+        }
+    }
+}
+
 /// Serves the VM until QEMU exits; `Ok(true)` when the guest shut down cleanly.
 fn serve_vm(
     shared_vm: &Arc<Mutex<vm::Vm>>,
     dir: &Path,
     opts: &WorkerOptions,
     record: &mut WorkerRecord,
+    mut prepared: Vec<Option<Tracking>>,
+    trackers: &mut Vec<(usize, Arc<LiveTracker>)>,
 ) -> Result<bool> {
     let mut vm_guard = lock(shared_vm);
     vm_guard.set_live(true);
@@ -123,12 +194,36 @@ fn serve_vm(
     let mut servers = Vec::new();
     let mut disks = Vec::new();
     let mut served = Vec::new();
+    let session_id = uuid::Uuid::new_v4();
     for (i, file) in state.now.disks.iter().enumerate() {
         let path = vm_guard.layer_path(file);
         let d = Arc::new(
-            ServedDisk::open(&path)
+            ServedDisk::open_in_session(&path, Some(session_id))
                 .with_context(|| format!("cannot open disk {}", path.display()))?,
         );
+        let disk_name = &state.config.hardware.disks[i].name;
+        let seen = d.with_chain(vm::tracking::chain_seen)?;
+        let mut t = prepared
+            .get_mut(i)
+            .and_then(Option::take)
+            .unwrap_or_else(|| Tracking::new(d.size(), None, seen.clone()));
+        // Recorded before the first write can give a file the session's DataWriteGuid.
+        t.set_session(Some(session_id));
+        t.set_chain(seen);
+        match LiveTracker::start(&Tracking::path(dir, disk_name), t) {
+            Ok(l) => {
+                let l = Arc::new(l);
+                d.track(l.clone());
+                trackers.push((i, l));
+            }
+            Err(e) => {
+                tracing::warn!("change tracking of {disk_name} is off: {e}");
+                // A file claiming this session's writes while nobody marks them must not stay.
+                let path = Tracking::path(dir, disk_name);
+                vm::fsutil::remove_file(&path)
+                    .context("cannot remove a change tracking file that would be wrong")?;
+            }
+        }
         served.push(d.clone());
         let export = Arc::new(nbd::Export::new(&format!("disk{i}"), d, false));
         let sock = run_dir.join(format!("disk{i}.sock"));
@@ -327,6 +422,10 @@ fn handle(session: &Session, request: Request) -> Result<Reply> {
             let _op = session.exclusive();
             let id = session.vm().export_checkpoint(&checkpoint, &dir)?;
             Ok(Reply::CheckpointExported { id })
+        }
+        Request::TrackingSettle { checkpoint, point } => {
+            session.settle_tracking(checkpoint, point.as_deref())?;
+            Ok(Reply::Done)
         }
         Request::CheckpointSettings {
             checkpoint_type,

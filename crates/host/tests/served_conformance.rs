@@ -3,7 +3,8 @@
 //! meets it through the worker's NBD export. Three ways: as served between operations;
 //! with a live merge's stripe locks on (every write then takes them, as while a merge's
 //! copier runs); and after the worker switched it (closed, reopened), as after a live
-//! checkpoint. A read-only open is the chain read after the worker let go of it.
+//! checkpoint; and with change tracking marking every change in a worker session. A
+//! read-only open is the chain read after the worker let go of it.
 
 use disk::Disk;
 use disk::conformance::{self, Backend, FileBackend};
@@ -15,6 +16,7 @@ enum Served {
     Idle,
     Merging,
     Switched,
+    Tracked,
 }
 
 impl Backend for Served {
@@ -30,6 +32,15 @@ impl Backend for Served {
         if !writable {
             return FileBackend::Chain.open(path, false);
         }
+        if let Served::Tracked = self {
+            let d = ServedDisk::open_in_session(path, Some(uuid::Uuid::new_v4())).unwrap();
+            let seen = d.with_chain(vm::tracking::chain_seen).unwrap();
+            let t = vm::tracking::Tracking::new(d.size(), None, seen);
+            let file = vm::tracking::Tracking::path(path.parent().unwrap(), "disk");
+            let live = vm::tracking::LiveTracker::start(&file, t).unwrap();
+            d.track(std::sync::Arc::new(live));
+            return Box::new(d);
+        }
         let d = ServedDisk::open(path).unwrap();
         match self {
             Served::Idle => {}
@@ -38,6 +49,7 @@ impl Backend for Served {
                 d.close().unwrap();
                 d.reopen(path).unwrap();
             }
+            Served::Tracked => unreachable!(),
         }
         Box::new(d)
     }
@@ -47,7 +59,12 @@ impl Backend for Served {
     }
 }
 
-const ALL: [Served; 3] = [Served::Idle, Served::Merging, Served::Switched];
+const ALL: [Served; 4] = [
+    Served::Idle,
+    Served::Merging,
+    Served::Switched,
+    Served::Tracked,
+];
 
 fn each(case: fn(&dyn Backend)) {
     for backend in ALL {

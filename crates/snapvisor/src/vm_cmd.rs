@@ -539,6 +539,38 @@ fn list(host: &Host, as_json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A disk's change tracking in words: `valid since <point>, 12 regions (48 MiB) changed`.
+fn tracking_text(t: &host::info::TrackingState) -> String {
+    match t {
+        host::info::TrackingState::None => "none".into(),
+        host::info::TrackingState::Invalid { reason } => format!("invalid ({reason})"),
+        host::info::TrackingState::Valid {
+            reference,
+            regions,
+            bytes,
+            pending,
+            live,
+        } => {
+            let since = match reference {
+                Some(r) => format!("valid since {}", &r[..r.len().min(12)]),
+                None => "valid, no backup yet".into(),
+            };
+            let mut s = format!(
+                "{since}, {regions} region{} ({}) changed",
+                if *regions == 1 { "" } else { "s" },
+                human(*bytes)
+            );
+            if pending.is_some() {
+                s.push_str(", a backup running");
+            }
+            if *live {
+                s.push_str(", marked live");
+            }
+            s
+        }
+    }
+}
+
 /// `vm show --json`'s document.
 pub fn show_json(info: &VmInfo) -> Value {
     let s = &info.state;
@@ -550,6 +582,7 @@ pub fn show_json(info: &VmInfo) -> Value {
             json!({
                 "name": d.name, "disk_id": d.disk_id, "file": d.file,
                 "virtual_size": d.virtual_size, "chain_depth": d.chain_depth,
+                "tracking": d.tracking,
             })
         })
         .collect();
@@ -629,6 +662,7 @@ pub fn show(host: &Host, name: &str, as_json: bool) -> Result<ExitCode> {
             }),
             d.chain_depth
         );
+        println!("  {:<14} tracking: {}", "", tracking_text(&d.tracking));
     }
     for h in s.hidden_layers() {
         println!("  hidden layer   {} ({} layers depend on it)", h.0, h.1);

@@ -96,10 +96,26 @@ fn a_stopped_vm_backs_up_and_restores_as_a_clone_to_a_file_and_in_place() {
     assert!(stored1 >= 6 * MIB, "stored {stored1}");
     let id1 = p1["id"].as_str().unwrap().to_owned();
 
-    // Chunk 0 of disk 0 changes (point 1's copy of it is then its own), and a new block.
+    let tracked = cli.json(&["vm", "show", "web", "--json"]);
+    assert_eq!(
+        tracked["disks"][0]["tracking"]["state"], "valid",
+        "{tracked}"
+    );
+    assert_eq!(tracked["disks"][0]["tracking"]["reference"], id1.as_str());
+    // Chunk 0 of disk 0 changes (point 1's copy of it is then its own), and a new block,
+    // written offline, behind change tracking's back: it no longer trusts disk 0.
     cli.write_disk("web", 0, 0, &noise(3, 100_000));
     cli.write_disk("web", 0, 100 * MIB, &noise(4, 100_000));
     let at2 = now_data(cli, "web");
+    let tracked = cli.json(&["vm", "show", "web", "--json"]);
+    assert_eq!(
+        tracked["disks"][0]["tracking"]["state"], "invalid",
+        "{tracked}"
+    );
+    assert_eq!(
+        tracked["disks"][1]["tracking"]["state"], "valid",
+        "{tracked}"
+    );
     let p2 = cli.json(&["backup", "create", "web", "--json"]);
     assert_eq!(p2["method"], "express-full");
     let stored2 = p2["bytes_stored"].as_u64().unwrap();
@@ -110,9 +126,10 @@ fn a_stopped_vm_backs_up_and_restores_as_a_clone_to_a_file_and_in_place() {
     let id2 = p2["id"].as_str().unwrap().to_owned();
     let full = cli.json(&["backup", "create", "web", "--full", "--json"]);
     assert_eq!(full["method"], "full");
+    // Nothing changed since the full one, and tracking says so: nothing is read.
     let text = cli.ok(&["backup", "create", "web"]);
     assert!(
-        text.starts_with("created recovery point ") && text.contains("offline, express-full"),
+        text.starts_with("created recovery point ") && text.contains("offline, incremental"),
         "{text}"
     );
 
@@ -194,7 +211,13 @@ fn a_stopped_vm_backs_up_and_restores_as_a_clone_to_a_file_and_in_place() {
         "a refused restore changes nothing"
     );
 
-    // In place: what the VM had is kept as a checkpoint.
+    // In place: what the VM had is kept as a checkpoint. Change tracking of disk 0 is
+    // valid up to here, and the restore rewrites the disk behind it: invalid after.
+    let tracked = cli.json(&["vm", "show", "web", "--json"]);
+    assert_eq!(
+        tracked["disks"][0]["tracking"]["state"], "valid",
+        "{tracked}"
+    );
     cli.write_disk("web", 1, 0, b"after the last backup");
     let before = now_data(cli, "web");
     let generation = cli.json(&["vm", "show", "web", "--json"])["generation_id"].clone();
@@ -205,6 +228,11 @@ fn a_stopped_vm_backs_up_and_restores_as_a_clone_to_a_file_and_in_place() {
     let kept = r["kept_as"]["name"].as_str().unwrap().to_owned();
     assert!(kept.starts_with("before restore ("), "{kept}");
     assert!(now_data(cli, "web") == at1, "Now holds point 1");
+    let tracked = cli.json(&["vm", "show", "web", "--json"]);
+    assert_eq!(
+        tracked["disks"][0]["tracking"]["state"], "invalid",
+        "{tracked}"
+    );
     let tree = cli.json(&["checkpoint", "list", "web", "--json"]);
     let text = tree.to_string();
     assert!(text.contains(&kept), "{text}");

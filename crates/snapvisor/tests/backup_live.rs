@@ -58,7 +58,7 @@ fn online_backup_of_a_writing_guest_restores_as_a_clean_clone() {
 
     let p2 = cli.json(&["backup", "create", "g", "--json"]);
     assert_eq!(p2["consistency"], "application", "{p2}");
-    assert_eq!(p2["method"], "express-full", "{p2}");
+    assert_eq!(p2["method"], "incremental", "{p2}");
     assert!(
         p2["bytes_stored"].as_u64().unwrap() < p1["bytes_stored"].as_u64().unwrap(),
         "{p2}"

@@ -13,6 +13,7 @@
 //! disks/disk0_<12 hex>.avhdx   differencing layers: checkpoints', Now's, hidden ones
 //! checkpoints/<id>/config.json the VM's config as the checkpoint was taken
 //! merge-progress.json          only while a merge into a parent runs: how far it is durable
+//! tracking/<disk>.mrt          change tracking of each disk (see [`tracking`])
 //! ```
 //!
 //! Every JSON file carries a format version (`"format": 1`); files written before versions
@@ -105,6 +106,7 @@ pub mod lock;
 pub mod preview;
 pub mod state;
 pub mod store;
+pub mod tracking;
 pub mod vm;
 
 pub use config::{CheckpointType, DirectBoot, DiskConfig, Firmware, Hardware, VmConfig};

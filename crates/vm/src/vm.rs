@@ -675,6 +675,68 @@ impl Vm {
     /// reading the same data, and the next reconciliation starts it again); the reason is
     /// returned.
     pub fn reconcile(&mut self) -> Reconciled {
+        // Merges keep what every disk reads: change tracking that is valid before them
+        // stays valid, recorded with the chains as they end up. (A crash in between
+        // leaves the old record, which the changed chain then makes invalid: never wrong.)
+        let tracked = self.valid_tracking();
+        let out = self.reconcile_layers();
+        self.carry_tracking(tracked);
+        out
+    }
+
+    /// Each disk's change tracking that is valid for its chain now (none while a worker
+    /// serves the chains: it records them itself, or when there is nothing to merge).
+    fn valid_tracking(&self) -> Vec<(usize, crate::tracking::Tracking)> {
+        if self.live || self.state.hidden_layers().is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (i, (d, layer)) in self
+            .state
+            .config
+            .hardware
+            .disks
+            .iter()
+            .zip(&self.state.now.disks)
+            .enumerate()
+        {
+            if let Ok(crate::tracking::Status::Valid(t)) =
+                crate::tracking::check_disk(&self.dir, &d.name, &self.layer_path(layer))
+            {
+                out.push((i, t));
+            }
+        }
+        out
+    }
+
+    /// Records the chains as they are now in the tracking files [`Vm::valid_tracking`]
+    /// found valid before a merge.
+    fn carry_tracking(&self, tracked: Vec<(usize, crate::tracking::Tracking)>) {
+        for (i, mut t) in tracked {
+            let (Some(d), Some(layer)) = (
+                self.state.config.hardware.disks.get(i),
+                self.state.now.disks.get(i),
+            ) else {
+                continue;
+            };
+            let carried = vhdx::Chain::open(&self.layer_path(layer), false)
+                .map_err(Error::from)
+                .and_then(|c| {
+                    let seen = crate::tracking::chain_seen(&c);
+                    drop(c);
+                    if seen == t.chain() {
+                        return Ok(());
+                    }
+                    t.set_chain(seen);
+                    t.save(&crate::tracking::Tracking::path(&self.dir, &d.name))
+                });
+            if let Err(e) = carried {
+                tracing::warn!("change tracking of {} stays as it was: {e}", d.name);
+            }
+        }
+    }
+
+    fn reconcile_layers(&mut self) -> Reconciled {
         let mut out = Reconciled::default();
         loop {
             let busy = if self.live {
@@ -885,6 +947,7 @@ impl Vm {
             crate::journal::SAVED_DIR,
             crate::journal::MERGE_PROGRESS_FILE,
             crate::lock::LOCK_FILE,
+            crate::tracking::TRACKING_DIR,
         ];
         for e in read_dir(&self.dir)? {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -1134,7 +1197,12 @@ fn remove_temp_files(dir: &Path) -> Result<()> {
             .collect(),
         _ => BTreeSet::new(),
     };
-    let mut dirs = vec![dir.to_owned(), dir.join(DISKS_DIR), dir.join(FIRMWARE_DIR)];
+    let mut dirs = vec![
+        dir.to_owned(),
+        dir.join(DISKS_DIR),
+        dir.join(FIRMWARE_DIR),
+        dir.join(crate::tracking::TRACKING_DIR),
+    ];
     for e in read_dir(&dir.join(CHECKPOINTS_DIR))? {
         dirs.push(e.path());
     }
