@@ -42,7 +42,7 @@
 //! # Crash model
 //!
 //! A point is listed only once committed (the `backup` crate). A `backup create` of a
-//! running VM holds a lease ([`crate::lease`]) from before it asks for the recovery
+//! running VM holds a lease (`lease.rs`) from before it asks for the recovery
 //! checkpoint until that checkpoint is deleted: killed at any instant, the worker has
 //! already thawed the guest (the freeze never outlives the request), and the recovery
 //! checkpoint it left is removed by the worker before the next backup's, or at the VM's
@@ -53,6 +53,10 @@ use crate::error::{Context, Error, Result};
 use crate::host::{Host, VmHandle};
 use crate::protocol::{Quiesce, Reply, Request};
 use crate::record::RunStatus;
+use crate::restore_marker::{
+    RESTORE_MARKER, RESTORE_MARKER_VERSION, RestoreMarker, interrupted_restore, mark_restoring,
+    unmark_restoring,
+};
 use crate::run_state::RunState;
 use backup::{Method, Point, Repository};
 use std::collections::BTreeMap;
@@ -176,73 +180,6 @@ fn refused(kind: ErrorKind, reason: impl Into<String>) -> Error {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// The file in a VM's folder that says a restore into its disks began and did not end.
-///
-/// Written (atomically, then the folder synced) before the first byte of a disk is
-/// restored and removed after the last, so that a restore killed half way is not mistaken
-/// for a VM whose disks are whole: [`VmHandle::start`] and `backup create` refuse such a
-/// VM, saying how to finish or undo the restore.
-pub const RESTORE_MARKER: &str = "restore-in-progress.json";
-const RESTORE_MARKER_VERSION: u32 = 1;
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct RestoreMarker {
-    version: u32,
-    /// The point's id.
-    point: String,
-    /// The checkpoint that holds what the VM had before (an in-place restore without
-    /// `discard`).
-    kept_checkpoint: Option<String>,
-    /// Whether the VM was created by the restore (`--as NAME`).
-    new_vm: bool,
-}
-
-fn mark_restoring(dir: &Path, marker: &RestoreMarker) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(marker).expect("a restore marker serializes");
-    vm::fsutil::atomic_write(&dir.join(RESTORE_MARKER), &bytes)?;
-    Ok(())
-}
-
-fn unmark_restoring(dir: &Path) -> Result<()> {
-    let path = dir.join(RESTORE_MARKER);
-    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-    vm::fsutil::sync_dir(dir)?;
-    Ok(())
-}
-
-/// Why the VM in `dir` must not run or be backed up: a restore into it was interrupted.
-/// `None` when no restore is pending.
-pub(crate) fn interrupted_restore(dir: &Path, name: &str) -> Option<Error> {
-    let bytes = std::fs::read(dir.join(RESTORE_MARKER)).ok()?;
-    let quoted = disk::shell_quote(Path::new(name));
-    let reason = match serde_json::from_slice::<RestoreMarker>(&bytes) {
-        Ok(m) if m.new_vm => format!(
-            "VM {name:?} was being restored from point {} when the restore stopped, and its disks are incomplete: delete it (snapvisor vm delete {quoted}) and restore again",
-            short(&m.point)
-        ),
-        Ok(m) => match m.kept_checkpoint {
-            Some(c) => format!(
-                "a restore of point {p} into VM {name:?} stopped half way, and its disks are partly restored: run it again (snapvisor backup restore {p} --in-place), or go back to what the VM had (snapvisor checkpoint apply {quoted} {c})",
-                p = short(&m.point),
-                c = short(&c)
-            ),
-            None => format!(
-                "a restore of point {p} into VM {name:?} stopped half way, and its disks are partly restored: run it again (snapvisor backup restore {p} --in-place)",
-                p = short(&m.point)
-            ),
-        },
-        Err(_) => format!(
-            "a restore into VM {name:?} stopped half way ({} is unreadable): restore it again",
-            dir.join(RESTORE_MARKER).display()
-        ),
-    };
-    Some(refused(ErrorKind::Invalid, reason))
-}
-
-fn short(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
 }
 
 /// The newest point of `vm` (by name and identity), the base of an express full.

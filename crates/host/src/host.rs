@@ -295,7 +295,7 @@ impl VmHandle<'_> {
                 pid: run.worker_pid().unwrap_or(0),
             });
         }
-        if let Some(e) = crate::backups::interrupted_restore(&dir, &self.name) {
+        if let Some(e) = crate::restore_marker::interrupted_restore(&dir, &self.name) {
             return Err(e);
         }
         // Before the worker takes an automatic checkpoint for a start that cannot happen.

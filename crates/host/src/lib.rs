@@ -123,6 +123,7 @@ pub mod machine;
 pub mod protocol;
 mod qemu_process;
 pub mod record;
+pub mod restore_marker;
 pub mod run_state;
 pub mod served;
 mod session;
