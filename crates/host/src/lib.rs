@@ -49,6 +49,7 @@
 //! | `checkpoints.rs` | the checkpoint operations of [`VmHandle`] |
 //! | `vm_disks.rs` | adding, removing and listing a VM's disks |
 //! | `backups.rs` | backups of VMs into a `backup` repository, restores out of it |
+//! | `restore_marker.rs` | the marker of a restore in progress: a VM restored half way refuses to start |
 //! | `info.rs` | what listings show ([`info::VmInfo`], [`info::CheckpointTree`]) |
 //! | `lifecycle.rs` | the front end's side of a worker: spawning it, waiting for it |
 //! | `control.rs` | the control socket: a client's call, the worker's side of a connection |
