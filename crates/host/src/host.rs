@@ -221,9 +221,30 @@ impl VmHandle<'_> {
         RunStatus::read(&dir).state.is_live().then_some(dir)
     }
 
+    /// A paused VM's worker holds its lock as a running one's does, and the store's refusal
+    /// says "running": say "paused" instead, with the same way out.
+    fn refuse_paused(&self) -> Result<()> {
+        let paused = self
+            .store()
+            .read_vm(&self.name)
+            .is_ok_and(|(dir, _, _)| RunStatus::read(&dir).state == RunState::Paused);
+        if paused {
+            return Err(Error::Refused {
+                kind: vhdx::ErrorKind::Busy,
+                reason: format!(
+                    "VM \"{}\" is paused; stop it first: `snapvisor vm stop {}`",
+                    self.name,
+                    disk::shell_quote(Path::new(&self.name))
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Opens the stopped VM for an operation named `what`; a saved VM is refused, since
     /// its saved memory belongs to its current disks.
     pub(crate) fn open_offline(&self, what: &str) -> Result<vm::Vm> {
+        self.refuse_paused()?;
         if let Ok((dir, _, _)) = self.store().read_vm(&self.name)
             && RunStatus::read(&dir).state == RunState::Saved
         {
@@ -480,6 +501,8 @@ impl VmHandle<'_> {
 
     /// Deletes the VM with its files and checkpoints.
     pub fn delete(&self) -> Result<()> {
+        self.refuse_paused()
+            .with_context(|| format!("cannot delete VM \"{}\"", self.name))?;
         self.store()
             .delete(&self.name)
             .with_context(|| format!("cannot delete VM \"{}\"", self.name))
@@ -554,6 +577,7 @@ impl VmHandle<'_> {
     /// Merges every layer that can be merged; lists files nothing refers to.
     pub fn consolidate(&self, progress: Progress) -> Result<vm::ConsolidateReport> {
         let what = || format!("cannot consolidate VM \"{}\"", self.name);
+        self.refuse_paused().with_context(what)?;
         let mut vm = self
             .store()
             .open_vm(&self.name, "vm consolidate")

@@ -59,6 +59,17 @@ fn start_pause_resume_stop() {
     let out = cli.ok(&["checkpoint", "create", "g", "--name", "while-paused"]);
     assert!(out.contains("of the paused VM"), "{out}");
     assert_eq!(status(&cli)["state"], "paused");
+    // Refusals of a paused VM say paused, once, with the way out.
+    for args in [
+        &["vm", "delete", "g", "--yes"][..],
+        &["vm", "consolidate", "g"],
+    ] {
+        let e = cli.fails(args);
+        assert_eq!(
+            e, "snapvisor: VM \"g\" is paused; stop it first: `snapvisor vm stop g`",
+            "{args:?}"
+        );
+    }
     cli.ok(&["vm", "resume", "g"]);
     wait("ticks after resume", 60, || ticks(&store).len() > n + 2);
 

@@ -107,8 +107,9 @@ fn incrementals_of_a_running_guest_read_only_changes_and_survive_a_worker_kill()
         "dd if=/dev/urandom of=/mnt/frozen-only bs=1M count=8 2>/dev/null && sync",
     );
     assert_eq!(code, 0, "{out}");
+    // Crash point 2: after the recovery checkpoint (1 is the lease, taken before it).
     let mut c = cli.command(&["backup", "create", "g"]);
-    c.env("SNAPVISOR_CRASH_AT", "1");
+    c.env("SNAPVISOR_CRASH_AT", "2");
     assert!(
         !c.output().unwrap().status.success(),
         "the backup should have died"
