@@ -25,10 +25,6 @@ use std::time::{Duration, Instant};
 use support::Cli;
 use support::running::*;
 
-fn max_tick(store: &Path) -> u32 {
-    ticks(store).into_iter().max().unwrap_or(0)
-}
-
 fn point_ids(cli: &Cli) -> Vec<String> {
     cli.json(&["backup", "list", "--json"])["points"]
         .as_array()

@@ -12,10 +12,6 @@ use std::process::Command;
 use support::running::*;
 use support::{Cli, guest_sh};
 
-fn max_tick(store: &Path) -> u32 {
-    ticks(store).into_iter().max().unwrap_or(0)
-}
-
 fn fsck_readonly(raw: &Path) -> (i32, String) {
     let out = Command::new("e2fsck").arg("-fn").arg(raw).output().unwrap();
     (
@@ -34,12 +30,8 @@ fn checkpoint_count(cli: &Cli) -> usize {
 #[test]
 fn online_backup_of_a_writing_guest_restores_as_a_clean_clone() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cli = setup(dir.path());
+    let cli = setup_with_repo(dir.path());
     let store = dir.path().join("store");
-    let repo = dir.path().join("repo");
-    cli.env
-        .push(("SNAPVISOR_REPO".into(), repo.to_str().unwrap().into()));
-    cli.ok(&["backup", "init"]);
     cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
     wait("ticks", 120, || ticks(&store).len() >= 3);
     wait("the guest agent", 60, || status(&cli)["agent"] == true);
@@ -118,12 +110,8 @@ fn online_backup_of_a_writing_guest_restores_as_a_clean_clone() {
 #[test]
 fn online_mode_refuses_without_the_agent_and_auto_falls_back_to_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cli = setup(dir.path());
+    let cli = setup_with_repo(dir.path());
     let store = dir.path().join("store");
-    let repo = dir.path().join("repo");
-    cli.env
-        .push(("SNAPVISOR_REPO".into(), repo.to_str().unwrap().into()));
-    cli.ok(&["backup", "init"]);
     cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
     wait("ticks", 120, || ticks(&store).len() >= 3);
     wait("the guest agent", 60, || status(&cli)["agent"] == true);

@@ -19,7 +19,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use support::running::*;
 use support::{Cli, guest_sh};
 
@@ -252,18 +251,7 @@ fn every_point_restores_the_disk_as_it_was_whatever_happened_between() {
             }
             _ => {
                 run.start();
-                let worker = status(&run.cli)["worker_pid"].as_u64().unwrap();
-                assert!(
-                    Command::new("kill")
-                        .args(["-KILL", &worker.to_string()])
-                        .status()
-                        .unwrap()
-                        .success()
-                );
-                let cli = &run.cli;
-                wait("the killed worker to be gone", 60, || {
-                    !matches!(status(cli)["state"].as_str(), Some("running" | "paused"))
-                });
+                kill_worker(&run.cli);
                 run.running = false;
                 "worker killed".to_owned()
             }

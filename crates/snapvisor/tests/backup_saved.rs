@@ -27,10 +27,6 @@ fn console_ticks(vm_dir: &Path) -> Vec<(u32, String)> {
         .collect()
 }
 
-fn max_tick(store: &Path) -> u32 {
-    ticks(store).into_iter().max().unwrap_or(0)
-}
-
 /// Starts a restored VM and checks that it resumed the original's boot from a tick in
 /// `(after, upto]`, and ticks on.
 fn starts_where_it_was(cli: &Cli, store: &Path, name: &str, boot: &str, after: u32, upto: u32) {
@@ -63,12 +59,8 @@ fn starts_where_it_was(cli: &Cli, store: &Path, name: &str, boot: &str, after: u
 #[test]
 fn a_saved_state_point_restores_saved_and_resumes_from_its_instant() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cli = setup(dir.path());
+    let cli = setup_with_repo(dir.path());
     let store = dir.path().join("store");
-    let repo = dir.path().join("repo");
-    cli.env
-        .push(("SNAPVISOR_REPO".into(), repo.to_str().unwrap().into()));
-    cli.ok(&["backup", "init"]);
     cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
     wait("ticks", 120, || ticks(&store).len() >= 3);
     let boot = console_ticks(&store.join("g"))[0].1.clone();

@@ -8,15 +8,10 @@ mod support;
 
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 use support::Cli;
 use support::running::*;
 
 const DISK: u64 = 64 << 20;
-
-fn max_tick(store: &Path) -> u32 {
-    ticks(store).into_iter().max().unwrap_or(0)
-}
 
 fn tracking(cli: &Cli) -> Value {
     cli.json(&["vm", "show", "g", "--json"])["disks"][0]["tracking"].clone()
@@ -60,12 +55,8 @@ fn assert_same(a: &[u8], b: &[u8], what: &str) {
 #[test]
 fn incrementals_of_a_running_guest_read_only_changes_and_survive_a_worker_kill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cli = setup(dir.path());
+    let cli = setup_with_repo(dir.path());
     let store = dir.path().join("store");
-    let repo = dir.path().join("repo");
-    cli.env
-        .push(("SNAPVISOR_REPO".into(), repo.to_str().unwrap().into()));
-    cli.ok(&["backup", "init"]);
     assert_eq!(tracking(&cli)["state"], "none");
     cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
     wait("ticks", 120, || ticks(&store).len() >= 3);
@@ -125,17 +116,7 @@ fn incrementals_of_a_running_guest_read_only_changes_and_survive_a_worker_kill()
     wait("ticks after the killed backup", 60, || {
         max_tick(&store) > at + 3
     });
-    let worker = status(&cli)["worker_pid"].as_u64().unwrap();
-    assert!(
-        Command::new("kill")
-            .args(["-KILL", &worker.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    wait("the killed worker to be gone", 60, || {
-        !matches!(status(&cli)["state"].as_str(), Some("running" | "paused"))
-    });
+    kill_worker(&cli);
     let t = tracking(&cli);
     assert_eq!(t["state"], "valid", "after the kill: {t}");
     cli.ok(&["vm", "start", "g", "--accel", "tcg"]);

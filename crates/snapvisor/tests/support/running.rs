@@ -81,6 +81,17 @@ pub fn setup_with(dir: &Path, extra: &[&str]) -> Cli {
     cli
 }
 
+/// [`setup`] with a repository `dir/repo` created and named by `SNAPVISOR_REPO`.
+#[allow(dead_code)]
+pub fn setup_with_repo(dir: &Path) -> Cli {
+    let mut cli = setup(dir);
+    let repo = dir.join("repo");
+    cli.env
+        .push(("SNAPVISOR_REPO".into(), repo.to_str().unwrap().into()));
+    cli.ok(&["backup", "init"]);
+    cli
+}
+
 pub fn status(cli: &Cli) -> Value {
     cli.json(&["vm", "status", "g", "--json"])
 }
@@ -103,6 +114,28 @@ pub fn ticks(store: &Path) -> Vec<u32> {
         .filter_map(|l| l.strip_prefix("tick "))
         .filter_map(|l| l.split(' ').next()?.parse().ok())
         .collect()
+}
+
+/// The highest tick VM `g` printed on its console so far.
+#[allow(dead_code)]
+pub fn max_tick(store: &Path) -> u32 {
+    ticks(store).into_iter().max().unwrap_or(0)
+}
+
+/// SIGKILLs VM `g`'s worker and waits until the VM no longer counts as up.
+#[allow(dead_code)]
+pub fn kill_worker(cli: &Cli) {
+    let worker = status(cli)["worker_pid"].as_u64().unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &worker.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait("the killed worker to be gone", 60, || {
+        !matches!(status(cli)["state"].as_str(), Some("running" | "paused"))
+    });
 }
 
 /// The counter file on the VM's disk, read through `disk convert` and debugfs.
