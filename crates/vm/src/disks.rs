@@ -358,6 +358,23 @@ impl Vm {
     }
 }
 
+/// Copies an imported disk into a new dynamic VHDX at `path`, as every VM disk is stored.
+pub(crate) fn import_as_dynamic_vhdx(source: &dyn disk::Disk, path: &Path) -> Result<()> {
+    disk::convert(
+        source,
+        path,
+        &disk::ConvertOptions {
+            format: disk::OutputFormat::Vhdx {
+                kind: vhdx::DiskKind::Dynamic,
+                block_size: None,
+            },
+            physical_sector_size: 4096,
+        },
+        &mut |_, _| {},
+    )?;
+    Ok(())
+}
+
 /// Builds a new dynamic VHDX at `path` from `source`.
 fn build_disk(source: &DiskSource, path: &Path) -> Result<()> {
     match source {
@@ -371,19 +388,7 @@ fn build_disk(source: &DiskSource, path: &Path) -> Result<()> {
                     src.display()
                 )));
             }
-            let source = disk::open_as(src, false, *format)?;
-            disk::convert(
-                &*source,
-                path,
-                &disk::ConvertOptions {
-                    format: disk::OutputFormat::Vhdx {
-                        kind: vhdx::DiskKind::Dynamic,
-                        block_size: None,
-                    },
-                    physical_sector_size: 4096,
-                },
-                &mut |_, _| {},
-            )?;
+            import_as_dynamic_vhdx(&*disk::open_as(src, false, *format)?, path)?;
         }
     }
     std::fs::File::open(path)

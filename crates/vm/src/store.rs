@@ -250,19 +250,7 @@ impl Store {
                     vhdx::create(&path, &vhdx::CreateParams::dynamic(spec.new_disks[i]))?;
                 } else {
                     let src = &spec.import_disks[i - spec.new_disks.len()];
-                    let source = disk::open(src, false)?;
-                    disk::convert(
-                        &*source,
-                        &path,
-                        &disk::ConvertOptions {
-                            format: disk::OutputFormat::Vhdx {
-                                kind: vhdx::DiskKind::Dynamic,
-                                block_size: None,
-                            },
-                            physical_sector_size: 4096,
-                        },
-                        &mut |_, _| {},
-                    )?;
+                    crate::disks::import_as_dynamic_vhdx(&*disk::open(src, false)?, &path)?;
                 }
                 let id =
                     vhdx::VhdxFile::open(&path, vhdx::OpenOptions::default())?.virtual_disk_id();
