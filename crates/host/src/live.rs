@@ -11,19 +11,26 @@
 //!    flush applications first). If it does not answer within [`AGENT_BOUND`], a
 //!    `production` checkpoint falls back to a standard one (and records that it did);
 //!    `production-only` fails before anything is touched.
-//! 2. `stop`: QEMU drains and flushes its requests to the NBD server.
-//! 3. Every disk's chain is flushed and closed, the journaled take of [`vm::Vm`] runs (the
-//!    old layers become the checkpoint's, new children become Now's), and the exports
-//!    switch to the new layers. The commit happens before the guest writes again, so no
-//!    acknowledged write can land in a layer the tree does not know.
-//! 4. A standard checkpoint keeps memory and device state: QEMU's background snapshot
+//! 2. While the guest still runs, the take is prepared ([`vm::Vm::prepare_checkpoint`]):
+//!    its journal (tentative: undone, not finished, if the worker dies before step 4),
+//!    the checkpoint's config, and each disk's new empty layer, created from the file the
+//!    disk serves once that file's DataWriteGuid is settled (so the child keeps linking to
+//!    it whatever the guest writes meanwhile); then every disk is flushed.
+//! 3. `stop`: QEMU drains and flushes its requests to the NBD server.
+//! 4. Every disk's chain is flushed (only the last instants' writes) and closed, the take
+//!    commits (`vm.json`: the old layers become the checkpoint's, the new ones Now's), and
+//!    the exports switch to the new layers; a backup's recovery checkpoint also freezes
+//!    the change tracking here. The commit happens before the guest writes again, so no
+//!    acknowledged write can land in a layer the tree does not know. This is all the
+//!    guest is paused for.
+//! 5. A standard checkpoint keeps memory and device state: QEMU's background snapshot
 //!    writes the state as of this instant while the guest already runs again (it resumes
 //!    the guest itself); where it is not available the guest stays paused while the state
 //!    is written. The file is renamed into place once complete and synced; a checkpoint
 //!    whose memory never arrived (the worker died meanwhile) is removed at the next open
 //!    of the VM, leaving the tree as before it was taken.
-//! 5. `cont`, then the thaw, whatever failed on the way: the freeze never outlives the
-//!    request.
+//! 6. `cont`, then the thaw, whatever failed on the way: the freeze never outlives the
+//!    request; the take's journal is removed after `cont`.
 
 use crate::error::{Context, Error, Result};
 use crate::protocol::{Capture, LiveDelete, MemoryKept, Quiesce};
@@ -358,10 +365,19 @@ fn capture(
     was_paused: bool,
 ) -> Result<Capture> {
     let qmp = &session.qmp;
+    // Everything but the commit is done while the guest runs: the journal, the
+    // checkpoint's config, the new empty layers, and a flush, so that the switch's own
+    // flush has only the last instants' writes. The guest is paused for the commit alone.
+    let prepared = session.prepare_take(name, taken)?;
+    if let Err(e) = session.flush_all() {
+        abandon(session, prepared);
+        return Err(e);
+    }
     qmp.drain_events();
     let paused_at = Instant::now();
-    if !was_paused {
-        qmp.execute("stop", Value::Null, SECS(10))?;
+    if !was_paused && let Err(e) = qmp.execute("stop", Value::Null, SECS(10)) {
+        abandon(session, prepared);
+        return Err(e.into());
     }
     let resume = |session: &Session| {
         if !was_paused && let Err(e) = session.qmp.execute("cont", Value::Null, SECS(10)) {
@@ -370,10 +386,13 @@ fn capture(
     };
     let switched = (|| -> Result<uuid::Uuid> {
         session.detach_all()?;
-        let taken_id = session.vm().create_checkpoint_taken(name, Some(taken));
+        let detached = paused_at.elapsed();
+        let committed = session.vm().commit_prepared(&prepared);
+        let took = paused_at.elapsed();
         // Whether or not the take committed, serve what Now is.
         let attached = session.attach_now();
-        let id = taken_id?;
+        tracing::debug!(?detached, ?took, attached = ?paused_at.elapsed(), "switch steps");
+        let id = committed?;
         attached?;
         Ok(id)
     })();
@@ -381,11 +400,13 @@ fn capture(
         Ok(id) => id,
         Err(e) => {
             resume(session);
+            abandon(session, prepared);
             return Err(e);
         }
     };
     // Still paused: a backup's changed set is frozen at exactly this switch.
     session.track_chains((taken.kind == CheckpointKind::Recovery).then_some(id));
+    tracing::debug!(tracked = ?paused_at.elapsed(), "switch steps");
     let switch_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let mut memory = None;
     let paused_ms;
@@ -397,6 +418,7 @@ fn capture(
             }
             Err(e) => {
                 resume(session);
+                finish(session, prepared);
                 // The checkpoint must not claim memory it does not have: take it back
                 // (its layer merges with Now's once the VM stops).
                 let undo = session.vm().delete_checkpoint(&id.to_string(), false);
@@ -412,6 +434,7 @@ fn capture(
         resume(session);
         paused_ms = event_gap(qmp).unwrap_or(paused_at.elapsed().as_secs_f64() * 1e3);
     }
+    finish(session, prepared);
     let vm = session.vm();
     let c = vm.state().checkpoint(id).expect("just taken");
     Ok(Capture {
@@ -427,6 +450,22 @@ fn capture(
         frozen_ms: None,
         freeze_to_thaw_ms: None,
     })
+}
+
+/// Removes a committed take's journal; one that stays is finished at the next open.
+fn finish(session: &Session, prepared: vm::PreparedTake) {
+    let id = prepared.id();
+    if let Err(e) = session.vm().finish_prepared(prepared) {
+        tracing::warn!("checkpoint {id} is taken, but its journal stays for the next open: {e}");
+    }
+}
+
+/// Undoes a prepared take that will not be committed (one that did commit is kept).
+fn abandon(session: &Session, prepared: vm::PreparedTake) {
+    let id = prepared.id();
+    if let Err(e) = session.vm().abandon_prepared(prepared) {
+        tracing::warn!("cannot undo the prepared checkpoint {id} (the next open will): {e}");
+    }
 }
 
 /// The pause the guest saw, from QEMU's own STOP and RESUME timestamps.

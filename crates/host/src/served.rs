@@ -121,6 +121,27 @@ impl ServedDisk {
         Ok(())
     }
 
+    /// Creates `path` as an empty differencing child of the open top layer `parent`, for
+    /// a switch to come, while requests go on: the top's DataWriteGuid is settled first,
+    /// so the child stays linked to it whatever the guest writes until the switch.
+    pub fn prepare_child(&self, parent: &Path, path: &Path) -> disk::Result<()> {
+        self.with_chain(|c| -> disk::Result<()> {
+            let top = c.top();
+            if top.path() != parent {
+                return Err(disk::Error::Io {
+                    path: parent.to_owned(),
+                    source: std::io::Error::other(format!(
+                        "the disk serves {}, not the layer a new checkpoint would build on",
+                        top.path().display()
+                    )),
+                });
+            }
+            top.settle_data_write_guid()?;
+            vhdx::create_differencing_of(path, top, None)?;
+            Ok(())
+        })?
+    }
+
     /// Runs `f` on the open chain (requests go on meanwhile).
     pub fn with_chain<T>(&self, f: impl FnOnce(&vhdx::Chain) -> T) -> disk::Result<T> {
         let slot = self.chain.read().unwrap_or_else(|p| p.into_inner());

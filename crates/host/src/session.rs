@@ -60,6 +60,37 @@ impl Session {
         Ok(())
     }
 
+    /// Prepares a checkpoint of Now while the guest runs ([`vm::Vm::prepare_checkpoint`]):
+    /// each disk's new layer is created from the file it serves.
+    pub(crate) fn prepare_take(
+        &self,
+        name: Option<&str>,
+        taken: vm::Taken,
+    ) -> Result<vm::PreparedTake> {
+        let mut vm = self.vm();
+        let parents: Vec<PathBuf> = vm
+            .state()
+            .now
+            .disks
+            .iter()
+            .map(|f| vm.layer_path(f))
+            .collect();
+        let disks = &self.disks;
+        Ok(vm.prepare_checkpoint(name, taken, &mut |i, path| {
+            disks[i]
+                .prepare_child(&parents[i], path)
+                .map_err(vm::Error::from)
+        })?)
+    }
+
+    /// Flushes every served disk (the guest runs on).
+    pub(crate) fn flush_all(&self) -> Result<()> {
+        for d in &self.disks {
+            disk::Disk::flush(&**d).context("flushing a disk before switching it")?;
+        }
+        Ok(())
+    }
+
     /// Opens Now's layers and serves them.
     pub(crate) fn attach_now(&self) -> Result<()> {
         let paths: Vec<PathBuf> = {

@@ -662,6 +662,16 @@ impl VhdxFile {
     pub fn data_write_guid(&self) -> Uuid {
         self.lock_journal().header.data_write_guid
     }
+    /// Changes the DataWriteGuid of a writable file now, as its first guest-visible change
+    /// would, and returns it: a child created from the open file afterwards keeps linking
+    /// to it whatever is written before the file is closed (a live checkpoint prepares its
+    /// new layers while the guest still writes).
+    pub fn settle_data_write_guid(&self) -> Result<Uuid> {
+        if self.writable {
+            self.ensure_data_guid()?;
+        }
+        Ok(self.data_write_guid())
+    }
     /// Whether opening replayed a log.
     pub fn replayed_log(&self) -> bool {
         self.replayed_log

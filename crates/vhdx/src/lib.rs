@@ -107,7 +107,8 @@ pub use chain::{Chain, Extent, MAX_CHAIN_DEPTH, open_parent, open_parent_with, p
 pub use check::salvage_io;
 pub use check::{CheckReport, check};
 pub use create::{
-    CreateParams, create, create_differencing, locator_for, sync_parent_dir, temp_name,
+    CreateParams, create, create_differencing, create_differencing_of, locator_for,
+    sync_parent_dir, temp_name,
 };
 pub use error::{Corruption, Error, ErrorKind, Result};
 pub use file::{

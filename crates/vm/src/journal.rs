@@ -137,7 +137,8 @@ pub enum Step {
 /// Layout version of `journal.json` this crate writes. A journal without the field was
 /// written before versions and has the same layout; a newer one is refused (its steps
 /// may mean something this build does not do), naming the build that can finish it.
-pub const JOURNAL_FORMAT: u32 = 1;
+/// Format 2 added [`Journal::tentative`].
+pub const JOURNAL_FORMAT: u32 = 2;
 
 impl Step {
     /// Checks what a step read from disk names: layer files are plain names inside
@@ -203,6 +204,12 @@ pub struct Journal {
     pub started: u64,
     /// The steps, run in order.
     pub steps: Vec<Step>,
+    /// Undone, not finished, when found before its first commit: a live checkpoint
+    /// prepares its layers while the guest still runs, and only its commit (with the guest
+    /// paused) is the checkpoint's instant; one whose worker died before that instant was
+    /// never taken.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tentative: bool,
 }
 
 /// Progress of long steps: `(what, done, total)`.
@@ -216,6 +223,7 @@ impl Journal {
             op: op.into(),
             started: fsutil::now_unix(),
             steps: Vec::new(),
+            tentative: false,
         }
     }
 
@@ -300,6 +308,13 @@ impl Journal {
             crashpoint("journal step done");
         }
         fsutil::remove_file(&vm_dir.join(JOURNAL_FILE))
+    }
+
+    /// Runs one of the journal's steps (a caller running them one by one).
+    pub(crate) fn run_one(&self, vm_dir: &Path, step: &Step, progress: Progress<'_>) -> Result<()> {
+        run_step(vm_dir, self, step, progress)?;
+        crashpoint("journal step done");
+        Ok(())
     }
 
     /// Runs every step (again) and removes the journal: the recovery path.
@@ -512,12 +527,14 @@ mod tests {
         let old = br#"{"op": "checkpoint delete \"a\"", "started": 5, "steps": [{"step": "remove-layer", "file": "disk0_abc.avhdx"}]}"#;
         let j = Journal::from_slice(old).unwrap();
         assert_eq!((j.format, j.steps.len()), (0, 1));
-        let newer = br#"{"format": 2, "op": "x", "started": 5, "steps": []}"#;
+        let newer = br#"{"format": 3, "op": "x", "started": 5, "steps": []}"#;
         let e = Journal::from_slice(newer).unwrap_err();
         assert!(
-            e.contains("format 2") && e.contains("snapvisor that started it"),
+            e.contains("format 3") && e.contains("snapvisor that started it"),
             "{e}"
         );
+        let format_1 = br#"{"format": 1, "op": "x", "started": 5, "steps": []}"#;
+        assert!(!Journal::from_slice(format_1).unwrap().tentative);
         let mut fresh = Journal::new("checkpoint create");
         fresh.steps.push(Step::RemoveFile {
             path: "firmware/vars_1.fd".into(),

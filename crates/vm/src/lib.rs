@@ -44,6 +44,9 @@
 //!   what it created is removed: the command failed and nothing changed. Merges are
 //!   resumed in the direction they started, and a failed merge is safe to leave: the
 //!   engine keeps a chain reading the same data at every instant of a merge.
+//!   A *tentative* journal (a running VM's checkpoint, prepared while the guest runs and
+//!   committed with it paused: [`Vm::prepare_checkpoint`]) is undone instead when found
+//!   before its commit: its instant never came.
 //! - Files are created before a commit refers to them and removed only after a commit
 //!   stopped referring to them; no checkpoint's or Now's data changes until the commit that
 //!   says so.
@@ -114,4 +117,4 @@ pub use disks::{DiskEntry, DiskRemoval, DiskSource};
 pub use error::{Error, ErrorKind, Result};
 pub use state::{Checkpoint, CheckpointKind, Consistency, Layer, Now, VmState};
 pub use store::{NewVm, Store, VmEntry};
-pub use vm::{ConsolidateReport, PlannedMerge, Reconciled, Settings, Taken, Vm};
+pub use vm::{ConsolidateReport, PlannedMerge, PreparedTake, Reconciled, Settings, Taken, Vm};

@@ -85,6 +85,21 @@ pub struct Taken {
     pub has_memory: bool,
 }
 
+/// A live checkpoint prepared by [`Vm::prepare_checkpoint`] and not yet committed.
+#[derive(Debug)]
+#[must_use = "a prepared take is committed or abandoned"]
+pub struct PreparedTake {
+    id: Uuid,
+    journal: Journal,
+}
+
+impl PreparedTake {
+    /// The checkpoint's id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+}
+
 /// What `vm consolidate` found.
 #[derive(Clone, Debug, Default)]
 pub struct ConsolidateReport {
@@ -306,6 +321,99 @@ impl Vm {
         });
         self.run(journal)?;
         Ok(id)
+    }
+
+    /// Prepares a checkpoint of Now while a running VM's guest goes on writing (the caller,
+    /// its worker, serves Now's layers): writes the take's journal as tentative, the
+    /// checkpoint's config and firmware copy, and has `create_child(i, path)` create disk
+    /// `i`'s new layer at `path` as a child of Now's (from the open file, whose
+    /// DataWriteGuid it must settle first). Only [`Vm::commit_prepared`], with the guest
+    /// paused and the layers closed, is the checkpoint's instant; until then it can be
+    /// abandoned ([`Vm::abandon_prepared`]), and a worker that dies before it leaves
+    /// nothing taken (the next open undoes the journal).
+    pub fn prepare_checkpoint(
+        &mut self,
+        name: Option<&str>,
+        taken: Taken,
+        create_child: &mut dyn FnMut(usize, &Path) -> Result<()>,
+    ) -> Result<PreparedTake> {
+        let config = &self.state.config;
+        if taken.kind != CheckpointKind::Recovery {
+            if config.checkpoint_type == CheckpointType::Disabled {
+                return Err(Error::CheckpointsDisabled(config.name.clone()));
+            }
+            self.check_limit(1)?;
+        }
+        let name = match name {
+            Some(n) => n.to_owned(),
+            None => default_checkpoint_name(&config.name),
+        };
+        validate_checkpoint_name(&name)?;
+        let mut next = self.next_state();
+        let mut journal = Journal::new(format!("checkpoint create {name:?}"));
+        journal.tentative = true;
+        let id = self.take_into(&mut next, &mut journal, name, Some(taken))?;
+        journal.steps.push(Step::Commit {
+            state: Box::new(next),
+        });
+        journal.write(&self.dir)?;
+        let mut disk = 0;
+        for step in &journal.steps {
+            let done = match step {
+                Step::Commit { .. } => break,
+                Step::CreateChild { file, .. } => {
+                    let path = self.layer_path(file);
+                    disk += 1;
+                    create_child(disk - 1, &path)
+                }
+                _ => journal.run_one(&self.dir, step, &mut *self.progress),
+            };
+            if let Err(e) = done {
+                return Err(fail_uncommitted(&self.dir, &journal, e));
+            }
+        }
+        crashpoint("checkpoint prepared");
+        Ok(PreparedTake { id, journal })
+    }
+
+    /// Commits a prepared take (the guest paused, its disks closed): from here on the
+    /// checkpoint exists. A failure before `vm.json` is written undoes the take.
+    pub fn commit_prepared(&mut self, take: &PreparedTake) -> Result<Uuid> {
+        let Some(step @ Step::Commit { state }) = take.journal.steps.last() else {
+            unreachable!("a prepared take ends with its commit");
+        };
+        if let Err(e) = take.journal.run_one(&self.dir, step, &mut *self.progress) {
+            let e = fail_uncommitted(&self.dir, &take.journal, e);
+            if Journal::load(&self.dir).ok().flatten().is_some() {
+                if reached_commit(&self.dir, &take.journal) {
+                    // Now is the new layers, whatever failed after `vm.json`.
+                    self.state = (**state).clone();
+                }
+                return Err(Error::Unfinished {
+                    vm: self.state.config.name.clone(),
+                    op: take.journal.op.clone(),
+                    source: Box::new(e),
+                });
+            }
+            return Err(e);
+        }
+        self.state = (**state).clone();
+        Ok(take.id)
+    }
+
+    /// Removes a committed take's journal (once the guest runs again).
+    pub fn finish_prepared(&mut self, take: PreparedTake) -> Result<()> {
+        take.journal
+            .replay_after_commit(&self.dir, &mut *self.progress)
+    }
+
+    /// Undoes a prepared take that will not be committed; one whose commit reached
+    /// `vm.json` is finished instead (the checkpoint exists).
+    pub fn abandon_prepared(&mut self, take: PreparedTake) -> Result<()> {
+        if reached_commit(&self.dir, &take.journal) {
+            return self.finish_prepared(take);
+        }
+        undo_uncommitted(&self.dir, &take.journal)
     }
 
     /// Plans a checkpoint of Now into `next`: Now's layers go to a new checkpoint node and
@@ -1145,12 +1253,24 @@ pub(crate) fn recover(dir: &Path, name: &str, progress: &mut ProgressFn) -> Resu
 /// and changed nothing. A failure after the commit leaves the journal for the next
 /// command to finish.
 fn execute(dir: &Path, journal: &Journal, progress: &mut ProgressFn, fresh: bool) -> Result<()> {
+    if !fresh && journal.tentative && !reached_commit(dir, journal) {
+        tracing::info!(
+            "{} stopped before its commit, so it did not happen: undoing what it prepared",
+            journal.op
+        );
+        return undo_uncommitted(dir, journal);
+    }
     let result = if fresh {
         journal.run(dir, &mut **progress)
     } else {
         journal.replay(dir, &mut **progress)
     };
     let Err(e) = result else { return Ok(()) };
+    Err(fail_uncommitted(dir, journal, e))
+}
+
+/// Whether `vm.json` holds the journal's first commit (or the journal commits nothing).
+fn reached_commit(dir: &Path, journal: &Journal) -> bool {
     let first_commit = journal.steps.iter().find_map(|s| match s {
         Step::Commit { state } => Some(state.seq),
         _ => None,
@@ -1158,29 +1278,39 @@ fn execute(dir: &Path, journal: &Journal, progress: &mut ProgressFn, fresh: bool
     let committed_seq = VmState::load(&dir.join(STATE_FILE))
         .map(|s| s.seq)
         .unwrap_or(u64::MAX);
-    let committed = first_commit.is_none_or(|seq| committed_seq >= seq);
-    if committed {
-        return Err(e);
+    first_commit.is_none_or(|seq| committed_seq >= seq)
+}
+
+/// A step of `journal` failed with `e`: before the commit, undoes the steps done and
+/// removes the journal (the operation changed nothing); after it, leaves the journal for
+/// the next command to finish. Returns `e` either way.
+fn fail_uncommitted(dir: &Path, journal: &Journal, e: Error) -> Error {
+    if !reached_commit(dir, journal)
+        && let Err(u) = undo_uncommitted(dir, journal)
+    {
+        tracing::warn!("undoing {}: {u}", journal.op);
     }
+    e
+}
+
+/// Undoes the steps of a journal that did not reach its commit, then removes it.
+fn undo_uncommitted(dir: &Path, journal: &Journal) -> Result<()> {
     let _ = fsutil::remove_file(&dir.join(crate::journal::MERGE_PROGRESS_FILE));
     for step in &journal.steps {
-        let undo = match step {
-            Step::CreateChild { file, .. } => fsutil::remove_file(&dir.join(DISKS_DIR).join(file)),
+        match step {
+            Step::CreateChild { file, .. } => {
+                fsutil::remove_file(&dir.join(DISKS_DIR).join(file))?;
+            }
             Step::WriteCheckpointConfig { id, .. } => {
-                fsutil::remove_dir_all(&dir.join(CHECKPOINTS_DIR).join(id.to_string()))
+                fsutil::remove_dir_all(&dir.join(CHECKPOINTS_DIR).join(id.to_string()))?;
             }
             Step::CopyFile { to, .. } | Step::LinkFile { to, .. } => {
-                fsutil::remove_file(&dir.join(to))
+                fsutil::remove_file(&dir.join(to))?;
             }
-            _ => Ok(()),
-        };
-        if let Err(u) = undo {
-            tracing::warn!("undoing {}: {u}", journal.op);
-            return Err(e);
+            _ => {}
         }
     }
-    fsutil::remove_file(&dir.join(JOURNAL_FILE))?;
-    Err(e)
+    fsutil::remove_file(&dir.join(JOURNAL_FILE))
 }
 
 /// Removes half-written temporary files (`.NAME.tmp-PID`) a killed command left, but
