@@ -140,6 +140,9 @@ pub struct BackedUp {
     pub freeze_ms: f64,
     /// How long the guest was paused, in milliseconds.
     pub pause_ms: f64,
+    /// A running VM's longest guest write (or discard) during the copy, waits included,
+    /// in milliseconds.
+    pub longest_write_ms: Option<f64>,
 }
 
 /// What a restore as a new VM made.
@@ -321,6 +324,7 @@ fn write_point(
         duration: started.elapsed(),
         freeze_ms: ms(freeze),
         pause_ms: ms(pause),
+        longest_write_ms: None,
     })
 }
 
@@ -507,12 +511,24 @@ impl VmHandle<'_> {
             checkpoint: capture.id,
             point: result.as_ref().ok().map(|d| d.point.id.clone()),
         };
-        if let Err(e) = self.call(dir, &settle, crate::host::LIVE_OP_TIMEOUT) {
-            tracing::warn!(
-                "change tracking did not record the backup's end (the next backup rereads more): {}",
-                e.chain()
-            );
-        }
+        let longest_write_ms = match self.call(dir, &settle, crate::host::LIVE_OP_TIMEOUT) {
+            Ok(Reply::TrackingSettled { longest_write_ms }) => Some(longest_write_ms),
+            Ok(other) => {
+                tracing::warn!("{}", crate::control::unexpected(&settle, &other));
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "change tracking did not record the backup's end (the next backup rereads more): {}",
+                    e.chain()
+                );
+                None
+            }
+        };
+        let result = result.map(|done| BackedUp {
+            longest_write_ms,
+            ..done
+        });
         // Merged away under the guest, whether or not the copy worked.
         let deleted = self.delete_checkpoint(&capture.id.to_string(), false, crate::no_progress());
         if deleted.is_ok() {

@@ -404,8 +404,13 @@ fn capture(
             return Err(e);
         }
     };
-    // Still paused: a backup's changed set is frozen at exactly this switch.
-    session.track_chains((taken.kind == CheckpointKind::Recovery).then_some(id));
+    // Still paused: a backup's changed set is frozen at exactly this switch, and the
+    // guest's writes are timed from it for the backup's report.
+    let recovery = taken.kind == CheckpointKind::Recovery;
+    session.track_chains(recovery.then_some(id));
+    if recovery {
+        session.disks.iter().for_each(|d| d.watch_writes());
+    }
     tracing::debug!(tracked = ?paused_at.elapsed(), "switch steps");
     let switch_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let mut memory = None;

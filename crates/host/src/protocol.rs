@@ -31,7 +31,7 @@ use vm::journal::Direction;
 use vm::{CheckpointKind, CheckpointType, Consistency, Reconciled};
 
 /// The version of the protocol this library speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The longest line either side reads.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
@@ -180,6 +180,12 @@ pub enum Reply {
         /// The checkpoint.
         id: Uuid,
     },
+    /// To [`Request::TrackingSettle`].
+    TrackingSettled {
+        /// The longest a guest write took from the recovery checkpoint's switch to now
+        /// (the backup's copy), waits included, in milliseconds.
+        longest_write_ms: f64,
+    },
 }
 
 impl Reply {
@@ -194,6 +200,7 @@ impl Reply {
             Reply::CheckpointDeleted(_) => "checkpoint-deleted",
             Reply::CheckpointRenamed { .. } => "checkpoint-renamed",
             Reply::CheckpointExported { .. } => "checkpoint-exported",
+            Reply::TrackingSettled { .. } => "tracking-settled",
         }
     }
 }
@@ -574,15 +581,15 @@ mod tests {
             Err(ProtocolError::Unversioned)
         ));
         assert!(matches!(
-            decode_request(br#"{"version": 1, "request": {"op": "status"}}"#),
-            Err(ProtocolError::Version { found: 1 })
+            decode_request(br#"{"version": 2, "request": {"op": "status"}}"#),
+            Err(ProtocolError::Version { found: 2 })
         ));
         for bad in [
-            &br#"{"version": 2, "request": {"op": "reboot"}}"#[..],
-            br#"{"version": 2, "request": {"op": "stop", "force": true}}"#,
-            br#"{"version": 2, "request": {"op": "status", "extra": 1}}"#,
-            br#"{"version": 2, "request": {"op": "recovery-checkpoint", "name": "r", "quiesce": "try"}}"#,
-            br#"{"version": 2}"#,
+            &br#"{"version": 3, "request": {"op": "reboot"}}"#[..],
+            br#"{"version": 3, "request": {"op": "stop", "force": true}}"#,
+            br#"{"version": 3, "request": {"op": "status", "extra": 1}}"#,
+            br#"{"version": 3, "request": {"op": "recovery-checkpoint", "name": "r", "quiesce": "try"}}"#,
+            br#"{"version": 3}"#,
             b"not json",
         ] {
             assert!(

@@ -41,6 +41,10 @@ pub struct ServedDisk {
     stripes: Vec<Mutex<()>>,
     /// The longest a guest write took (waits included) since the last merge began, in µs.
     longest_write_us: AtomicU64,
+    /// Whether writes are timed for a backup ([`ServedDisk::watch_writes`]).
+    watching: AtomicBool,
+    /// The longest a guest write took since [`ServedDisk::watch_writes`], in µs.
+    longest_watched_us: AtomicU64,
     /// The worker session whose DataWriteGuid writable opens give their top file.
     session: Option<uuid::Uuid>,
     /// The change tracker, once the worker started it.
@@ -81,6 +85,8 @@ impl ServedDisk {
             merging: AtomicBool::new(false),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             longest_write_us: AtomicU64::new(0),
+            watching: AtomicBool::new(false),
+            longest_watched_us: AtomicU64::new(0),
             session,
             tracker: OnceLock::new(),
         })
@@ -197,6 +203,20 @@ impl ServedDisk {
         self.longest_write_us.load(Ordering::SeqCst) as f64 / 1e3
     }
 
+    /// Times every guest write from now on (a backup's copy runs beside them), until
+    /// [`ServedDisk::end_watch`].
+    pub fn watch_writes(&self) {
+        self.longest_watched_us.store(0, Ordering::SeqCst);
+        self.watching.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops timing writes for a backup; returns the longest a guest write (or discard)
+    /// took since [`ServedDisk::watch_writes`], waits included, in milliseconds.
+    pub fn end_watch(&self) -> f64 {
+        self.watching.store(false, Ordering::SeqCst);
+        self.longest_watched_us.swap(0, Ordering::SeqCst) as f64 / 1e3
+    }
+
     /// Locks the stripes of `[offset, offset+len)`; a range beyond the disk is refused
     /// first (the chain would refuse it too, but its end must not wrap around here).
     fn lock_stripes(&self, offset: u64, len: u64) -> disk::Result<Vec<MutexGuard<'_, ()>>> {
@@ -226,15 +246,18 @@ impl ServedDisk {
     }
 
     /// A change: to the chain, then (during a merge into the parent) to the mirror, under
-    /// the range's stripes while a merge runs. Only writes that meet a merge are timed
-    /// (waits for the switch included), so the hot path pays one atomic load.
+    /// the range's stripes while a merge runs. Only writes that meet a merge or a backup's
+    /// copy are timed (waits for the switch included), so the hot path pays two atomic
+    /// loads.
     fn change(
         &self,
         offset: u64,
         len: u64,
         op: &dyn Fn(&vhdx::Chain) -> vhdx::Result<()>,
     ) -> disk::Result<()> {
-        let started = self.merging.load(Ordering::SeqCst).then(Instant::now);
+        let merging = self.merging.load(Ordering::SeqCst);
+        let watching = self.watching.load(Ordering::Relaxed);
+        let started = (merging || watching).then(Instant::now);
         let slot = self.chain.read().unwrap_or_else(|p| p.into_inner());
         let d = slot.as_ref().ok_or_else(detached)?;
         if let Some(t) = self.tracker.get() {
@@ -259,8 +282,13 @@ impl ServedDisk {
             }
         }
         if let Some(t) = started {
-            self.longest_write_us
-                .fetch_max(t.elapsed().as_micros() as u64, Ordering::SeqCst);
+            let us = t.elapsed().as_micros() as u64;
+            if merging {
+                self.longest_write_us.fetch_max(us, Ordering::SeqCst);
+            }
+            if watching {
+                self.longest_watched_us.fetch_max(us, Ordering::SeqCst);
+            }
         }
         Ok(())
     }

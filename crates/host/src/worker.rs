@@ -424,8 +424,15 @@ fn handle(session: &Session, request: Request) -> Result<Reply> {
             Ok(Reply::CheckpointExported { id })
         }
         Request::TrackingSettle { checkpoint, point } => {
+            let longest = session
+                .disks
+                .iter()
+                .map(|d| d.end_watch())
+                .fold(0.0, f64::max);
             session.settle_tracking(checkpoint, point.as_deref())?;
-            Ok(Reply::Done)
+            Ok(Reply::TrackingSettled {
+                longest_write_ms: longest,
+            })
         }
         Request::CheckpointSettings {
             checkpoint_type,

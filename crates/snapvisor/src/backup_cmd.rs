@@ -441,6 +441,9 @@ fn create(a: CreateArgs, store: &StoreArgs) -> Result<ExitCode> {
             done.freeze_ms,
             done.pause_ms
         );
+        if let Some(w) = done.longest_write_ms {
+            println!("longest guest write during the copy: {w:.1} ms");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -452,6 +455,9 @@ fn created_json(d: &BackedUp) -> Value {
     v["duration_ms"] = json!(d.duration.as_millis() as u64);
     v["freeze_ms"] = json!(d.freeze_ms);
     v["pause_ms"] = json!(d.pause_ms);
+    if let Some(w) = d.longest_write_ms {
+        v["longest_write_ms"] = json!(w);
+    }
     v
 }
 

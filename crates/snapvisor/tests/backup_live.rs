@@ -41,6 +41,11 @@ fn online_backup_of_a_writing_guest_restores_as_a_clean_clone() {
     assert_eq!(p1["method"], "full", "{p1}");
     assert!(p1["freeze_ms"].as_f64().unwrap() > 0.0, "{p1}");
     assert!(p1["pause_ms"].as_f64().unwrap() >= 0.0, "{p1}");
+    // The guest's writes went on during the copy, and were timed.
+    let longest = p1["longest_write_ms"]
+        .as_f64()
+        .expect("a running VM's backup times writes");
+    assert!((0.0..5000.0).contains(&longest), "{p1}");
     assert!(p1["bytes_read"].as_u64().unwrap() > 0, "{p1}");
     // The recovery checkpoint is gone, and the guest never stopped writing.
     assert_eq!(checkpoint_count(&cli), 0);
