@@ -828,6 +828,7 @@ fn gc(a: GcArgs) -> Result<ExitCode> {
             "bytes_freed": report.bytes_freed,
             "chunks_kept_recent": report.chunks_kept_recent,
             "stale_leases_removed": report.stale_leases_removed,
+            "temporaries_removed": report.temporaries_removed,
             "deferred": report.deferred,
         }))?;
         return Ok(ExitCode::SUCCESS);
