@@ -33,7 +33,7 @@ pub enum BackupCommand {
     Verify(VerifyArgs),
     /// Remove points that no keep rule keeps (run `backup gc` afterwards to free space).
     Prune(PruneArgs),
-    /// Delete chunks no point references.
+    /// Delete chunks no point references, and temporary files that killed writers left.
     Gc(GcArgs),
 }
 
