@@ -7,8 +7,11 @@
 //! and at the end a prefix of the original's), `verify` is clean; the next
 //! `backup create` works and leaves no recovery checkpoint (`checkpoint list --all`) and
 //! no lease behind. With the guest paused (its disk still), more kills, and every point
-//! taken meanwhile restores bit-exact to the disk the worker serves (read over NBD). And a full repository disk (a small tmpfs, as root): one clear error,
-//! the guest thawed and running, nothing left, nothing partial.
+//! taken meanwhile restores bit-exact to the disk the worker serves (read over NBD). At the
+//! end, a gc removes all that the killed backups left (chunks, leases, the temporary files
+//! of chunks being written: no garbage, no hidden file) and every point still verifies.
+//! And a full repository disk (a small tmpfs, as root): one clear error, the guest thawed
+//! and running, nothing left, nothing partial.
 //!
 //! The random trials' seed is printed; `SNAPVISOR_CRASH_BASE_SEED=N` replays it.
 //! `SNAPVISOR_SOAK_TRIALS=N` runs N random CLI kills instead of CI's 20.
@@ -231,6 +234,15 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
     // guest wrote in the end.
     let v = cli.json(&["backup", "verify", "--json"]);
     assert_eq!(v["clean"], true, "{v}");
+    // A gc removes all that the killed backups left: their chunks, leases and the
+    // temporary files of the chunks they were writing.
+    let (_, gc) = following_gc(&cli, &dir.path().join("repo"), "after the kills");
+    eprintln!(
+        "the gc after the kills removed {} chunks, {} leases and {} temporary files",
+        gc["chunks_deleted"], gc["stale_leases_removed"], gc["temporaries_removed"]
+    );
+    let v = cli.json(&["backup", "verify", "--json"]);
+    assert_eq!(v["clean"], true, "after the gc: {v}");
     cli.ok(&["vm", "stop", "g", "--force"]);
     let last = tick_numbers(&counter_on_disk(&cli, dir.path()));
     for (id, n) in &checked.counters {

@@ -7,6 +7,7 @@ use super::Cli;
 use super::running::*;
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The listed points' ids, oldest first.
@@ -154,4 +155,58 @@ pub fn booted(dir: &Path) -> Cli {
     wait("ticks", 120, || ticks(&store).len() >= 3);
     wait("the guest agent", 60, || status(&cli)["agent"] == true);
     cli
+}
+
+/// Hidden files a writer that died left in the repository (puts write `.tmp-*` first).
+pub fn temporaries(repo: &Path) -> Vec<String> {
+    let out = Command::new("find")
+        .arg(repo)
+        .args(["-name", ".*"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn objects(repo: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(repo.join(prefix))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A gc with nothing running beside it: it works, and leaves only referenced chunks, no
+/// marker, no lease and no temporary file behind. Returns how long it took and its report.
+pub fn following_gc(cli: &Cli, repo: &Path, what: &str) -> (Duration, serde_json::Value) {
+    let t = Instant::now();
+    let r = cli.json(&["backup", "gc", "--json"]);
+    let took = t.elapsed();
+    assert_eq!(r["deferred"], false, "{what}: {r}");
+    assert_eq!(
+        r["chunks_kept_recent"], 0,
+        "{what}: nothing ran beside it: {r}"
+    );
+    let again = cli.json(&["backup", "gc", "--dry-run", "--json"]);
+    assert_eq!(
+        again["chunks_total"], again["chunks_referenced"],
+        "{what}: garbage left: {again}"
+    );
+    assert!(
+        objects(repo, "gc").iter().all(|n| n != "run"),
+        "{what}: the gc marker is left"
+    );
+    assert!(
+        objects(repo, "leases").is_empty(),
+        "{what}: repository leases left: {:?}",
+        objects(repo, "leases")
+    );
+    let tmp = temporaries(repo);
+    assert!(tmp.is_empty(), "{what}: temporary files left: {tmp:?}");
+    (took, r)
 }
