@@ -8,7 +8,9 @@
 //!
 //! [`FolderBackend`] keeps each object in a file of that name under a folder. A `put`
 //! writes a temporary file in the object's folder, syncs it, and renames it over the name:
-//! readers see the old object or the new one, never a part. The rename becomes durable when
+//! readers see the old object or the new one, never a part. The temporary name says whose
+//! it is, so that [`Backend::remove_abandoned`] (run by gc) removes those a killed writer
+//! left. The rename becomes durable when
 //! the folder is synced: `sync` syncs every folder that the backend renamed into since the
 //! last `sync`, and the folders it is given (renames made by other processes included),
 //! which the commit of a recovery point needs for chunks it reuses (see the crate doc).
@@ -60,6 +62,50 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn sync(&self, also: &[String]) -> Result<()>;
     /// A human-readable location for messages.
     fn location(&self) -> String;
+    /// Removes what puts of writers that died left half done (never visible as objects),
+    /// and returns how many it removed. A backend whose puts leave nothing behind (object
+    /// storage) has nothing to do.
+    fn remove_abandoned(&self) -> Result<u64> {
+        Ok(0)
+    }
+}
+
+/// How a temporary file's name says whose it is: `.tmp-<host>-<pid>-<start>-<n>`, `host`
+/// the first 8 hex digits of the BLAKE3 hash of the host name, `start` the process's
+/// start time (see [`crate::lease`]), `n` unique within the process.
+fn temp_name(n: u64) -> String {
+    let me = crate::lease::me();
+    format!(
+        ".tmp-{}-{}-{}-{n}",
+        host_tag(&me.host),
+        me.pid,
+        me.pid_start
+    )
+}
+
+fn host_tag(host: &str) -> String {
+    crate::format::hex(&blake3::hash(host.as_bytes()).as_bytes()[..4])
+}
+
+/// Whether the temporary file `name`, last written at `modified`, belongs to a writer that
+/// died: one of this host whose process is gone, or (another host's, or an older name
+/// without its owner) one untouched for [`crate::lease::STALE_AFTER`], far longer than
+/// any put.
+fn abandoned(name: &str, modified: SystemTime) -> bool {
+    let Some(rest) = name.strip_prefix(".tmp-") else {
+        return false;
+    };
+    let me = crate::lease::me();
+    let parts: Vec<&str> = rest.split('-').collect();
+    if let [host, pid, start, _] = parts[..]
+        && host == host_tag(&me.host)
+        && let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>())
+    {
+        return !crate::lease::alive(&me.host, pid, start, 0);
+    }
+    SystemTime::now()
+        .duration_since(modified)
+        .is_ok_and(|age| age > crate::lease::STALE_AFTER)
 }
 
 /// Alignment of memory, offsets and lengths of direct writes.
@@ -155,7 +201,7 @@ impl FolderBackend {
     /// Writes `data` to a new temporary file in `dir` and syncs it.
     fn write_temp(&self, dir: &Path, key: &str, data: &[u8]) -> Result<PathBuf> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
+        let tmp = dir.join(temp_name(n));
         let write = || -> std::io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             let direct_len = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
@@ -353,5 +399,78 @@ impl Backend for FolderBackend {
 
     fn location(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn remove_abandoned(&self) -> Result<u64> {
+        let mut removed = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(dir.display().to_string(), e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(dir.display().to_string(), e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // Only temporary files are looked at closer: the walk of a repository of
+                // a million chunks stays one read of each folder.
+                if !name.starts_with(".tmp-") {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(entry.path());
+                    }
+                    continue;
+                }
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(entry.path().display().to_string(), e)),
+                };
+                let modified = SystemTime::UNIX_EPOCH
+                    + Duration::new(meta.mtime().max(0) as u64, meta.mtime_nsec() as u32);
+                if !abandoned(&name, modified) {
+                    continue;
+                }
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(file = %entry.path().display(), "removing the temporary file of a writer that died");
+                        self.mark_dirty(&dir);
+                        removed += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(entry.path().display().to_string(), e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporaries_are_abandoned_when_their_writer_is_gone_or_long_silent() {
+        let now = SystemTime::now();
+        let old = now - crate::lease::STALE_AFTER - Duration::from_secs(60);
+        // This process's own: alive, whatever its age.
+        assert!(!abandoned(&temp_name(7), now));
+        assert!(!abandoned(&temp_name(7), old));
+        // A process of this host that ended.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let me = crate::lease::me();
+        let dead = format!(".tmp-{}-{pid}-{}-0", host_tag(&me.host), me.pid_start);
+        assert!(abandoned(&dead, now));
+        // Another host's, and a name without its owner: only once long silent.
+        for name in [".tmp-0badcafe-1-2-3", ".tmp-123-4"] {
+            assert!(!abandoned(name, now), "{name}");
+            assert!(abandoned(name, old), "{name}");
+        }
+        // Never anything but a temporary file.
+        assert!(!abandoned("0123abcd", old));
+        assert!(!abandoned(".other", old));
     }
 }

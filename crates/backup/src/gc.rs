@@ -9,6 +9,8 @@
 //! 3. Wait until each of them is gone (committed, abandoned, or dead).
 //! 4. Read every manifest; list the chunks; delete those that no manifest references and
 //!    that were written before step 1.
+//! 5. Remove the temporary objects of writers that died ([`crate::Backend::remove_abandoned`]:
+//!    a put killed half way leaves one, which no listing shows).
 //!
 //! A backup whose lease appeared after step 2 saw the marker when it began and, before it
 //! relies on its chunks, waits for this collection to end and stores again what it deleted.
@@ -56,6 +58,8 @@ pub struct GcReport {
     pub chunks_kept_recent: u64,
     /// Leases of backups that died, removed.
     pub stale_leases_removed: u64,
+    /// Temporary objects that writers which died left half written, removed.
+    pub temporaries_removed: u64,
     /// Backups it waited for.
     pub backups_waited_for: u64,
     /// Whether it gave up waiting and deleted nothing.
@@ -128,6 +132,9 @@ pub fn gc(repo: &Repository, options: &GcOptions) -> Result<GcReport> {
             report.chunks_deleted += 1;
             report.bytes_freed += info.size;
         }
+    }
+    if !options.dry_run {
+        report.temporaries_removed = backend.remove_abandoned()?;
     }
     backend.sync(&[])?;
     marker.release()?;

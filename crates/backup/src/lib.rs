@@ -56,8 +56,9 @@
 //! and renames it). A point is committed by its manifest, written last, after every chunk
 //! it names was made durable (each chunk synced before its rename, every chunk folder synced
 //! before the manifest). So a process killed at any instant leaves every listed point whole;
-//! what it leaves behind is unreferenced chunks (removed by the next gc), its lease (judged
-//! dead and removed by the next gc) and, for a killed gc, its marker (replaced by the next
+//! what it leaves behind is unreferenced chunks (removed by the next gc), temporary files of
+//! puts in flight (never listed; removed by the next gc once their owner is judged dead),
+//! its lease (judged dead and removed by the next gc) and, for a killed gc, its marker (replaced by the next
 //! gc, ignored by backups). Prune removes one manifest at a time; gc deletes only chunks
 //! no manifest references.
 //!

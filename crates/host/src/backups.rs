@@ -36,8 +36,10 @@
 //! A restore into a VM's disks ([`VmHandle::restore_in_place`], [`Host::restore_as`])
 //! brackets its writes with the VM folder's [`RESTORE_MARKER`]: a restore killed half way
 //! leaves a VM that refuses to start or be backed up and says how to finish (run the
-//! restore again, which reuses the checkpoint the first run kept, or apply that checkpoint;
-//! for a new VM, delete it and restore again).
+//! restore again, which reuses the checkpoint the first run kept, or apply that checkpoint).
+//! A restore as a new VM creates the VM folder already carrying the marker, so a kill at
+//! any instant leaves no VM or one marked incomplete, which a rerun of the restore
+//! replaces.
 //!
 //! # Crash model
 //!
@@ -55,7 +57,7 @@ use crate::protocol::{Quiesce, Reply, Request};
 use crate::record::RunStatus;
 use crate::restore_marker::{
     RESTORE_MARKER, RESTORE_MARKER_VERSION, RestoreMarker, interrupted_restore, mark_restoring,
-    unmark_restoring,
+    marker_bytes, unfinished_new_vm, unmark_restoring,
 };
 use crate::run_state::RunState;
 use backup::{Method, Point, Repository};
@@ -686,25 +688,39 @@ impl Host {
         spec.checkpoint_type = config.checkpoint_type;
         spec.max_checkpoints = config.max_checkpoints;
         spec.automatic_checkpoints = config.automatic_checkpoints;
+        // The VM appears carrying its marker: killed at any instant, the restore leaves no
+        // VM, or one that says it is incomplete (never an empty VM that looks whole).
+        spec.files.push((
+            RESTORE_MARKER.to_owned(),
+            marker_bytes(&RestoreMarker {
+                version: RESTORE_MARKER_VERSION,
+                point: point.id.clone(),
+                kept_checkpoint: None,
+                new_vm: true,
+            }),
+        ));
+        // A VM left by a restore as a new VM that stopped half way is replaced.
+        let existing = self.vm(name);
+        if let Ok(dir) = existing.dir()
+            && let Some(m) = unfinished_new_vm(&dir)
+        {
+            tracing::info!(
+                "replacing VM {name:?}, left incomplete by a restore of point {}",
+                m.point
+            );
+            existing.delete().with_context(what)?;
+        }
         self.create_vm(&spec).with_context(what)?;
+        vm::fsutil::crashpoint("backup restore: as a new VM, created and marked");
         let fill = || -> Result<RestoredVm> {
             let vm = self.store().open_vm(name, "backup restore")?;
             let state = vm.state().clone();
-            mark_restoring(
-                vm.dir(),
-                &RestoreMarker {
-                    version: RESTORE_MARKER_VERSION,
-                    point: point.id.clone(),
-                    kept_checkpoint: None,
-                    new_vm: true,
-                },
-            )?;
-            vm::fsutil::crashpoint("backup restore: as a new VM, marked");
             let mut bytes_written = 0;
             for (i, layer) in state.now.disks.iter().enumerate() {
                 let target = disk::open(&vm.layer_path(layer), true)?;
                 bytes_written +=
                     backup::restore_into(repo, point, i, &*target, true, progress)?.bytes_written;
+                vm::fsutil::crashpoint("backup restore: as a new VM, a disk restored");
             }
             if let (Some(nvram), Some(_)) = (&state.now.nvram, point.blob(NVRAM_BLOB)) {
                 let bytes = backup::read_blob(repo, point, NVRAM_BLOB)?;

@@ -7,7 +7,8 @@ use vhdx::ErrorKind;
 /// The file in a VM's folder that says a restore into its disks began and did not end.
 ///
 /// Written (atomically, then the folder synced) before the first byte of a disk is
-/// restored and removed after the last, so that a restore killed half way is not mistaken
+/// restored, or for a restore as a new VM, with the VM's folder (which appears with it),
+/// and removed after the last, so that a restore killed half way is not mistaken
 /// for a VM whose disks are whole: [`VmHandle::start`](crate::VmHandle::start) and `backup create` refuse such a
 /// VM, saying how to finish or undo the restore.
 pub const RESTORE_MARKER: &str = "restore-in-progress.json";
@@ -25,10 +26,21 @@ pub(crate) struct RestoreMarker {
     pub(crate) new_vm: bool,
 }
 
+pub(crate) fn marker_bytes(marker: &RestoreMarker) -> Vec<u8> {
+    serde_json::to_vec_pretty(marker).expect("a restore marker serializes")
+}
+
 pub(crate) fn mark_restoring(dir: &Path, marker: &RestoreMarker) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(marker).expect("a restore marker serializes");
-    vm::fsutil::atomic_write(&dir.join(RESTORE_MARKER), &bytes)?;
+    vm::fsutil::atomic_write(&dir.join(RESTORE_MARKER), &marker_bytes(marker))?;
     Ok(())
+}
+
+/// The marker of a restore that created the VM in `dir` and did not end.
+pub(crate) fn unfinished_new_vm(dir: &Path) -> Option<RestoreMarker> {
+    let bytes = std::fs::read(dir.join(RESTORE_MARKER)).ok()?;
+    serde_json::from_slice::<RestoreMarker>(&bytes)
+        .ok()
+        .filter(|m| m.new_vm)
 }
 
 pub(crate) fn unmark_restoring(dir: &Path) -> Result<()> {
@@ -45,8 +57,8 @@ pub(crate) fn interrupted_restore(dir: &Path, name: &str) -> Option<Error> {
     let quoted = disk::shell_quote(Path::new(name));
     let reason = match serde_json::from_slice::<RestoreMarker>(&bytes) {
         Ok(m) if m.new_vm => format!(
-            "VM {name:?} was being restored from point {} when the restore stopped, and its disks are incomplete: delete it (snapvisor vm delete {quoted}) and restore again",
-            short(&m.point)
+            "VM {name:?} was being restored from point {p} when the restore stopped, and its disks are incomplete: restore it again (snapvisor backup restore {p} --as {quoted}), which replaces it, or delete it (snapvisor vm delete {quoted})",
+            p = short(&m.point)
         ),
         Ok(m) => match m.kept_checkpoint {
             Some(c) => format!(

@@ -33,7 +33,7 @@ pub enum BackupCommand {
     Verify(VerifyArgs),
     /// Remove points that no keep rule keeps (run `backup gc` afterwards to free space).
     Prune(PruneArgs),
-    /// Delete chunks no point references.
+    /// Delete chunks no point references, and temporary files that killed writers left.
     Gc(GcArgs),
 }
 
@@ -834,6 +834,7 @@ fn gc(a: GcArgs) -> Result<ExitCode> {
             "bytes_freed": report.bytes_freed,
             "chunks_kept_recent": report.chunks_kept_recent,
             "stale_leases_removed": report.stale_leases_removed,
+            "temporaries_removed": report.temporaries_removed,
             "deferred": report.deferred,
         }))?;
         return Ok(ExitCode::SUCCESS);

@@ -437,6 +437,7 @@ fn create(host: &Host, a: CreateArgs) -> Result<ExitCode> {
             FirmwareArg::Uefi => vm::Firmware::Uefi,
         },
         uefi_vars_template: None,
+        files: Vec::new(),
     };
     host.create_vm(&spec)?;
     if a.json {

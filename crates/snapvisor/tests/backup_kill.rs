@@ -7,8 +7,11 @@
 //! and at the end a prefix of the original's), `verify` is clean; the next
 //! `backup create` works and leaves no recovery checkpoint (`checkpoint list --all`) and
 //! no lease behind. With the guest paused (its disk still), more kills, and every point
-//! taken meanwhile restores bit-exact to the disk the worker serves (read over NBD). And a full repository disk (a small tmpfs, as root): one clear error,
-//! the guest thawed and running, nothing left, nothing partial.
+//! taken meanwhile restores bit-exact to the disk the worker serves (read over NBD). At the
+//! end, a gc removes all that the killed backups left (chunks, leases, the temporary files
+//! of chunks being written: no garbage, no hidden file) and every point still verifies.
+//! And a full repository disk (a small tmpfs, as root): one clear error, the guest thawed
+//! and running, nothing left, nothing partial.
 //!
 //! The random trials' seed is printed; `SNAPVISOR_CRASH_BASE_SEED=N` replays it.
 //! `SNAPVISOR_SOAK_TRIALS=N` runs N random CLI kills instead of CI's 20.
@@ -19,156 +22,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::Cli;
+use support::kill::*;
 use support::running::*;
-
-fn point_ids(cli: &Cli) -> Vec<String> {
-    cli.json(&["backup", "list", "--json"])["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn freeze_status(store: &Path) -> String {
-    let Ok(mut agent) =
-        qemu::GuestAgent::connect(&store.join("g/run/qga.sock"), Duration::from_secs(10))
-    else {
-        return "no agent".into();
-    };
-    agent
-        .freeze_status(Duration::from_secs(10))
-        .unwrap_or_else(|e| format!("error: {e}"))
-}
-
-fn leases(store: &Path) -> Vec<String> {
-    std::fs::read_dir(store.join("g/run"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.contains(".lease"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// What the trials have checked so far.
-struct Checked {
-    /// Points restored and found whole.
-    restored: BTreeSet<String>,
-    /// The tick numbers on each restored point's disk.
-    counters: Vec<(String, Vec<u32>)>,
-}
-
-/// Restores the points not restored yet to raw files: each counter whole, each verified.
-fn restore_new_points(cli: &Cli, dir: &Path, checked: &mut Checked, what: &str) {
-    for id in point_ids(cli) {
-        if checked.restored.contains(&id) {
-            continue;
-        }
-        let v = cli.json(&["backup", "verify", &id, "--json"]);
-        assert_eq!(v["clean"], true, "{what}: point {id}: {v}");
-        let raw = dir.join("restored.raw");
-        let _ = std::fs::remove_file(&raw);
-        cli.ok(&[
-            "backup",
-            "restore",
-            &id,
-            "--disk",
-            "0",
-            "--to",
-            raw.to_str().unwrap(),
-        ]);
-        let counter = counter_in(cli, dir, &raw);
-        assert_whole(&counter, &format!("{what}: point {id}"));
-        let n = tick_numbers(&counter);
-        assert!(!n.is_empty(), "{what}: point {id} has no ticks");
-        checked.counters.push((id.clone(), n));
-        checked.restored.insert(id);
-    }
-}
-
-/// Everything a kill must leave right (see the module doc); returns how long the next
-/// backup (an `auto` one) took.
-fn check_after_kill(cli: &Cli, dir: &Path, checked: &mut Checked, what: &str) -> Duration {
-    let store = dir.join("store");
-    // The worker may still be finishing the dead backup's request; it thaws on every path.
-    let t = Instant::now();
-    loop {
-        let s = freeze_status(&store);
-        if s == "thawed" {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "{what}: the guest is not thawed: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let at = max_tick(&store);
-    wait(&format!("{what}: ticks after the kill"), 60, || {
-        max_tick(&store) >= at + 2
-    });
-    restore_new_points(cli, dir, checked, what);
-    // The next backup works, and removes what the dead one left.
-    let t = Instant::now();
-    let next = cli.json(&["backup", "create", "g", "--json"]);
-    let took = t.elapsed();
-    assert!(
-        ["application", "crash"].contains(&next["consistency"].as_str().unwrap()),
-        "{what}: {next}"
-    );
-    let all = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
-    assert!(
-        all["checkpoints"].as_array().unwrap().is_empty(),
-        "{what}: a recovery checkpoint is left: {all}"
-    );
-    assert!(
-        leases(&store).is_empty(),
-        "{what}: leases left: {:?}",
-        leases(&store)
-    );
-    assert_eq!(status(cli)["state"], "running", "{what}");
-    took
-}
-
-fn trials() -> usize {
-    std::env::var("SNAPVISOR_SOAK_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
-}
-
-fn seed() -> u64 {
-    std::env::var("SNAPVISOR_CRASH_BASE_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000_000
-        })
-}
-
-fn booted(dir: &Path) -> Cli {
-    let mut cli = setup(dir);
-    let store = dir.join("store");
-    cli.env.push((
-        "SNAPVISOR_REPO".into(),
-        dir.join("repo").to_str().unwrap().into(),
-    ));
-    cli.ok(&["backup", "init"]);
-    cli.ok(&["vm", "start", "g", "--accel", "tcg"]);
-    wait("ticks", 120, || ticks(&store).len() >= 3);
-    wait("the guest agent", 60, || status(&cli)["agent"] == true);
-    cli
-}
 
 fn mode_args(mode: &str, full: bool) -> Vec<String> {
     let mut a: Vec<String> = ["backup", "create", "g", "--json", "--mode", mode]
@@ -202,10 +61,7 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
     let dir = tempfile::tempdir().unwrap();
     let cli = booted(dir.path());
     let store = dir.path().join("store");
-    let mut checked = Checked {
-        restored: BTreeSet::new(),
-        counters: Vec::new(),
-    };
+    let mut checked = Checked::default();
     let (took, crash_points) = timed_backup(&cli, "online");
     let (took_saved, _) = timed_backup(&cli, "saved-state");
     eprintln!(
@@ -378,6 +234,15 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
     // guest wrote in the end.
     let v = cli.json(&["backup", "verify", "--json"]);
     assert_eq!(v["clean"], true, "{v}");
+    // A gc removes all that the killed backups left: their chunks, leases and the
+    // temporary files of the chunks they were writing.
+    let (_, gc) = following_gc(&cli, &dir.path().join("repo"), "after the kills");
+    eprintln!(
+        "the gc after the kills removed {} chunks, {} leases and {} temporary files",
+        gc["chunks_deleted"], gc["stale_leases_removed"], gc["temporaries_removed"]
+    );
+    let v = cli.json(&["backup", "verify", "--json"]);
+    assert_eq!(v["clean"], true, "after the gc: {v}");
     cli.ok(&["vm", "stop", "g", "--force"]);
     let last = tick_numbers(&counter_on_disk(&cli, dir.path()));
     for (id, n) in &checked.counters {

@@ -40,6 +40,9 @@ pub struct NewVm {
     pub firmware: Firmware,
     /// For UEFI: the empty variable store (OVMF's `OVMF_VARS.fd`) the VM's own starts from.
     pub uefi_vars_template: Option<PathBuf>,
+    /// More files the VM's folder holds from the instant it appears (names relative to
+    /// it): a restore's marker, so that no instant shows the VM without it.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 impl NewVm {
@@ -57,6 +60,7 @@ impl NewVm {
             automatic_checkpoints: false,
             firmware: Firmware::Bios,
             uefi_vars_template: None,
+            files: Vec::new(),
         }
     }
 }
@@ -290,6 +294,9 @@ impl Store {
                 layers,
             };
             state.save(&tmp.join(STATE_FILE))?;
+            for (name, bytes) in &spec.files {
+                fsutil::atomic_write(&tmp.join(name), bytes)?;
+            }
             fsutil::sync_dir(&disks_dir)?;
             fsutil::sync_dir(&tmp)?;
             crashpoint("vm create: folder built");

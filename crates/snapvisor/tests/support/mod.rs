@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod kill;
 pub mod running;
 
 use serde_json::Value;
