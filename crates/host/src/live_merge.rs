@@ -101,6 +101,7 @@ fn merge_one(
         Direction::IntoParent
     };
     let started = Instant::now();
+    record_merge(served, (layer_path, child_path), direction);
     let planned = session.vm().plan_merge(layer, direction)?;
     let token = planned.token();
     if !is_top {
@@ -142,6 +143,7 @@ fn merge_one(
         }
     };
     let copy_secs = t.elapsed().as_secs_f64();
+    vm::fsutil::crashpoint("live merge: copied");
     // Link the files up while requests go on (what the merged chain needs that the
     // current one does not care about), then the switch: requests wait only while the
     // served chain is rebuilt from files already open. The commit and the removal of the
@@ -178,7 +180,9 @@ fn merge_one(
     };
     // The replaced chain's files close here (Now's old layer, when it merged away).
     drop(old);
+    vm::fsutil::crashpoint("live merge: switched");
     session.vm().commit_merge(&planned, true)?;
+    vm::fsutil::crashpoint("live merge: committed");
     let longest_write_ms = served.longest_write_ms();
     let _ = std::fs::remove_file(&aside);
     let done = session.vm().finish_merge(planned)?;
@@ -192,6 +196,39 @@ fn merge_one(
         longest_write_ms,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Tells the disk's tracker, before the journal, which layer the merge takes out of the
+/// chain (as it is now), so that a worker killed meanwhile leaves a tracking that accepts
+/// the chain the replay of the journal leaves. A failure is logged: the tracking then finds
+/// the merged chain unknown (invalid, the next backup an express full), never wrong.
+fn record_merge(
+    served: &ServedDisk,
+    (layer_path, child_path): (&Path, &Path),
+    direction: Direction,
+) {
+    let Some(t) = served.tracker() else { return };
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let (away, into) = match direction {
+        Direction::IntoParent => (name(child_path), name(layer_path)),
+        Direction::IntoChild => (name(layer_path), name(child_path)),
+    };
+    let recorded = served
+        .with_chain(vm::tracking::chain_seen)
+        .map_err(vm::Error::from)
+        .and_then(|seen| {
+            t.update(|t| {
+                t.set_chain(seen);
+                t.set_merging(vm::tracking::MergeSeen { away, into });
+            })
+        });
+    if let Err(e) = recorded {
+        tracing::warn!("change tracking: cannot record the merge: {e}");
+    }
 }
 
 type Rebuilt = (disk::VhdxDisk, Option<disk::VhdxDisk>);
@@ -380,7 +417,16 @@ fn copy_top_into_parent(served: &ServedDisk, durable: &(dyn Fn(u64) + Sync)) -> 
         {
             Some(g) => g,
             None => {
-                let g = uuid::Uuid::new_v4();
+                // The session's own: the tracker accepts it after a worker kill, as the
+                // parent is served by the session once Now's layer merged into it.
+                let parent = c.layers()[1]
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                let g = match (served.session(), parent) {
+                    (Some(s), Some(p)) => vm::tracking::session_guid(s, &p),
+                    _ => uuid::Uuid::new_v4(),
+                };
                 locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
                 top.set_parent_locator(&locator)?;
                 top.flush()?;

@@ -37,6 +37,13 @@
 //! after a worker kill the layer carries either the recorded value or that one, and
 //! anybody else's write (which picks a random value) is still detected.
 //!
+//! A merge under the running guest (deleting a checkpoint, a backup's recovery checkpoint
+//! included) is recorded in the header before its journal is written ([`MergeSeen`]), and
+//! the file receiving the data takes the session's DataWriteGuid too: a worker killed
+//! during it leaves the pair as recorded, and the replay of the journal at the next open
+//! leaves the chain without the merged-away layer, both accepted (the disk reads the
+//! same); any other writer is still detected.
+//!
 //! # Crash model
 //!
 //! - The header and both bitmaps change together only by rewriting the whole file
@@ -100,6 +107,20 @@ struct MrtHeader {
     session: Option<Uuid>,
     /// The chain, top first, as last seen.
     chain: Vec<LayerSeen>,
+    /// A journaled merge of two layers of `chain` under way, which a replay may have
+    /// finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    merging: Option<MergeSeen>,
+}
+
+/// A merge of two adjacent layers of the recorded chain that the worker started: the chain
+/// may have lost `away`, the disk it reads staying the same.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeSeen {
+    /// The layer that leaves the chain.
+    pub away: String,
+    /// Its neighbour, which then holds the merged data.
+    pub into: String,
 }
 
 /// A tracking file's state as read.
@@ -173,6 +194,7 @@ impl Tracking {
                 pending: None,
                 session: None,
                 chain,
+                merging: None,
             },
             current: vec![0; bytes],
             frozen: vec![0; bytes],
@@ -325,15 +347,33 @@ impl Tracking {
         self.header.session = session;
     }
 
-    /// Records the chain as it is now.
+    /// Records the chain as it is now (a merge recorded before is over or not started).
     pub fn set_chain(&mut self, chain: Vec<LayerSeen>) {
         self.header.chain = chain;
+        self.header.merging = None;
+    }
+
+    /// Records that a journaled merge of two adjacent layers of the chain starts: until
+    /// the chain is recorded again, the chain without `away` is accepted too.
+    pub fn set_merging(&mut self, merge: MergeSeen) {
+        self.header.merging = Some(merge);
+    }
+
+    /// The merge recorded as under way.
+    pub fn merging(&self) -> Option<&MergeSeen> {
+        self.header.merging.as_ref()
     }
 
     /// Why the tracking cannot be trusted for a disk of `size` bytes whose chain is now
     /// `seen` (top first), or `Ok` when it can. A layer may carry its recorded
     /// DataWriteGuid or, while a worker session is recorded, the one that session gives it
     /// ([`session_guid`]).
+    ///
+    /// While a merge is recorded ([`Tracking::set_merging`]), the chain without the layer
+    /// it merges away is accepted as well: the merge is journaled, so a worker killed
+    /// during it leaves the pair (the file receiving the data carrying the session's
+    /// DataWriteGuid) and the next open of the VM finishes it; neither changes what the
+    /// disk reads. Only those two shapes are accepted, each file still checked.
     pub fn check_chain(&self, size: u64, seen: &[LayerSeen]) -> std::result::Result<(), String> {
         if size != self.header.disk_size {
             return Err(format!(
@@ -341,14 +381,37 @@ impl Tracking {
                 self.header.disk_size
             ));
         }
-        if seen.len() != self.header.chain.len() {
+        let direct = self.check_against(seen, &self.header.chain);
+        if direct.is_err()
+            && let Some(m) = &self.header.merging
+            && let Some(at) = self.header.chain.iter().position(|l| l.file == m.away)
+            && [at.checked_sub(1), Some(at + 1)]
+                .into_iter()
+                .flatten()
+                .any(|n| self.header.chain.get(n).is_some_and(|l| l.file == m.into))
+        {
+            let mut merged = self.header.chain.clone();
+            merged.remove(at);
+            if self.check_against(seen, &merged).is_ok() {
+                return Ok(());
+            }
+        }
+        direct
+    }
+
+    fn check_against(
+        &self,
+        seen: &[LayerSeen],
+        chain: &[LayerSeen],
+    ) -> std::result::Result<(), String> {
+        if seen.len() != chain.len() {
             return Err(format!(
                 "the disk's chain has {} files, the tracker last saw {}",
                 seen.len(),
-                self.header.chain.len()
+                chain.len()
             ));
         }
-        for (now, was) in seen.iter().zip(&self.header.chain) {
+        for (now, was) in seen.iter().zip(chain) {
             if now.file != was.file {
                 return Err(format!(
                     "the disk's chain holds {} where the tracker last saw {}",
@@ -852,6 +915,63 @@ mod tests {
                 .contains("holds disk0_bbb.avhdx")
         );
         assert!(t.check_chain(REGION_BYTES, &c[1..]).is_err());
+    }
+
+    #[test]
+    fn a_recorded_merge_accepts_the_chains_it_can_leave_and_no_other() {
+        let c = chain();
+        let s = Uuid::new_v4();
+        let mut t = Tracking::new(REGION_BYTES, None, c.clone());
+        t.set_session(Some(s));
+        // Now's layer merged into its parent, which took the session's DataWriteGuid.
+        let into_parent = vec![LayerSeen {
+            file: c[1].file.clone(),
+            data_write_guid: session_guid(s, &c[1].file),
+        }];
+        let why = t.check_chain(REGION_BYTES, &into_parent).unwrap_err();
+        assert!(why.contains("chain has 1 files"), "{why}");
+        t.set_merging(MergeSeen {
+            away: c[0].file.clone(),
+            into: c[1].file.clone(),
+        });
+        assert_eq!(t.check_chain(REGION_BYTES, &into_parent), Ok(()));
+        // Killed half way: the pair, the parent already written by the session.
+        let mut half = c.clone();
+        half[1].data_write_guid = session_guid(s, &c[1].file);
+        assert_eq!(t.check_chain(REGION_BYTES, &half), Ok(()));
+        // Anybody else's write to the merged file is still caught.
+        let mut foreign = into_parent.clone();
+        foreign[0].data_write_guid = Uuid::new_v4();
+        assert!(
+            t.check_chain(REGION_BYTES, &foreign)
+                .unwrap_err()
+                .contains("chain has 1 files")
+        );
+        // Only the recorded layer may go: the other one gone is a different disk.
+        let wrong = vec![c[0].clone()];
+        assert!(t.check_chain(REGION_BYTES, &wrong).is_err());
+        // Into the child: Now's layer keeps its DataWriteGuid and skips its parent.
+        t.set_merging(MergeSeen {
+            away: c[1].file.clone(),
+            into: c[0].file.clone(),
+        });
+        assert_eq!(t.check_chain(REGION_BYTES, &wrong), Ok(()));
+        // Recording the chain again ends the merge.
+        t.set_chain(c.clone());
+        assert!(t.merging().is_none());
+        assert!(t.check_chain(REGION_BYTES, &wrong).is_err());
+        // Saved and read back, the merge is kept.
+        t.set_merging(MergeSeen {
+            away: c[0].file.clone(),
+            into: c[1].file.clone(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = Tracking::path(dir.path(), "disk0");
+        t.save(&path).unwrap();
+        let Status::Valid(back) = Tracking::load(&path).unwrap() else {
+            panic!("not valid")
+        };
+        assert_eq!(back.check_chain(REGION_BYTES, &into_parent), Ok(()));
     }
 
     #[test]
