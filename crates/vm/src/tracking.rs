@@ -54,6 +54,11 @@
 //!   region already marked costs one atomic load. So after any crash the marked set is a
 //!   superset of what changed, never a subset. A torn page fails its checksum: the
 //!   tracking is invalid (an express full follows), never silently short.
+//! - First touches that meet share their `fdatasync` (a group commit): each writes its
+//!   page under the lock, then waits for a sync that started after its write (one waiter
+//!   runs it for all), so concurrent first touches cost about one sync, not one each. A
+//!   write to a region whose bit another writer set but whose sync is still running waits
+//!   for that sync too: no change goes to the disk before its mark is durable.
 //! - A backup of a running VM freezes the current set at its recovery checkpoint's switch
 //!   (`frozen |= current`, `current = 0`, `pending = checkpoint`), with the guest paused.
 //!   When its point commits, the reference becomes the point and the frozen set is
@@ -68,8 +73,8 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use uuid::Uuid;
 
 /// The folder of a VM holding the tracking files.
@@ -582,7 +587,18 @@ pub struct LiveTracker {
     /// The disk's size (ranges beyond it are the disk's to refuse, not to mark).
     size: u64,
     inner: Mutex<Inner>,
-    /// The current set as 64-region words, for the lock-free test of the hot path.
+    /// The group commit: which page writes are durable, and who syncs.
+    syncs: Mutex<Syncs>,
+    /// Signalled when a sync ends.
+    synced: Condvar,
+    /// Each successful sync: the page writes it covered, and when it ended.
+    #[cfg(test)]
+    sync_log: Mutex<Vec<(u64, std::time::Instant)>>,
+    /// The page write that first carried each region's bit.
+    #[cfg(test)]
+    set_by: Mutex<std::collections::HashMap<u64, u64>>,
+    /// The current set as 64-region words, durable ones only, for the lock-free test of
+    /// the hot path.
     marked: Vec<AtomicU64>,
     /// Marking failed and the file is gone: nothing more to mark.
     dropped: AtomicBool,
@@ -593,10 +609,24 @@ pub struct LiveTracker {
 
 #[derive(Debug)]
 struct Inner {
-    file: File,
+    /// Shared with a sync running outside the lock.
+    file: Arc<File>,
     tracking: Tracking,
     /// Where the current set's first page starts in the file.
     current_at: u64,
+    /// Page writes made so far, counted (across files): a sync that starts after the n-th
+    /// makes it durable.
+    written: u64,
+}
+
+#[derive(Debug, Default)]
+struct Syncs {
+    /// The page writes up to this one are durable.
+    durable: u64,
+    /// A waiter is running a sync: the others wait for it.
+    running: bool,
+    /// A sync failed: nothing written since is durable (the file is being dropped).
+    failed: bool,
 }
 
 impl LiveTracker {
@@ -606,7 +636,13 @@ impl LiveTracker {
         let t = LiveTracker {
             path: path.to_owned(),
             size: tracking.disk_size(),
-            inner: Mutex::new(LiveTracker::write_open(path, tracking)?),
+            inner: Mutex::new(LiveTracker::write_open(path, tracking, 0)?),
+            syncs: Mutex::new(Syncs::default()),
+            synced: Condvar::new(),
+            #[cfg(test)]
+            sync_log: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            set_by: Mutex::new(std::collections::HashMap::new()),
             marked: (0..regions.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -617,7 +653,9 @@ impl LiveTracker {
         Ok(t)
     }
 
-    fn write_open(path: &Path, tracking: Tracking) -> Result<Inner> {
+    /// Writes `tracking` whole (synced) and opens it; `written` page writes were made
+    /// before, all of them covered by the new file.
+    fn write_open(path: &Path, tracking: Tracking, written: u64) -> Result<Inner> {
         tracking.save(path)?;
         let file = match std::fs::OpenOptions::new()
             .read(true)
@@ -632,14 +670,70 @@ impl LiveTracker {
         };
         let current_at = tracking.header_bytes().len() as u64;
         Ok(Inner {
-            file,
+            file: Arc::new(file),
             tracking,
             current_at,
+            written,
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_syncs(&self) -> std::sync::MutexGuard<'_, Syncs> {
+        self.syncs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new file holds every page write made so far (it was synced whole): they are
+    /// durable, and a failed sync of the old one no longer matters.
+    fn rewritten(&self, inner: &Inner) {
+        let mut s = self.lock_syncs();
+        s.durable = s.durable.max(inner.written);
+        s.failed = false;
+        self.synced.notify_all();
+    }
+
+    /// Returns once page write `need` is durable: a sync that started after it ended
+    /// well. One waiter runs the sync for everybody; those who arrive meanwhile wait for
+    /// the next one, which covers them.
+    fn wait_durable(&self, need: u64) -> std::io::Result<()> {
+        let mut s = self.lock_syncs();
+        loop {
+            if s.durable >= need {
+                return Ok(());
+            }
+            if s.failed {
+                return Err(std::io::Error::other("a sync of the tracking file failed"));
+            }
+            if s.running {
+                s = self.synced.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            s.running = true;
+            drop(s);
+            // Every write counted by now was made: the sync covers them all.
+            let (file, through) = {
+                let inner = self.lock();
+                (inner.file.clone(), inner.written)
+            };
+            let result = file.sync_data();
+            s = self.lock_syncs();
+            s.running = false;
+            match &result {
+                Ok(()) => {
+                    s.durable = s.durable.max(through);
+                    #[cfg(test)]
+                    self.sync_log
+                        .lock()
+                        .unwrap()
+                        .push((through, std::time::Instant::now()));
+                }
+                Err(_) => s.failed = true,
+            }
+            self.synced.notify_all();
+            result?;
+        }
     }
 
     fn sync_marked(&self, t: &Tracking) {
@@ -672,40 +766,61 @@ impl LiveTracker {
         if span.clone().all(|i| self.is_marked(i)) {
             return Ok(());
         }
-        let mut inner = self.lock();
-        let mut pages = Vec::new();
-        for i in span.clone() {
-            if !get(&inner.tracking.current, i) {
-                set(&mut inner.tracking.current, i);
-                let p = (i / PAGE_REGIONS) as usize;
-                if pages.last() != Some(&p) {
-                    pages.push(p);
+        let need = {
+            let mut inner = self.lock();
+            let mut pages = Vec::new();
+            #[cfg(test)]
+            let mut first = Vec::new();
+            for i in span.clone() {
+                if !get(&inner.tracking.current, i) {
+                    set(&mut inner.tracking.current, i);
+                    #[cfg(test)]
+                    first.push(i);
+                    let p = (i / PAGE_REGIONS) as usize;
+                    if pages.last() != Some(&p) {
+                        pages.push(p);
+                    }
                 }
             }
-        }
-        let written = (|| -> std::io::Result<()> {
-            for &p in &pages {
+            let written = pages.iter().try_for_each(|&p| {
                 let page = Tracking::page_bytes(&inner.tracking.current, p);
                 inner
                     .file
-                    .write_all_at(&page, inner.current_at + (p * PAGE) as u64)?;
+                    .write_all_at(&page, inner.current_at + (p * PAGE) as u64)
+            });
+            if let Err(e) = written {
+                drop(inner);
+                return self.mark_failed(e);
             }
             if !pages.is_empty() {
-                inner.file.sync_data()?;
+                inner.written += 1;
             }
-            Ok(())
-        })();
-        if let Err(e) = written {
-            tracing::error!(
-                "cannot mark a changed region in {}: {e}; change tracking is dropped, the next backup will be an express full",
-                self.path.display()
-            );
-            return self.drop_file();
+            #[cfg(test)]
+            {
+                let mut by = self.set_by.lock().unwrap();
+                for i in first {
+                    by.insert(i, inner.written);
+                }
+            }
+            // A bit another writer set may still wait for its sync: it was written by
+            // now, so waiting for every write so far covers it.
+            inner.written
+        };
+        if let Err(e) = self.wait_durable(need) {
+            return self.mark_failed(e);
         }
         for i in span {
             self.marked[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
         }
         Ok(())
+    }
+
+    fn mark_failed(&self, e: std::io::Error) -> Result<()> {
+        tracing::error!(
+            "cannot mark a changed region in {}: {e}; change tracking is dropped, the next backup will be an express full",
+            self.path.display()
+        );
+        self.drop_file()
     }
 
     /// Stops tracking: the file is removed (tracking none), or if even that fails, every
@@ -738,7 +853,7 @@ impl LiveTracker {
         let mut inner = self.lock();
         let mut t = inner.tracking.clone();
         f(&mut t);
-        match LiveTracker::write_open(&self.path, t) {
+        match LiveTracker::write_open(&self.path, t, inner.written) {
             Ok(new) => *inner = new,
             Err(e) => {
                 use std::os::unix::fs::MetadataExt;
@@ -755,6 +870,7 @@ impl LiveTracker {
                 return Err(e);
             }
         }
+        self.rewritten(&inner);
         self.sync_marked(&inner.tracking);
         Ok(())
     }
@@ -764,7 +880,8 @@ impl LiveTracker {
     /// from its point.
     pub fn restart(&self, tracking: Tracking) -> Result<()> {
         let mut inner = self.lock();
-        *inner = LiveTracker::write_open(&self.path, tracking)?;
+        *inner = LiveTracker::write_open(&self.path, tracking, inner.written)?;
+        self.rewritten(&inner);
         self.sync_marked(&inner.tracking);
         self.failed.store(false, Ordering::SeqCst);
         self.dropped.store(false, Ordering::SeqCst);
@@ -972,6 +1089,60 @@ mod tests {
             panic!("not valid")
         };
         assert_eq!(back.check_chain(REGION_BYTES, &into_parent), Ok(()));
+    }
+
+    #[test]
+    fn concurrent_first_touches_return_only_once_a_later_sync_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Tracking::path(dir.path(), "disk0");
+        let size = 40_000 * REGION_BYTES; // two bitmap pages
+        let live = LiveTracker::start(&path, Tracking::new(size, None, chain())).unwrap();
+        let (threads, per) = (16u64, 24u64);
+        let marks: Vec<(u64, std::time::Instant)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let live = &live;
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        for k in 0..per {
+                            // Its own regions, on both pages, and one every thread
+                            // touches (set by one, perhaps not durable yet for the others).
+                            for r in [1000 + t + k * threads, 39_000 - t - k * threads, k] {
+                                live.mark(r * REGION_BYTES + 7, 512).unwrap();
+                                out.push((r, std::time::Instant::now()));
+                            }
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let syncs = live.sync_log.lock().unwrap().clone();
+        let set_by = live.set_by.lock().unwrap().clone();
+        for (r, returned) in &marks {
+            let write = set_by[r];
+            assert!(
+                syncs
+                    .iter()
+                    .any(|(through, ended)| *through >= write && ended <= returned),
+                "a mark of region {r} returned before a sync covering its page write {write} ended"
+            );
+        }
+        let Status::Valid(on_disk) = Tracking::load(&path).unwrap() else {
+            panic!("not valid")
+        };
+        assert_eq!(on_disk.changed_regions(), set_by.len() as u64);
+        assert_eq!(on_disk, live.snapshot());
+        eprintln!(
+            "{} marks of {} regions by {threads} threads, {} syncs",
+            marks.len(),
+            set_by.len(),
+            syncs.len()
+        );
     }
 
     #[test]
