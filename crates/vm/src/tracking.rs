@@ -88,6 +88,9 @@ const PAGE: usize = 4096;
 const PAGE_BITS_BYTES: usize = PAGE - 4;
 const PAGE_REGIONS: u64 = PAGE_BITS_BYTES as u64 * 8;
 const PREFIX: usize = 20;
+/// Regions past a sequential writer's first touch marked with it by default
+/// ([`LiveTracker::set_mark_ahead`]).
+pub const MARK_AHEAD: u64 = 4;
 
 /// One layer of a chain as the tracker saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -600,6 +603,8 @@ pub struct LiveTracker {
     /// The current set as 64-region words, durable ones only, for the lock-free test of
     /// the hot path.
     marked: Vec<AtomicU64>,
+    /// Regions marked past a sequential writer's first touch.
+    ahead: AtomicU64,
     /// Marking failed and the file is gone: nothing more to mark.
     dropped: AtomicBool,
     /// Marking failed and the file could not be removed either: it may claim less than
@@ -646,6 +651,7 @@ impl LiveTracker {
             marked: (0..regions.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            ahead: AtomicU64::new(MARK_AHEAD),
             dropped: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         };
@@ -766,12 +772,24 @@ impl LiveTracker {
         if span.clone().all(|i| self.is_marked(i)) {
             return Ok(());
         }
-        let need = {
+        let (need, marking) = {
             let mut inner = self.lock();
             let mut pages = Vec::new();
             #[cfg(test)]
             let mut first = Vec::new();
-            for i in span.clone() {
+            // A first touch right after a marked region looks like a sequential writer:
+            // the regions it will reach next are marked with it, in the same sync (the
+            // set only grows: still a superset).
+            let sequential = span.start > 0
+                && get(&inner.tracking.current, span.start - 1)
+                && span.clone().any(|i| !get(&inner.tracking.current, i));
+            let ahead = if sequential {
+                self.ahead.load(Ordering::Relaxed)
+            } else {
+                0
+            };
+            let marking = span.start..(span.end + ahead).min(regions_of(self.size));
+            for i in marking.clone() {
                 if !get(&inner.tracking.current, i) {
                     set(&mut inner.tracking.current, i);
                     #[cfg(test)]
@@ -804,12 +822,12 @@ impl LiveTracker {
             }
             // A bit another writer set may still wait for its sync: it was written by
             // now, so waiting for every write so far covers it.
-            inner.written
+            (inner.written, marking)
         };
         if let Err(e) = self.wait_durable(need) {
             return self.mark_failed(e);
         }
-        for i in span {
+        for i in marking {
             self.marked[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
         }
         Ok(())
@@ -821,6 +839,13 @@ impl LiveTracker {
             self.path.display()
         );
         self.drop_file()
+    }
+
+    /// How many regions past a sequential writer's first touch are marked with it (0:
+    /// none; [`MARK_AHEAD`] by default): fewer syncs for a writer that goes on, up to that
+    /// many regions read needlessly by the next backup where it stops.
+    pub fn set_mark_ahead(&self, regions: u64) {
+        self.ahead.store(regions, Ordering::Relaxed);
     }
 
     /// Stops tracking: the file is removed (tracking none), or if even that fails, every
