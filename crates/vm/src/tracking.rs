@@ -760,8 +760,10 @@ impl LiveTracker {
     }
 
     /// Makes sure `[offset, offset + len)` is durably marked before the caller changes
-    /// it. Regions already marked cost an atomic load each; a first touch writes and
-    /// syncs the page. If the mark cannot be made durable, the file is removed (tracking
+    /// it. Regions already marked cost an atomic load each; a first touch writes the page
+    /// and waits for a sync that started after that write (shared with the first touches
+    /// that meet it; see the module doc), marking [`MARK_AHEAD`] regions more when it
+    /// follows a marked one. If the mark cannot be made durable, the file is removed (tracking
     /// none: the next backup is an express full) and marking stops; only when even that
     /// fails is the error returned, and the change must not be made.
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
