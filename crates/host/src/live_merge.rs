@@ -123,6 +123,9 @@ fn merge_one(
             }),
             (true, Direction::IntoChild) => copy_parent_into_top(served),
             (false, d) => {
+                if d == Direction::IntoParent {
+                    announce_session_guid(served, child_path, layer_path)?;
+                }
                 let d = match d {
                     Direction::IntoParent => vhdx::MergeDirection::IntoParent,
                     Direction::IntoChild => vhdx::MergeDirection::IntoChild,
@@ -229,6 +232,41 @@ fn record_merge(
     if let Err(e) = recorded {
         tracing::warn!("change tracking: cannot record the merge: {e}");
     }
+}
+
+/// Before an into-parent merge below the top: the DataWriteGuid the parent takes at the
+/// merge's first write, announced in the child's `parent_linkage2` (as the engine does,
+/// which reuses it, a replay after a crash included), is the session's rather than a
+/// random one, so that the tracker recognises the parent after a worker kill.
+fn announce_session_guid(served: &ServedDisk, child_path: &Path, layer_path: &Path) -> Result<()> {
+    let (Some(s), Some(parent)) = (served.session(), layer_path.file_name()) else {
+        return Ok(());
+    };
+    let f = vhdx::VhdxFile::open(
+        child_path,
+        OpenOptions {
+            writable: true,
+            keep_data_write_guid: true,
+            shared_lock: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    let Some(mut locator) = f.parent_locator() else {
+        // Not differencing: the merge refuses it.
+        f.close()?;
+        return Ok(());
+    };
+    if locator
+        .get(KEY_PARENT_LINKAGE2)
+        .and_then(parse_braced_guid)
+        .is_none_or(|g| g.is_nil())
+    {
+        let g = vm::tracking::session_guid(s, &parent.to_string_lossy());
+        locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
+        f.set_parent_locator(&locator)?;
+    }
+    f.close()?;
+    Ok(())
 }
 
 type Rebuilt = (disk::VhdxDisk, Option<disk::VhdxDisk>);
