@@ -101,6 +101,7 @@ fn merge_one(
         Direction::IntoParent
     };
     let started = Instant::now();
+    record_merge(served, (layer_path, child_path), direction);
     let planned = session.vm().plan_merge(layer, direction)?;
     let token = planned.token();
     if !is_top {
@@ -122,6 +123,9 @@ fn merge_one(
             }),
             (true, Direction::IntoChild) => copy_parent_into_top(served),
             (false, d) => {
+                if d == Direction::IntoParent {
+                    announce_session_guid(served, child_path, layer_path)?;
+                }
                 let d = match d {
                     Direction::IntoParent => vhdx::MergeDirection::IntoParent,
                     Direction::IntoChild => vhdx::MergeDirection::IntoChild,
@@ -142,6 +146,7 @@ fn merge_one(
         }
     };
     let copy_secs = t.elapsed().as_secs_f64();
+    vm::fsutil::crashpoint("live merge: copied");
     // Link the files up while requests go on (what the merged chain needs that the
     // current one does not care about), then the switch: requests wait only while the
     // served chain is rebuilt from files already open. The commit and the removal of the
@@ -178,7 +183,9 @@ fn merge_one(
     };
     // The replaced chain's files close here (Now's old layer, when it merged away).
     drop(old);
+    vm::fsutil::crashpoint("live merge: switched");
     session.vm().commit_merge(&planned, true)?;
+    vm::fsutil::crashpoint("live merge: committed");
     let longest_write_ms = served.longest_write_ms();
     let _ = std::fs::remove_file(&aside);
     let done = session.vm().finish_merge(planned)?;
@@ -192,6 +199,74 @@ fn merge_one(
         longest_write_ms,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Tells the disk's tracker, before the journal, which layer the merge takes out of the
+/// chain (as it is now), so that a worker killed meanwhile leaves a tracking that accepts
+/// the chain the replay of the journal leaves. A failure is logged: the tracking then finds
+/// the merged chain unknown (invalid, the next backup an express full), never wrong.
+fn record_merge(
+    served: &ServedDisk,
+    (layer_path, child_path): (&Path, &Path),
+    direction: Direction,
+) {
+    let Some(t) = served.tracker() else { return };
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let (away, into) = match direction {
+        Direction::IntoParent => (name(child_path), name(layer_path)),
+        Direction::IntoChild => (name(layer_path), name(child_path)),
+    };
+    let recorded = served
+        .with_chain(vm::tracking::chain_seen)
+        .map_err(vm::Error::from)
+        .and_then(|seen| {
+            t.update(|t| {
+                t.set_chain(seen);
+                t.set_merging(vm::tracking::MergeSeen { away, into });
+            })
+        });
+    if let Err(e) = recorded {
+        tracing::warn!("change tracking: cannot record the merge: {e}");
+    }
+}
+
+/// Before an into-parent merge below the top: the DataWriteGuid the parent takes at the
+/// merge's first write, announced in the child's `parent_linkage2` (as the engine does,
+/// which reuses it, a replay after a crash included), is the session's rather than a
+/// random one, so that the tracker recognises the parent after a worker kill.
+fn announce_session_guid(served: &ServedDisk, child_path: &Path, layer_path: &Path) -> Result<()> {
+    let (Some(s), Some(parent)) = (served.session(), layer_path.file_name()) else {
+        return Ok(());
+    };
+    let f = vhdx::VhdxFile::open(
+        child_path,
+        OpenOptions {
+            writable: true,
+            keep_data_write_guid: true,
+            shared_lock: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    let Some(mut locator) = f.parent_locator() else {
+        // Not differencing: the merge refuses it.
+        f.close()?;
+        return Ok(());
+    };
+    if locator
+        .get(KEY_PARENT_LINKAGE2)
+        .and_then(parse_braced_guid)
+        .is_none_or(|g| g.is_nil())
+    {
+        let g = vm::tracking::session_guid(s, &parent.to_string_lossy());
+        locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
+        f.set_parent_locator(&locator)?;
+    }
+    f.close()?;
+    Ok(())
 }
 
 type Rebuilt = (disk::VhdxDisk, Option<disk::VhdxDisk>);
@@ -380,7 +455,16 @@ fn copy_top_into_parent(served: &ServedDisk, durable: &(dyn Fn(u64) + Sync)) -> 
         {
             Some(g) => g,
             None => {
-                let g = uuid::Uuid::new_v4();
+                // The session's own: the tracker accepts it after a worker kill, as the
+                // parent is served by the session once Now's layer merged into it.
+                let parent = c.layers()[1]
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                let g = match (served.session(), parent) {
+                    (Some(s), Some(p)) => vm::tracking::session_guid(s, &p),
+                    _ => uuid::Uuid::new_v4(),
+                };
                 locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
                 top.set_parent_locator(&locator)?;
                 top.flush()?;

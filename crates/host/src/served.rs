@@ -97,6 +97,11 @@ impl ServedDisk {
         let _ = self.tracker.set(tracker);
     }
 
+    /// The worker session whose DataWriteGuid the files it writes take.
+    pub fn session(&self) -> Option<uuid::Uuid> {
+        self.session
+    }
+
     /// The change tracker, if started.
     pub fn tracker(&self) -> Option<&Arc<vm::tracking::LiveTracker>> {
         self.tracker.get()

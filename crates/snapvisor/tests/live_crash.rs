@@ -11,7 +11,9 @@
 //! - no acknowledged write is lost: every tick the guest printed (it prints a tick only
 //!   after its `sync` returned) is on Now's disk, unless Now went back to a checkpoint,
 //!   and the counter on the disk is whole (every tick once, in order);
-//! - every file passes the engine's check and the tree names every file in `disks/`.
+//! - every file passes the engine's check and the tree names every file in `disks/`;
+//! - after a delete whose worker was killed, the disk's change tracking is still valid
+//!   (its merges are recorded by the tracker before their journal).
 
 mod support;
 
@@ -110,6 +112,9 @@ struct Case<'a> {
     /// Checks the recovered tree against the one before; returns whether Now went back to
     /// a checkpoint (so it no longer holds the ticks printed before the kill).
     judge: &'a dyn Fn(&Value, &Value) -> bool,
+    /// Whether the disk's change tracking must come out of a worker kill valid (the
+    /// operation's merges are journaled and recorded by the tracker first).
+    tracking_survives: bool,
 }
 
 fn run_case(case: &Case) {
@@ -148,6 +153,12 @@ fn run_case(case: &Case) {
                 !matches!(s["state"].as_str(), Some("running" | "paused"))
                     || s["worker_pid"].as_u64() != Some(worker)
             });
+            if case.tracking_survives {
+                // Read before anything else opens the VM (`vm show` finishes the journal).
+                let show = cli.json(&["vm", "show", "g", "--json"]);
+                let t = &show["disks"][0]["tracking"];
+                assert_eq!(t["state"], "valid", "{what}: tracking after the kill: {t}");
+            }
         } else {
             // The worker finishes what the CLI asked (an apply may still be starting it).
             wait("the operation to end", 120, || {
@@ -237,6 +248,7 @@ fn production_checkpoint_interrupted() {
         args: &["checkpoint", "create", "g", "--name", "p"],
         span_ms: 150,
         judge: &judge,
+        tracking_survives: false,
     });
 }
 
@@ -254,6 +266,7 @@ fn standard_checkpoint_interrupted() {
         args: &["checkpoint", "create", "g", "--name", "s"],
         span_ms: 400,
         judge: &judge,
+        tracking_survives: false,
     });
 }
 
@@ -275,6 +288,7 @@ fn apply_on_a_running_vm_interrupted() {
             // After: Now is a new layer on the checkpoint's.
             before["now"]["disks"][0]["file"] != after["now"]["disks"][0]["file"]
         },
+        tracking_survives: false,
     });
 }
 
@@ -297,6 +311,7 @@ fn delete_under_a_running_guest_interrupted() {
         args: &["checkpoint", "delete", "g", "d1"],
         span_ms: 500,
         judge: &deleted_or_not("d1"),
+        tracking_survives: true,
     });
 }
 
@@ -317,5 +332,6 @@ fn delete_of_the_checkpoint_under_now_interrupted() {
         args: &["checkpoint", "delete", "g", "u"],
         span_ms: 400,
         judge: &deleted_or_not("u"),
+        tracking_survives: true,
     });
 }

@@ -171,3 +171,86 @@ fn incrementals_of_a_running_guest_read_only_changes_and_survive_a_worker_kill()
     assert_eq!(v["clean"], true, "{v}");
     support::check_all_files(&store.join("g"));
 }
+
+/// Starts VM `g` with its worker set to abort at the crash point `at` (none: not at all).
+fn start_crashing_at(cli: &Cli, store: &Path, at: Option<&str>) {
+    let mut c = cli.command(&["vm", "start", "g", "--accel", "tcg"]);
+    if let Some(at) = at {
+        c.env("SNAPVISOR_CRASH_ON", at);
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "vm start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from = max_tick(store);
+    wait("ticks after the start", 180, || max_tick(store) > from + 3);
+}
+
+#[test]
+fn a_worker_killed_while_merging_a_backups_checkpoint_away_keeps_tracking_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = setup_with_repo(dir.path());
+    let store = dir.path().join("store");
+    // Each backup's recovery checkpoint merges away under the guest; the worker dies at
+    // one step of that merge after the point committed, before the tracker saw its end.
+    let steps = [
+        "live merge: copied",
+        "live merge: switched",
+        "live merge: committed",
+    ];
+    let mut last: Option<String> = None;
+    for step in steps {
+        start_crashing_at(&cli, &store, Some(step));
+        // Paused, so that the disk the worker leaves is the disk at the point's switch.
+        cli.ok(&["vm", "pause", "g"]);
+        let p = cli.json(&["backup", "create", "g", "--json"]);
+        let want = if last.is_none() {
+            "full"
+        } else {
+            "incremental"
+        };
+        assert_eq!(p["method"], want, "{step}: {p}");
+        wait("the worker to die in the merge", 60, || {
+            !matches!(status(&cli)["state"].as_str(), Some("running" | "paused"))
+        });
+        let log = std::fs::read_to_string(store.join("g/logs/worker.log")).unwrap_or_default();
+        assert!(
+            !log.contains("cannot record the merge"),
+            "{step}: the worker did not record the merge: {log}"
+        );
+        // The next open finishes the merge from its journal.
+        let all = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
+        assert!(all["checkpoints"].as_array().unwrap().is_empty(), "{all}");
+        let t = tracking(&cli);
+        assert_eq!(t["state"], "valid", "{step}: after the kill: {t}");
+        assert_eq!(t["reference"], p["id"], "{step}: {t}");
+        let id = p["id"].as_str().unwrap().to_owned();
+        let (restored, now) = restored_and_now(&cli, dir.path(), &id);
+        assert_same(&restored, &now, step);
+        last = Some(id);
+    }
+    // A worker that lives: the backup after the last kill is incremental too, and exact.
+    start_crashing_at(&cli, &store, None);
+    wait("the guest agent", 60, || status(&cli)["agent"] == true);
+    let (code, out) = support::guest_sh(
+        &store.join("g"),
+        "dd if=/dev/urandom of=/mnt/after-kills bs=1M count=4 2>/dev/null && sync",
+    );
+    assert_eq!(code, 0, "{out}");
+    cli.ok(&["vm", "pause", "g"]);
+    let p = cli.json(&["backup", "create", "g", "--json"]);
+    assert_eq!(p["method"], "incremental", "{p}");
+    let read = p["bytes_read"].as_u64().unwrap();
+    assert!(
+        (4 << 20..=DISK * 3 / 4).contains(&read),
+        "{p}: the new file at least, not the whole disk"
+    );
+    cli.ok(&["vm", "stop", "g", "--force"]);
+    let (restored, now) = restored_and_now(&cli, dir.path(), p["id"].as_str().unwrap());
+    assert_same(&restored, &now, "the backup after the kills");
+    let v = cli.json(&["backup", "verify", "--json"]);
+    assert_eq!(v["clean"], true, "{v}");
+    support::check_all_files(&store.join("g"));
+}

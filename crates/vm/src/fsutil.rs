@@ -195,8 +195,10 @@ static CRASH_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 /// A point where a multi-step operation can be interrupted. With the `testing` feature,
 /// when the environment variable `SNAPVISOR_CRASH_AT=N` is set, the N-th point reached
 /// aborts the process on the spot (no destructors, no flushes), which the crash tests use
-/// to stop an operation at every step boundary in turn; `SNAPVISOR_CRASH_TRACE=1` prints
-/// each point reached. Without the feature (release builds) it does nothing.
+/// to stop an operation at every step boundary in turn; `SNAPVISOR_CRASH_ON=what` aborts
+/// at the first point of that name instead (for a process, such as a VM's worker, whose
+/// count of points reached depends on timing); `SNAPVISOR_CRASH_TRACE=1` prints each
+/// point reached. Without the feature (release builds) it does nothing.
 #[cfg(feature = "testing")]
 pub fn crashpoint(what: &str) {
     use std::sync::atomic::Ordering;
@@ -209,6 +211,9 @@ pub fn crashpoint(what: &str) {
         .and_then(|v| v.parse::<u64>().ok())
         && n == at
     {
+        std::process::abort();
+    }
+    if std::env::var_os("SNAPVISOR_CRASH_ON").is_some_and(|v| v == what) {
         std::process::abort();
     }
 }

@@ -37,6 +37,13 @@
 //! after a worker kill the layer carries either the recorded value or that one, and
 //! anybody else's write (which picks a random value) is still detected.
 //!
+//! A merge under the running guest (deleting a checkpoint, a backup's recovery checkpoint
+//! included) is recorded in the header before its journal is written ([`MergeSeen`]), and
+//! the file receiving the data takes the session's DataWriteGuid too: a worker killed
+//! during it leaves the pair as recorded, and the replay of the journal at the next open
+//! leaves the chain without the merged-away layer, both accepted (the disk reads the
+//! same); any other writer is still detected.
+//!
 //! # Crash model
 //!
 //! - The header and both bitmaps change together only by rewriting the whole file
@@ -47,6 +54,11 @@
 //!   region already marked costs one atomic load. So after any crash the marked set is a
 //!   superset of what changed, never a subset. A torn page fails its checksum: the
 //!   tracking is invalid (an express full follows), never silently short.
+//! - First touches that meet share their `fdatasync` (a group commit): each writes its
+//!   page under the lock, then waits for a sync that started after its write (one waiter
+//!   runs it for all), so concurrent first touches cost about one sync, not one each. A
+//!   write to a region whose bit another writer set but whose sync is still running waits
+//!   for that sync too: no change goes to the disk before its mark is durable.
 //! - A backup of a running VM freezes the current set at its recovery checkpoint's switch
 //!   (`frozen |= current`, `current = 0`, `pending = checkpoint`), with the guest paused.
 //!   When its point commits, the reference becomes the point and the frozen set is
@@ -61,8 +73,8 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use uuid::Uuid;
 
 /// The folder of a VM holding the tracking files.
@@ -76,6 +88,9 @@ const PAGE: usize = 4096;
 const PAGE_BITS_BYTES: usize = PAGE - 4;
 const PAGE_REGIONS: u64 = PAGE_BITS_BYTES as u64 * 8;
 const PREFIX: usize = 20;
+/// Regions past a sequential writer's first touch marked with it by default
+/// ([`LiveTracker::set_mark_ahead`]).
+pub const MARK_AHEAD: u64 = 4;
 
 /// One layer of a chain as the tracker saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +115,20 @@ struct MrtHeader {
     session: Option<Uuid>,
     /// The chain, top first, as last seen.
     chain: Vec<LayerSeen>,
+    /// A journaled merge of two layers of `chain` under way, which a replay may have
+    /// finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    merging: Option<MergeSeen>,
+}
+
+/// A merge of two adjacent layers of the recorded chain that the worker started: the chain
+/// may have lost `away`, the disk it reads staying the same.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeSeen {
+    /// The layer that leaves the chain.
+    pub away: String,
+    /// Its neighbour, which then holds the merged data.
+    pub into: String,
 }
 
 /// A tracking file's state as read.
@@ -173,6 +202,7 @@ impl Tracking {
                 pending: None,
                 session: None,
                 chain,
+                merging: None,
             },
             current: vec![0; bytes],
             frozen: vec![0; bytes],
@@ -325,15 +355,33 @@ impl Tracking {
         self.header.session = session;
     }
 
-    /// Records the chain as it is now.
+    /// Records the chain as it is now (a merge recorded before is over or not started).
     pub fn set_chain(&mut self, chain: Vec<LayerSeen>) {
         self.header.chain = chain;
+        self.header.merging = None;
+    }
+
+    /// Records that a journaled merge of two adjacent layers of the chain starts: until
+    /// the chain is recorded again, the chain without `away` is accepted too.
+    pub fn set_merging(&mut self, merge: MergeSeen) {
+        self.header.merging = Some(merge);
+    }
+
+    /// The merge recorded as under way.
+    pub fn merging(&self) -> Option<&MergeSeen> {
+        self.header.merging.as_ref()
     }
 
     /// Why the tracking cannot be trusted for a disk of `size` bytes whose chain is now
     /// `seen` (top first), or `Ok` when it can. A layer may carry its recorded
     /// DataWriteGuid or, while a worker session is recorded, the one that session gives it
     /// ([`session_guid`]).
+    ///
+    /// While a merge is recorded ([`Tracking::set_merging`]), the chain without the layer
+    /// it merges away is accepted as well: the merge is journaled, so a worker killed
+    /// during it leaves the pair (the file receiving the data carrying the session's
+    /// DataWriteGuid) and the next open of the VM finishes it; neither changes what the
+    /// disk reads. Only those two shapes are accepted, each file still checked.
     pub fn check_chain(&self, size: u64, seen: &[LayerSeen]) -> std::result::Result<(), String> {
         if size != self.header.disk_size {
             return Err(format!(
@@ -341,14 +389,37 @@ impl Tracking {
                 self.header.disk_size
             ));
         }
-        if seen.len() != self.header.chain.len() {
+        let direct = self.check_against(seen, &self.header.chain);
+        if direct.is_err()
+            && let Some(m) = &self.header.merging
+            && let Some(at) = self.header.chain.iter().position(|l| l.file == m.away)
+            && [at.checked_sub(1), Some(at + 1)]
+                .into_iter()
+                .flatten()
+                .any(|n| self.header.chain.get(n).is_some_and(|l| l.file == m.into))
+        {
+            let mut merged = self.header.chain.clone();
+            merged.remove(at);
+            if self.check_against(seen, &merged).is_ok() {
+                return Ok(());
+            }
+        }
+        direct
+    }
+
+    fn check_against(
+        &self,
+        seen: &[LayerSeen],
+        chain: &[LayerSeen],
+    ) -> std::result::Result<(), String> {
+        if seen.len() != chain.len() {
             return Err(format!(
                 "the disk's chain has {} files, the tracker last saw {}",
                 seen.len(),
-                self.header.chain.len()
+                chain.len()
             ));
         }
-        for (now, was) in seen.iter().zip(&self.header.chain) {
+        for (now, was) in seen.iter().zip(chain) {
             if now.file != was.file {
                 return Err(format!(
                     "the disk's chain holds {} where the tracker last saw {}",
@@ -519,8 +590,21 @@ pub struct LiveTracker {
     /// The disk's size (ranges beyond it are the disk's to refuse, not to mark).
     size: u64,
     inner: Mutex<Inner>,
-    /// The current set as 64-region words, for the lock-free test of the hot path.
+    /// The group commit: which page writes are durable, and who syncs.
+    syncs: Mutex<Syncs>,
+    /// Signalled when a sync ends.
+    synced: Condvar,
+    /// Each successful sync: the page writes it covered, and when it ended.
+    #[cfg(test)]
+    sync_log: Mutex<Vec<(u64, std::time::Instant)>>,
+    /// The page write that first carried each region's bit.
+    #[cfg(test)]
+    set_by: Mutex<std::collections::HashMap<u64, u64>>,
+    /// The current set as 64-region words, durable ones only, for the lock-free test of
+    /// the hot path.
     marked: Vec<AtomicU64>,
+    /// Regions marked past a sequential writer's first touch.
+    ahead: AtomicU64,
     /// Marking failed and the file is gone: nothing more to mark.
     dropped: AtomicBool,
     /// Marking failed and the file could not be removed either: it may claim less than
@@ -530,10 +614,24 @@ pub struct LiveTracker {
 
 #[derive(Debug)]
 struct Inner {
-    file: File,
+    /// Shared with a sync running outside the lock.
+    file: Arc<File>,
     tracking: Tracking,
     /// Where the current set's first page starts in the file.
     current_at: u64,
+    /// Page writes made so far, counted (across files): a sync that starts after the n-th
+    /// makes it durable.
+    written: u64,
+}
+
+#[derive(Debug, Default)]
+struct Syncs {
+    /// The page writes up to this one are durable.
+    durable: u64,
+    /// A waiter is running a sync: the others wait for it.
+    running: bool,
+    /// A sync failed: nothing written since is durable (the file is being dropped).
+    failed: bool,
 }
 
 impl LiveTracker {
@@ -543,10 +641,17 @@ impl LiveTracker {
         let t = LiveTracker {
             path: path.to_owned(),
             size: tracking.disk_size(),
-            inner: Mutex::new(LiveTracker::write_open(path, tracking)?),
+            inner: Mutex::new(LiveTracker::write_open(path, tracking, 0)?),
+            syncs: Mutex::new(Syncs::default()),
+            synced: Condvar::new(),
+            #[cfg(test)]
+            sync_log: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            set_by: Mutex::new(std::collections::HashMap::new()),
             marked: (0..regions.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            ahead: AtomicU64::new(MARK_AHEAD),
             dropped: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         };
@@ -554,7 +659,9 @@ impl LiveTracker {
         Ok(t)
     }
 
-    fn write_open(path: &Path, tracking: Tracking) -> Result<Inner> {
+    /// Writes `tracking` whole (synced) and opens it; `written` page writes were made
+    /// before, all of them covered by the new file.
+    fn write_open(path: &Path, tracking: Tracking, written: u64) -> Result<Inner> {
         tracking.save(path)?;
         let file = match std::fs::OpenOptions::new()
             .read(true)
@@ -569,14 +676,70 @@ impl LiveTracker {
         };
         let current_at = tracking.header_bytes().len() as u64;
         Ok(Inner {
-            file,
+            file: Arc::new(file),
             tracking,
             current_at,
+            written,
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_syncs(&self) -> std::sync::MutexGuard<'_, Syncs> {
+        self.syncs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new file holds every page write made so far (it was synced whole): they are
+    /// durable, and a failed sync of the old one no longer matters.
+    fn rewritten(&self, inner: &Inner) {
+        let mut s = self.lock_syncs();
+        s.durable = s.durable.max(inner.written);
+        s.failed = false;
+        self.synced.notify_all();
+    }
+
+    /// Returns once page write `need` is durable: a sync that started after it ended
+    /// well. One waiter runs the sync for everybody; those who arrive meanwhile wait for
+    /// the next one, which covers them.
+    fn wait_durable(&self, need: u64) -> std::io::Result<()> {
+        let mut s = self.lock_syncs();
+        loop {
+            if s.durable >= need {
+                return Ok(());
+            }
+            if s.failed {
+                return Err(std::io::Error::other("a sync of the tracking file failed"));
+            }
+            if s.running {
+                s = self.synced.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            s.running = true;
+            drop(s);
+            // Every write counted by now was made: the sync covers them all.
+            let (file, through) = {
+                let inner = self.lock();
+                (inner.file.clone(), inner.written)
+            };
+            let result = file.sync_data();
+            s = self.lock_syncs();
+            s.running = false;
+            match &result {
+                Ok(()) => {
+                    s.durable = s.durable.max(through);
+                    #[cfg(test)]
+                    self.sync_log
+                        .lock()
+                        .unwrap()
+                        .push((through, std::time::Instant::now()));
+                }
+                Err(_) => s.failed = true,
+            }
+            self.synced.notify_all();
+            result?;
+        }
     }
 
     fn sync_marked(&self, t: &Tracking) {
@@ -597,8 +760,10 @@ impl LiveTracker {
     }
 
     /// Makes sure `[offset, offset + len)` is durably marked before the caller changes
-    /// it. Regions already marked cost an atomic load each; a first touch writes and
-    /// syncs the page. If the mark cannot be made durable, the file is removed (tracking
+    /// it. Regions already marked cost an atomic load each; a first touch writes the page
+    /// and waits for a sync that started after that write (shared with the first touches
+    /// that meet it; see the module doc), marking [`MARK_AHEAD`] regions more when it
+    /// follows a marked one. If the mark cannot be made durable, the file is removed (tracking
     /// none: the next backup is an express full) and marking stops; only when even that
     /// fails is the error returned, and the change must not be made.
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
@@ -609,40 +774,80 @@ impl LiveTracker {
         if span.clone().all(|i| self.is_marked(i)) {
             return Ok(());
         }
-        let mut inner = self.lock();
-        let mut pages = Vec::new();
-        for i in span.clone() {
-            if !get(&inner.tracking.current, i) {
-                set(&mut inner.tracking.current, i);
-                let p = (i / PAGE_REGIONS) as usize;
-                if pages.last() != Some(&p) {
-                    pages.push(p);
+        let (need, marking) = {
+            let mut inner = self.lock();
+            let mut pages = Vec::new();
+            #[cfg(test)]
+            let mut first = Vec::new();
+            // A first touch right after a marked region looks like a sequential writer:
+            // the regions it will reach next are marked with it, in the same sync (the
+            // set only grows: still a superset).
+            let sequential = span.start > 0
+                && get(&inner.tracking.current, span.start - 1)
+                && span.clone().any(|i| !get(&inner.tracking.current, i));
+            let ahead = if sequential {
+                self.ahead.load(Ordering::Relaxed)
+            } else {
+                0
+            };
+            let marking = span.start..(span.end + ahead).min(regions_of(self.size));
+            for i in marking.clone() {
+                if !get(&inner.tracking.current, i) {
+                    set(&mut inner.tracking.current, i);
+                    #[cfg(test)]
+                    first.push(i);
+                    let p = (i / PAGE_REGIONS) as usize;
+                    if pages.last() != Some(&p) {
+                        pages.push(p);
+                    }
                 }
             }
-        }
-        let written = (|| -> std::io::Result<()> {
-            for &p in &pages {
+            let written = pages.iter().try_for_each(|&p| {
                 let page = Tracking::page_bytes(&inner.tracking.current, p);
                 inner
                     .file
-                    .write_all_at(&page, inner.current_at + (p * PAGE) as u64)?;
+                    .write_all_at(&page, inner.current_at + (p * PAGE) as u64)
+            });
+            if let Err(e) = written {
+                drop(inner);
+                return self.mark_failed(e);
             }
             if !pages.is_empty() {
-                inner.file.sync_data()?;
+                inner.written += 1;
             }
-            Ok(())
-        })();
-        if let Err(e) = written {
-            tracing::error!(
-                "cannot mark a changed region in {}: {e}; change tracking is dropped, the next backup will be an express full",
-                self.path.display()
-            );
-            return self.drop_file();
+            #[cfg(test)]
+            {
+                let mut by = self.set_by.lock().unwrap();
+                for i in first {
+                    by.insert(i, inner.written);
+                }
+            }
+            // A bit another writer set may still wait for its sync: it was written by
+            // now, so waiting for every write so far covers it.
+            (inner.written, marking)
+        };
+        if let Err(e) = self.wait_durable(need) {
+            return self.mark_failed(e);
         }
-        for i in span {
+        for i in marking {
             self.marked[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
         }
         Ok(())
+    }
+
+    fn mark_failed(&self, e: std::io::Error) -> Result<()> {
+        tracing::error!(
+            "cannot mark a changed region in {}: {e}; change tracking is dropped, the next backup will be an express full",
+            self.path.display()
+        );
+        self.drop_file()
+    }
+
+    /// How many regions past a sequential writer's first touch are marked with it (0:
+    /// none; [`MARK_AHEAD`] by default): fewer syncs for a writer that goes on, up to that
+    /// many regions read needlessly by the next backup where it stops.
+    pub fn set_mark_ahead(&self, regions: u64) {
+        self.ahead.store(regions, Ordering::Relaxed);
     }
 
     /// Stops tracking: the file is removed (tracking none), or if even that fails, every
@@ -675,7 +880,7 @@ impl LiveTracker {
         let mut inner = self.lock();
         let mut t = inner.tracking.clone();
         f(&mut t);
-        match LiveTracker::write_open(&self.path, t) {
+        match LiveTracker::write_open(&self.path, t, inner.written) {
             Ok(new) => *inner = new,
             Err(e) => {
                 use std::os::unix::fs::MetadataExt;
@@ -692,6 +897,7 @@ impl LiveTracker {
                 return Err(e);
             }
         }
+        self.rewritten(&inner);
         self.sync_marked(&inner.tracking);
         Ok(())
     }
@@ -701,7 +907,8 @@ impl LiveTracker {
     /// from its point.
     pub fn restart(&self, tracking: Tracking) -> Result<()> {
         let mut inner = self.lock();
-        *inner = LiveTracker::write_open(&self.path, tracking)?;
+        *inner = LiveTracker::write_open(&self.path, tracking, inner.written)?;
+        self.rewritten(&inner);
         self.sync_marked(&inner.tracking);
         self.failed.store(false, Ordering::SeqCst);
         self.dropped.store(false, Ordering::SeqCst);
@@ -852,6 +1059,117 @@ mod tests {
                 .contains("holds disk0_bbb.avhdx")
         );
         assert!(t.check_chain(REGION_BYTES, &c[1..]).is_err());
+    }
+
+    #[test]
+    fn a_recorded_merge_accepts_the_chains_it_can_leave_and_no_other() {
+        let c = chain();
+        let s = Uuid::new_v4();
+        let mut t = Tracking::new(REGION_BYTES, None, c.clone());
+        t.set_session(Some(s));
+        // Now's layer merged into its parent, which took the session's DataWriteGuid.
+        let into_parent = vec![LayerSeen {
+            file: c[1].file.clone(),
+            data_write_guid: session_guid(s, &c[1].file),
+        }];
+        let why = t.check_chain(REGION_BYTES, &into_parent).unwrap_err();
+        assert!(why.contains("chain has 1 files"), "{why}");
+        t.set_merging(MergeSeen {
+            away: c[0].file.clone(),
+            into: c[1].file.clone(),
+        });
+        assert_eq!(t.check_chain(REGION_BYTES, &into_parent), Ok(()));
+        // Killed half way: the pair, the parent already written by the session.
+        let mut half = c.clone();
+        half[1].data_write_guid = session_guid(s, &c[1].file);
+        assert_eq!(t.check_chain(REGION_BYTES, &half), Ok(()));
+        // Anybody else's write to the merged file is still caught.
+        let mut foreign = into_parent.clone();
+        foreign[0].data_write_guid = Uuid::new_v4();
+        assert!(
+            t.check_chain(REGION_BYTES, &foreign)
+                .unwrap_err()
+                .contains("chain has 1 files")
+        );
+        // Only the recorded layer may go: the other one gone is a different disk.
+        let wrong = vec![c[0].clone()];
+        assert!(t.check_chain(REGION_BYTES, &wrong).is_err());
+        // Into the child: Now's layer keeps its DataWriteGuid and skips its parent.
+        t.set_merging(MergeSeen {
+            away: c[1].file.clone(),
+            into: c[0].file.clone(),
+        });
+        assert_eq!(t.check_chain(REGION_BYTES, &wrong), Ok(()));
+        // Recording the chain again ends the merge.
+        t.set_chain(c.clone());
+        assert!(t.merging().is_none());
+        assert!(t.check_chain(REGION_BYTES, &wrong).is_err());
+        // Saved and read back, the merge is kept.
+        t.set_merging(MergeSeen {
+            away: c[0].file.clone(),
+            into: c[1].file.clone(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = Tracking::path(dir.path(), "disk0");
+        t.save(&path).unwrap();
+        let Status::Valid(back) = Tracking::load(&path).unwrap() else {
+            panic!("not valid")
+        };
+        assert_eq!(back.check_chain(REGION_BYTES, &into_parent), Ok(()));
+    }
+
+    #[test]
+    fn concurrent_first_touches_return_only_once_a_later_sync_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Tracking::path(dir.path(), "disk0");
+        let size = 40_000 * REGION_BYTES; // two bitmap pages
+        let live = LiveTracker::start(&path, Tracking::new(size, None, chain())).unwrap();
+        let (threads, per) = (16u64, 24u64);
+        let marks: Vec<(u64, std::time::Instant)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let live = &live;
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        for k in 0..per {
+                            // Its own regions, on both pages, and one every thread
+                            // touches (set by one, perhaps not durable yet for the others).
+                            for r in [1000 + t + k * threads, 39_000 - t - k * threads, k] {
+                                live.mark(r * REGION_BYTES + 7, 512).unwrap();
+                                out.push((r, std::time::Instant::now()));
+                            }
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let syncs = live.sync_log.lock().unwrap().clone();
+        let set_by = live.set_by.lock().unwrap().clone();
+        for (r, returned) in &marks {
+            let write = set_by[r];
+            assert!(
+                syncs
+                    .iter()
+                    .any(|(through, ended)| *through >= write && ended <= returned),
+                "a mark of region {r} returned before a sync covering its page write {write} ended"
+            );
+        }
+        let Status::Valid(on_disk) = Tracking::load(&path).unwrap() else {
+            panic!("not valid")
+        };
+        assert_eq!(on_disk.changed_regions(), set_by.len() as u64);
+        assert_eq!(on_disk, live.snapshot());
+        eprintln!(
+            "{} marks of {} regions by {threads} threads, {} syncs",
+            marks.len(),
+            set_by.len(),
+            syncs.len()
+        );
     }
 
     #[test]
