@@ -74,7 +74,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 /// the first 8 hex digits of the BLAKE3 hash of the host name, `start` the process's
 /// start time (see [`crate::lease`]), `n` unique within the process.
 fn temp_name(n: u64) -> String {
-    let me = crate::lease::me();
+    let me = crate::owner::me();
     format!(
         ".tmp-{}-{}-{}-{n}",
         host_tag(&me.host),
@@ -89,23 +89,23 @@ fn host_tag(host: &str) -> String {
 
 /// Whether the temporary file `name`, last written at `modified`, belongs to a writer that
 /// died: one of this host whose process is gone, or (another host's, or an older name
-/// without its owner) one untouched for [`crate::lease::STALE_AFTER`], far longer than
+/// without its owner) one untouched for [`crate::owner::STALE_AFTER`], far longer than
 /// any put.
 fn abandoned(name: &str, modified: SystemTime) -> bool {
     let Some(rest) = name.strip_prefix(".tmp-") else {
         return false;
     };
-    let me = crate::lease::me();
+    let me = crate::owner::me();
     let parts: Vec<&str> = rest.split('-').collect();
     if let [host, pid, start, _] = parts[..]
         && host == host_tag(&me.host)
         && let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>())
     {
-        return !crate::lease::alive(&me.host, pid, start, 0);
+        return !crate::owner::alive(&me.host, pid, start, 0);
     }
     SystemTime::now()
         .duration_since(modified)
-        .is_ok_and(|age| age > crate::lease::STALE_AFTER)
+        .is_ok_and(|age| age > crate::owner::STALE_AFTER)
 }
 
 /// Alignment of memory, offsets and lengths of direct writes.
@@ -453,7 +453,7 @@ mod tests {
     #[test]
     fn temporaries_are_abandoned_when_their_writer_is_gone_or_long_silent() {
         let now = SystemTime::now();
-        let old = now - crate::lease::STALE_AFTER - Duration::from_secs(60);
+        let old = now - crate::owner::STALE_AFTER - Duration::from_secs(60);
         // This process's own: alive, whatever its age.
         assert!(!abandoned(&temp_name(7), now));
         assert!(!abandoned(&temp_name(7), old));
@@ -461,7 +461,7 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();
-        let me = crate::lease::me();
+        let me = crate::owner::me();
         let dead = format!(".tmp-{}-{pid}-{}-0", host_tag(&me.host), me.pid_start);
         assert!(abandoned(&dead, now));
         // Another host's, and a name without its owner: only once long silent.

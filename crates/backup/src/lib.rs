@@ -109,6 +109,7 @@ pub mod error;
 pub mod format;
 pub mod gc;
 pub mod lease;
+pub mod owner;
 pub mod point;
 pub mod prune;
 pub mod repo;
