@@ -382,6 +382,21 @@ impl Vm {
         let Some(step @ Step::Commit { state }) = take.journal.steps.last() else {
             unreachable!("a prepared take ends with its commit");
         };
+        if state.seq != self.state.seq + 1 {
+            // Its plan was made from a state another operation has since replaced: the
+            // caller must keep such operations out between prepare and commit.
+            let e = Error::Busy {
+                vm: self.state.config.name.clone(),
+                holder: "another operation changed the VM while the checkpoint was prepared".into(),
+            };
+            if let Err(u) = undo_steps(&self.dir, &take.journal) {
+                tracing::warn!("undoing {}: {u}", take.journal.op);
+            }
+            if Journal::load(&self.dir).ok().flatten().as_ref() == Some(&take.journal) {
+                fsutil::remove_file(&self.dir.join(JOURNAL_FILE))?;
+            }
+            return Err(e);
+        }
         if let Err(e) = take.journal.run_one(&self.dir, step, &mut *self.progress) {
             let e = fail_uncommitted(&self.dir, &take.journal, e);
             if Journal::load(&self.dir).ok().flatten().is_some() {
@@ -410,6 +425,10 @@ impl Vm {
     /// Undoes a prepared take that will not be committed; one whose commit reached
     /// `vm.json` is finished instead (the checkpoint exists).
     pub fn abandon_prepared(&mut self, take: PreparedTake) -> Result<()> {
+        if Journal::load(&self.dir)?.as_ref() != Some(&take.journal) {
+            // Undone already (by a commit that failed or was refused), or finished.
+            return Ok(());
+        }
         if reached_commit(&self.dir, &take.journal) {
             return self.finish_prepared(take);
         }
@@ -1296,6 +1315,12 @@ fn fail_uncommitted(dir: &Path, journal: &Journal, e: Error) -> Error {
 /// Undoes the steps of a journal that did not reach its commit, then removes it.
 fn undo_uncommitted(dir: &Path, journal: &Journal) -> Result<()> {
     let _ = fsutil::remove_file(&dir.join(crate::journal::MERGE_PROGRESS_FILE));
+    undo_steps(dir, journal)?;
+    fsutil::remove_file(&dir.join(JOURNAL_FILE))
+}
+
+/// Removes what the steps of an uncommitted journal created.
+fn undo_steps(dir: &Path, journal: &Journal) -> Result<()> {
     for step in &journal.steps {
         match step {
             Step::CreateChild { file, .. } => {
@@ -1310,7 +1335,7 @@ fn undo_uncommitted(dir: &Path, journal: &Journal) -> Result<()> {
             _ => {}
         }
     }
-    fsutil::remove_file(&dir.join(JOURNAL_FILE))
+    Ok(())
 }
 
 /// Removes half-written temporary files (`.NAME.tmp-PID`) a killed command left, but

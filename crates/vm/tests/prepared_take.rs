@@ -143,3 +143,27 @@ fn an_abandoned_take_leaves_nothing_and_a_committed_one_finishes() {
     let vm = store.open_vm("g", "test").unwrap();
     assert_eq!(vm.state().checkpoints.len(), 1);
 }
+
+#[test]
+fn a_take_prepared_before_another_change_is_refused_and_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_vm(dir.path());
+    let before = layer_files(dir.path());
+    let mut vm = store.open_vm("g", "test").unwrap();
+    let take = prepare(&mut vm);
+    // Another operation commits meanwhile (the worker's exclusive lock normally forbids it).
+    vm.set(&vm::Settings {
+        max_checkpoints: Some(7),
+        ..Default::default()
+    })
+    .unwrap();
+    let e = vm.commit_prepared(&take).unwrap_err();
+    assert!(e.to_string().contains("changed the VM"), "{e}");
+    assert!(vm.state().checkpoints.is_empty());
+    assert_eq!(vm.state().config.max_checkpoints, 7);
+    assert_eq!(layer_files(dir.path()), before);
+    assert!(!dir.path().join("store/g/journal.json").exists());
+    // The worker abandons it after the refusal: nothing more to undo.
+    vm.abandon_prepared(take).unwrap();
+    assert_eq!(vm.state().config.max_checkpoints, 7);
+}
