@@ -1112,6 +1112,25 @@ fn bench_vm(o: &Opts) -> Result<Vec<Row>> {
     ])
 }
 
+/// Waits up to 2 minutes for VM `b`'s guest agent to answer.
+fn wait_for_agent(store: &Path) -> Result<()> {
+    let t = Instant::now();
+    while !snapvisor_in(store, "vm status b --json")?.contains("\"agent\": true") {
+        ensure!(
+            t.elapsed() < Duration::from_secs(120),
+            "the agent never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The median and the largest of `v` (not empty).
+fn median_and_max(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[v.len() - 1])
+}
+
 /// Checkpoints of the running test guest (256 MiB, TCG) while its workload writes: the
 /// window in which its file systems are frozen for a production checkpoint, and how long
 /// the guest is paused for production and standard checkpoints (QEMU's STOP and RESUME
@@ -1123,14 +1142,7 @@ fn bench_live(o: &Opts) -> Result<Vec<Row>> {
     let store = counter_guest_vm(&dir)?;
     snapvisor_in(&store, "vm start b --accel tcg")?;
     let _stop = StopOnDrop(store.clone());
-    let t = Instant::now();
-    while !snapvisor_in(&store, "vm status b --json")?.contains("\"agent\": true") {
-        ensure!(
-            t.elapsed() < Duration::from_secs(120),
-            "the agent never answered"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_agent(&store)?;
     let runs = o.runs.max(5);
     let take = |store: &Path| -> Result<serde_json::Value> {
         let out = snapvisor_in(store, "checkpoint create b --name x --json")?;
@@ -1162,10 +1174,7 @@ fn bench_live(o: &Opts) -> Result<Vec<Row>> {
     }
     snapvisor_in(&store, "vm stop b --force")?;
     let _ = fs::remove_dir_all(&dir);
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2], v[v.len() - 1])
-    };
+    let med = median_and_max;
     let (f, fmax) = med(frozen);
     let (w, wmax) = med(whole);
     let (pp, ppmax) = med(prod_pause);
@@ -1238,14 +1247,7 @@ fn bench_backup_live(o: &Opts) -> Result<Vec<Row>> {
     run("backup init")?;
     run("vm start b --accel tcg")?;
     let _stop = StopOnDrop(store.clone());
-    let t = Instant::now();
-    while !run("vm status b --json")?.contains("\"agent\": true") {
-        ensure!(
-            t.elapsed() < Duration::from_secs(120),
-            "the agent never answered"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_agent(&store)?;
     let runs = o.runs.max(5);
     let (mut frozen, mut paused, mut longest, mut methods) = (vec![], vec![], vec![], vec![]);
     for _ in 0..=runs {
@@ -1263,10 +1265,7 @@ fn bench_backup_live(o: &Opts) -> Result<Vec<Row>> {
         methods[0] == "full" && methods[1..].iter().all(|m| m == "incremental"),
         "expected a full backup, then incrementals: {methods:?}"
     );
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2], v[v.len() - 1])
-    };
+    let med = median_and_max;
     let (f, fmax) = med(frozen);
     let (p, pmax) = med(paused);
     let (w, wmax) = med(longest);

@@ -242,15 +242,7 @@ fn announce_session_guid(served: &ServedDisk, child_path: &Path, layer_path: &Pa
     let (Some(s), Some(parent)) = (served.session(), layer_path.file_name()) else {
         return Ok(());
     };
-    let f = vhdx::VhdxFile::open(
-        child_path,
-        OpenOptions {
-            writable: true,
-            keep_data_write_guid: true,
-            shared_lock: true,
-            ..OpenOptions::default()
-        },
-    )?;
+    let f = open_beside_the_guest(child_path)?;
     let Some(mut locator) = f.parent_locator() else {
         // Not differencing: the merge refuses it.
         f.close()?;
@@ -317,21 +309,25 @@ fn link_up(
             if index == 0 {
                 served.with_chain(|c| c.top().set_parent_locator(&locator))??;
             } else {
-                let f = vhdx::VhdxFile::open(
-                    &path,
-                    OpenOptions {
-                        writable: true,
-                        keep_data_write_guid: true,
-                        shared_lock: true,
-                        ..OpenOptions::default()
-                    },
-                )?;
+                let f = open_beside_the_guest(&path)?;
                 f.set_parent_locator(&locator)?;
                 f.close()?;
             }
             Ok(())
         }
     }
+}
+
+/// Opens a layer of a served chain writable beside the worker's own read-only handle (a
+/// shared lock), keeping its DataWriteGuid: only its metadata changes.
+fn open_beside_the_guest(path: &Path) -> Result<vhdx::VhdxFile> {
+    let options = OpenOptions {
+        writable: true,
+        keep_data_write_guid: true,
+        shared_lock: true,
+        ..OpenOptions::default()
+    };
+    Ok(vhdx::VhdxFile::open(path, options)?)
 }
 
 fn absolute(path: &Path) -> Result<std::path::PathBuf> {

@@ -173,16 +173,7 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
     let mut exact = 0;
     for id in point_ids(&cli).into_iter().filter(|id| !known.contains(id)) {
         let raw = dir.path().join("restored.raw");
-        let _ = std::fs::remove_file(&raw);
-        cli.ok(&[
-            "backup",
-            "restore",
-            &id,
-            "--disk",
-            "0",
-            "--to",
-            raw.to_str().unwrap(),
-        ]);
+        restore_disk0(&cli, &id, &raw);
         let got = std::fs::read(&raw).unwrap();
         let differ: Vec<usize> = (0..oracle_bytes.len() / 4096)
             .filter(|b| got[b * 4096..(b + 1) * 4096] != oracle_bytes[b * 4096..(b + 1) * 4096])
@@ -243,16 +234,7 @@ fn backup_create_killed_at_any_instant_leaves_the_guest_running_and_nothing_part
     );
     let v = cli.json(&["backup", "verify", "--json"]);
     assert_eq!(v["clean"], true, "after the gc: {v}");
-    cli.ok(&["vm", "stop", "g", "--force"]);
-    let last = tick_numbers(&counter_on_disk(&cli, dir.path()));
-    for (id, n) in &checked.counters {
-        assert!(
-            last.starts_with(n),
-            "point {id}'s counter {n:?} is not a prefix of the guest's {last:?}"
-        );
-    }
-    eprintln!("{} points restored and checked", checked.counters.len());
-    support::check_all_files(&store.join("g"));
+    assert_counters_are_prefixes(&cli, dir.path(), &checked);
 }
 
 /// A tmpfs of `kib` KiB, unmounted on drop.

@@ -299,9 +299,17 @@ impl Vm {
         name: Option<&str>,
         taken: Option<Taken>,
     ) -> Result<Uuid> {
+        self.verify_layers(&self.state.now.disks.clone())?;
+        let (id, journal) = self.plan_take(name, taken)?;
+        self.run(journal)?;
+        Ok(id)
+    }
+
+    /// Checks that a checkpoint may be taken and plans it: its id and its journal, ending
+    /// with the commit.
+    fn plan_take(&self, name: Option<&str>, taken: Option<Taken>) -> Result<(Uuid, Journal)> {
         let config = &self.state.config;
-        let recovery = taken.is_some_and(|t| t.kind == CheckpointKind::Recovery);
-        if !recovery {
+        if taken.is_none_or(|t| t.kind != CheckpointKind::Recovery) {
             if config.checkpoint_type == CheckpointType::Disabled {
                 return Err(Error::CheckpointsDisabled(config.name.clone()));
             }
@@ -312,15 +320,13 @@ impl Vm {
             None => default_checkpoint_name(&config.name),
         };
         validate_checkpoint_name(&name)?;
-        self.verify_layers(&self.state.now.disks.clone())?;
         let mut next = self.next_state();
         let mut journal = Journal::new(format!("checkpoint create {name:?}"));
         let id = self.take_into(&mut next, &mut journal, name, taken)?;
         journal.steps.push(Step::Commit {
             state: Box::new(next),
         });
-        self.run(journal)?;
-        Ok(id)
+        Ok((id, journal))
     }
 
     /// Prepares a checkpoint of Now while a running VM's guest goes on writing (the caller,
@@ -337,25 +343,8 @@ impl Vm {
         taken: Taken,
         create_child: &mut dyn FnMut(usize, &Path) -> Result<()>,
     ) -> Result<PreparedTake> {
-        let config = &self.state.config;
-        if taken.kind != CheckpointKind::Recovery {
-            if config.checkpoint_type == CheckpointType::Disabled {
-                return Err(Error::CheckpointsDisabled(config.name.clone()));
-            }
-            self.check_limit(1)?;
-        }
-        let name = match name {
-            Some(n) => n.to_owned(),
-            None => default_checkpoint_name(&config.name),
-        };
-        validate_checkpoint_name(&name)?;
-        let mut next = self.next_state();
-        let mut journal = Journal::new(format!("checkpoint create {name:?}"));
+        let (id, mut journal) = self.plan_take(name, Some(taken))?;
         journal.tentative = true;
-        let id = self.take_into(&mut next, &mut journal, name, Some(taken))?;
-        journal.steps.push(Step::Commit {
-            state: Box::new(next),
-        });
         journal.write(&self.dir)?;
         let mut disk = 0;
         for step in &journal.steps {

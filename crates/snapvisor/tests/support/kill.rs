@@ -53,6 +53,35 @@ pub struct Checked {
     pub counters: Vec<(String, Vec<u32>)>,
 }
 
+/// Restores disk 0 of point `id` into the raw file `raw` (replaced).
+pub fn restore_disk0(cli: &Cli, id: &str, raw: &Path) {
+    let _ = std::fs::remove_file(raw);
+    cli.ok(&[
+        "backup",
+        "restore",
+        id,
+        "--disk",
+        "0",
+        "--to",
+        raw.to_str().unwrap(),
+    ]);
+}
+
+/// Stops VM `g` and checks that every counter restored is a prefix of what the guest
+/// wrote in the end, and that its files are whole.
+pub fn assert_counters_are_prefixes(cli: &Cli, dir: &Path, checked: &Checked) {
+    cli.ok(&["vm", "stop", "g", "--force"]);
+    let last = tick_numbers(&counter_on_disk(cli, dir));
+    for (id, n) in &checked.counters {
+        assert!(
+            last.starts_with(n),
+            "point {id}'s counter {n:?} is not a prefix of the guest's {last:?}"
+        );
+    }
+    eprintln!("{} points restored and checked", checked.counters.len());
+    super::check_all_files(&dir.join("store/g"));
+}
+
 /// Restores the points not restored yet to raw files: each counter whole, each verified.
 pub fn restore_new_points(cli: &Cli, dir: &Path, checked: &mut Checked, what: &str) {
     for id in point_ids(cli) {
@@ -62,16 +91,7 @@ pub fn restore_new_points(cli: &Cli, dir: &Path, checked: &mut Checked, what: &s
         let v = cli.json(&["backup", "verify", &id, "--json"]);
         assert_eq!(v["clean"], true, "{what}: point {id}: {v}");
         let raw = dir.join("restored.raw");
-        let _ = std::fs::remove_file(&raw);
-        cli.ok(&[
-            "backup",
-            "restore",
-            &id,
-            "--disk",
-            "0",
-            "--to",
-            raw.to_str().unwrap(),
-        ]);
+        restore_disk0(cli, &id, &raw);
         let counter = counter_in(cli, dir, &raw);
         assert_whole(&counter, &format!("{what}: point {id}"));
         let n = tick_numbers(&counter);
