@@ -621,6 +621,12 @@ fn bench_merge(o: &Opts) -> Result<Vec<Row>> {
             run_peer(&mut peer)?;
             run_ours(&mut ours)?;
         }
+        eprintln!(
+            "  round {}: snapvisor {}, qemu-img {}",
+            run + 1,
+            secs(ours[ours.len() - 1]),
+            secs(peer[peer.len() - 1])
+        );
         // The merged base must read the child's data.
         let d = VhdxDisk::open(&base, false)?;
         let mut buf = vec![0u8; 2 * MIB as usize];

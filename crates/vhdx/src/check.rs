@@ -4,7 +4,8 @@
 //! table copy is valid, whether a log waits to be replayed, every structural error that
 //! makes the file unusable (bad checksums, states, overlaps, blocks outside the file, a
 //! parent that cannot be found or does not match), and space no structure uses (leaks,
-//! left by crashed allocations or zeroed blocks).
+//! left by crashed allocations or zeroed blocks). Holes are not leaks: an interrupted
+//! into-parent merge leaves the blocks it handed back punched out of the child.
 //!
 //! `repair` fixes only what can be fixed without guessing: replays the log, rewrites a
 //! damaged header or region table copy from the good one, and truncates unused space at the
@@ -54,7 +55,7 @@ pub struct CheckReport {
     pub file_size: u64,
     /// Bytes of the file used by headers, log, regions and blocks.
     pub used_bytes: u64,
-    /// Bytes of the file no structure uses.
+    /// Bytes of the file no structure uses that take space on disk (holes do not count).
     pub leaked_bytes: u64,
     /// Unused bytes after the last structure (what repair can truncate).
     pub trailing_leaked_bytes: u64,
@@ -275,15 +276,24 @@ fn inspect(path: &Path) -> Result<CheckReport> {
     let spans = file.used_spans();
     let mut used = 0u64;
     let mut end = 0u64;
+    // Space between structures counts as leaked only where the file system stores it: an
+    // into-parent merge punches out the blocks it has handed back to the parent.
+    let mut leaked = 0u64;
     for (s, e) in merge_spans(spans) {
         let e = e.min(len);
+        if s > end {
+            leaked += file.stored_bytes(end, s.min(len) - end)?;
+        }
         if s < e {
             used += e - s;
         }
         end = end.max(e);
     }
+    if len > end {
+        leaked += file.stored_bytes(end, len - end)?;
+    }
     report.used_bytes = used;
-    report.leaked_bytes = len.saturating_sub(used);
+    report.leaked_bytes = leaked;
     report.trailing_leaked_bytes = len.saturating_sub(end.next_multiple_of(MIB).max(end));
     if report.leaked_bytes > 0 {
         report.warnings.push(format!(

@@ -1215,6 +1215,71 @@ impl VhdxFile {
         Ok(())
     }
 
+    /// Hands the blocks `[first, end)` of a differencing file back to its parent, whose
+    /// data for them the caller has made durable and equal to what this file reads there
+    /// (an into-parent merge that has flushed those blocks into the parent). Each block
+    /// the file stores becomes `NOT_PRESENT`, so reads go to the parent; the change is
+    /// committed and made durable, and only then is the blocks' space punched out of the
+    /// file. A crash before the commit leaves the blocks stored and intact; after it, they
+    /// read the parent, which holds the same data. What the file reads through its chain
+    /// is unchanged, so its DataWriteGuid is too. Returns the bytes given back.
+    pub fn release_to_parent(&self, first: u64, end: u64) -> Result<u64> {
+        self.check_writable()?;
+        if self.kind != DiskKind::Differencing {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                reason: "only a differencing file can hand blocks back to a parent".into(),
+            });
+        }
+        let g = self.geometry;
+        let bs = u64::from(g.block_size);
+        let mut stored = Vec::new();
+        self.for_each_block_entry_in(first, end, |block, e| {
+            if matches!(
+                e.state(),
+                PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT
+            ) {
+                stored.push((block, e.file_offset()));
+            }
+        });
+        if stored.is_empty() {
+            return Ok(0);
+        }
+        {
+            let mut st = self.lock();
+            self.check_poisoned(&st)?;
+            let mut maps = self.bitmaps.write().unwrap();
+            for &(block, _) in &stored {
+                self.set_entry(
+                    &mut st,
+                    g.payload_index(block),
+                    BatEntry::new(PAYLOAD_BLOCK_NOT_PRESENT, 0),
+                );
+                maps.remove(&block);
+            }
+        }
+        self.flush()?;
+        // Adjacent blocks in one call: fewer, larger discards.
+        let mut offsets: Vec<u64> = stored.iter().map(|&(_, offset)| offset).collect();
+        offsets.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for offset in offsets {
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == offset => *len += bs,
+                _ => runs.push((offset, bs)),
+            }
+        }
+        for (offset, len) in runs {
+            self.io.punch_hole(offset, len).map_err(|e| self.ioerr(e))?;
+        }
+        Ok(stored.len() as u64 * bs)
+    }
+
+    /// How many bytes of `[offset, offset + len)` of the file hold space on disk.
+    pub(crate) fn stored_bytes(&self, offset: u64, len: u64) -> Result<u64> {
+        self.io.stored_bytes(offset, len).map_err(|e| self.ioerr(e))
+    }
+
     /// Makes every write so far durable, then commits pending metadata through the log.
     ///
     /// Writers are not held up: the dirty BAT and bitmap sectors are copied under the

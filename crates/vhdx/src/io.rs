@@ -41,6 +41,20 @@ pub trait FileIo: Send + Sync + std::fmt::Debug {
     fn write_uncached_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset)
     }
+    /// Gives `[offset, offset + len)` back to the file system: the range reads as zeros
+    /// afterwards and the file keeps its length. Like a write, it may be lost by a crash
+    /// before the next [`FileIo::sync`]. A file that cannot free space keeps it (the
+    /// default does nothing), which callers must accept: only unused space is punched.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    /// How many bytes of `[offset, offset + len)` the file system stores (the rest are
+    /// holes). The default says all of them.
+    fn stored_bytes(&self, offset: u64, len: u64) -> io::Result<u64> {
+        let _ = offset;
+        Ok(len)
+    }
 }
 
 /// Merges sorted, possibly overlapping `(start, len)` ranges.
@@ -85,6 +99,49 @@ impl FileIo for File {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(
+            self,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            // A file system that cannot punch keeps the space; nothing reads it.
+            Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    /// `SEEK_DATA` and `SEEK_HOLE` in turn, exact where [`FileIo::data_extents`] is coarse.
+    fn stored_bytes(&self, offset: u64, len: u64) -> io::Result<u64> {
+        use rustix::fs::{SeekFrom, seek};
+        let end = offset.saturating_add(len);
+        let mut pos = offset;
+        let mut stored = 0;
+        while pos < end {
+            let start = match seek(self, SeekFrom::Data(pos)) {
+                Ok(s) => s,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
+                    return Ok(stored + (end - pos));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if start >= end {
+                break;
+            }
+            let stop = match seek(self, SeekFrom::Hole(start)) {
+                Ok(h) => h.min(end),
+                Err(e) => return Err(e.into()),
+            };
+            stored += stop - start;
+            pos = stop.max(start + 1);
+        }
+        Ok(stored)
     }
     /// Asks the file system where data lies with `SEEK_DATA` only: each extent it returns
     /// is a step from where data starts, without the `SEEK_HOLE` that would find its end.
@@ -152,6 +209,12 @@ impl<T: FileIo + ?Sized> FileIo for std::sync::Arc<T> {
     }
     fn write_uncached_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_uncached_at(buf, offset)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn stored_bytes(&self, offset: u64, len: u64) -> io::Result<u64> {
+        (**self).stored_bytes(offset, len)
     }
 }
 
@@ -228,6 +291,12 @@ impl FileIo for DiskFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         FileIo::set_len(&self.file, len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        FileIo::punch_hole(&self.file, offset, len)
+    }
+    fn stored_bytes(&self, offset: u64, len: u64) -> io::Result<u64> {
+        FileIo::stored_bytes(&self.file, offset, len)
     }
     fn data_extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
         FileIo::data_extents(&self.file, offset, len)

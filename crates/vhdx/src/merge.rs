@@ -11,7 +11,13 @@
 //! 3. Every range the child stores (or zeroes) is written into the parent. The child still
 //!    shadows those ranges, so the chain reads the same throughout; rerunning rewrites
 //!    the same bytes.
-//! 4. The parent is flushed and closed; only then is the child removed.
+//! 4. After each flush of the parent, the child's blocks now durable in the parent are
+//!    handed back to it ([`VhdxFile::release_to_parent`]: `NOT_PRESENT` committed, then
+//!    the space punched), so the child shrinks as the copy goes and the file system frees
+//!    its space while the copy runs instead of all at once when the child is removed. The
+//!    chain reads the same before and after each such step. A merge whose child another
+//!    reader has open (the live merge, [`merge_live`]) leaves the child's blocks alone.
+//! 5. The parent is flushed and closed; only then is the child removed.
 //!
 //! **Into the child** (the parent's data moves up; the child then points at the
 //! grandparent, or becomes a standalone dynamic file when the parent was the base):
@@ -101,7 +107,7 @@ fn push_jobs(jobs: &mut Vec<CopyJob>, dest_offset: u64, len: u64, source: u64) {
 }
 
 /// Runs the jobs on [`COPY_THREADS`] workers writing into `dest`; the calling thread
-/// reports progress and flushes `dest` every [`FLUSH_EVERY`] bytes. Returns bytes copied.
+/// reports progress and flushes `dest` every `flush_every` bytes. Returns bytes copied.
 ///
 /// `durable`, when given, hears after each flush the destination offset below which every
 /// job is copied and flushed (the jobs come in ascending destination order).
@@ -109,6 +115,7 @@ fn copy_parallel(
     jobs: &[CopyJob],
     read: &(dyn Fn(u64, &mut [u8]) -> Result<()> + Sync),
     dest: &VhdxFile,
+    flush_every: u64,
     progress: &mut dyn FnMut(u64, u64),
     mut durable: Option<&mut dyn FnMut(u64)>,
 ) -> Result<u64> {
@@ -154,7 +161,7 @@ fn copy_parallel(
             std::thread::sleep(std::time::Duration::from_millis(10));
             let now = copied.load(Ordering::Relaxed);
             progress(now, total);
-            if now - flushed >= FLUSH_EVERY && !failed.load(Ordering::Relaxed) {
+            if now - flushed >= flush_every && !failed.load(Ordering::Relaxed) {
                 // What is complete before the flush is durable after it.
                 while frontier < jobs.len() && complete[frontier].load(Ordering::Acquire) {
                     frontier += 1;
@@ -451,22 +458,7 @@ fn merge_into_parent(
     durable: &mut dyn FnMut(u64),
 ) -> Result<MergeOutcome> {
     let child_path = child.path().to_owned();
-    let mut locator = child
-        .parent_locator()
-        .expect("differencing file has a locator");
-    let new_guid = match locator
-        .get(KEY_PARENT_LINKAGE2)
-        .and_then(parse_braced_guid)
-        .filter(|g| !g.is_nil())
-    {
-        Some(g) => g,
-        None => {
-            let g = Uuid::new_v4();
-            locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
-            child.set_parent_locator(&locator)?;
-            g
-        }
-    };
+    let new_guid = link_guid(&child)?;
     let parent = open_parent_with(
         &child,
         OpenOptions {
@@ -477,9 +469,75 @@ fn merge_into_parent(
         },
     )?;
     let parent_path = parent.path().to_owned();
+    let done = copy_into_parent(
+        &child,
+        &parent,
+        IntoParentCopy {
+            start,
+            release: !shared_lock,
+            flush_every: FLUSH_EVERY,
+        },
+        progress,
+        durable,
+    )?;
+    parent.flush()?;
+    parent.close()?;
+    drop(child);
+    std::fs::remove_file(&child_path).map_err(|e| Error::io(&child_path, e))?;
+    sync_parent_dir(&child_path).map_err(|e| Error::io(&child_path, e))?;
+    Ok(MergeOutcome {
+        direction: MergeDirection::IntoParent,
+        result: parent_path,
+        merged_away: child_path,
+        removed: true,
+        bytes_copied: done,
+    })
+}
+
+/// Step 1 of an into-parent merge: the GUID the parent's first write will take, written
+/// into the child's `parent_linkage2`, or the one a previous run left there.
+fn link_guid(child: &VhdxFile) -> Result<Uuid> {
+    let mut locator = child
+        .parent_locator()
+        .expect("differencing file has a locator");
+    if let Some(g) = locator
+        .get(KEY_PARENT_LINKAGE2)
+        .and_then(parse_braced_guid)
+        .filter(|g| !g.is_nil())
+    {
+        return Ok(g);
+    }
+    let g = Uuid::new_v4();
+    locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
+    child.set_parent_locator(&locator)?;
+    Ok(g)
+}
+
+/// How [`copy_into_parent`] runs.
+#[derive(Clone, Copy)]
+struct IntoParentCopy {
+    /// Guest offset below which a previous run made everything durable in the parent.
+    start: u64,
+    /// Whether the child's blocks are handed back to the parent once durable there (not
+    /// when another reader has the child open).
+    release: bool,
+    /// Bytes copied between flushes of the parent.
+    flush_every: u64,
+}
+
+/// Steps 3 and 4 of an into-parent merge, on files already open (the parent with the
+/// child's `parent_linkage2` GUID as its DataWriteGuid). Returns guest bytes copied.
+fn copy_into_parent(
+    child: &VhdxFile,
+    parent: &VhdxFile,
+    how: IntoParentCopy,
+    progress: &mut dyn FnMut(u64, u64),
+    durable: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let start = how.start;
     let mut jobs = Vec::new();
     let mut zeroed = 0u64;
-    for_each_child_range(&child, |range| {
+    for_each_child_range(child, |range| {
         match range {
             ChildRange::Stored { offset, len } if offset + len > start => {
                 push_jobs(&mut jobs, offset, len, offset)
@@ -509,26 +567,38 @@ fn merge_into_parent(
         }
     }
     parent.reserve_blocks(new_blocks.len() as u64)?;
+    // Every flush of the parent covers the zeroed ranges (written above) and the jobs
+    // below the reported offset, so the child's whole blocks below it read the same from
+    // the parent. A failure to hand them back costs only the early freeing of space.
+    let cbs = u64::from(child.geometry().block_size);
+    let mut released_below = 0u64;
+    let mut releasing = how.release;
+    let mut on_durable = |below: u64| {
+        durable(below);
+        let end = below / cbs;
+        if releasing && end > released_below {
+            match child.release_to_parent(released_below, end) {
+                Ok(_) => released_below = end,
+                Err(e) => {
+                    tracing::warn!(
+                        "handing merged blocks of {} back to its parent: {}",
+                        child.path().display(),
+                        crate::error_chain(&e)
+                    );
+                    releasing = false;
+                }
+            }
+        }
+    };
     let copied = copy_parallel(
         &jobs,
         &|source, buf| child.read_at(buf, source),
-        &parent,
+        parent,
+        how.flush_every,
         progress,
-        Some(durable),
+        Some(&mut on_durable),
     )?;
-    let done = copied + zeroed;
-    parent.flush()?;
-    parent.close()?;
-    drop(child);
-    std::fs::remove_file(&child_path).map_err(|e| Error::io(&child_path, e))?;
-    sync_parent_dir(&child_path).map_err(|e| Error::io(&child_path, e))?;
-    Ok(MergeOutcome {
-        direction: MergeDirection::IntoParent,
-        result: parent_path,
-        merged_away: child_path,
-        removed: true,
-        bytes_copied: done,
-    })
+    Ok(copied + zeroed)
 }
 
 fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Result<MergeOutcome> {
@@ -555,6 +625,7 @@ fn merge_into_child(child: VhdxFile, progress: &mut dyn FnMut(u64, u64)) -> Resu
         &jobs,
         &|source, buf| parent.read_stored(buf, source),
         &child,
+        FLUSH_EVERY,
         progress,
         None,
     )?;
@@ -731,3 +802,7 @@ pub fn merge_plan(child: &Path, direction: MergeDirection) -> Result<MergePlan> 
         blockers,
     })
 }
+
+#[cfg(test)]
+#[path = "merge_power_loss.rs"]
+mod power_loss;

@@ -59,6 +59,15 @@ impl FileIo for MemFile {
         self.data.lock().unwrap().resize(len, 0);
         Ok(())
     }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut data = self.data.lock().unwrap();
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let end = start.saturating_add(len as usize).min(data.len());
+        data[start..end].fill(0);
+        Ok(())
+    }
 }
 
 /// What a [`FaultyIo`] does once its budget of successful writes is spent.
@@ -127,6 +136,12 @@ impl<F: FileIo> FileIo for FaultyIo<F> {
     }
     fn data_extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
         self.inner.data_extents(offset, len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn stored_bytes(&self, offset: u64, len: u64) -> io::Result<u64> {
+        self.inner.stored_bytes(offset, len)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         let grows = len > self.inner.len()?;
@@ -239,6 +254,22 @@ impl FileIo for CrashIo {
         let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
         st.visible.resize(len, 0);
         st.pending.push(PendingOp::SetLen(len));
+        Ok(())
+    }
+    /// A punched range reads as zeros; until the next sync a crash may undo it, so it is
+    /// pending like a write of zeros.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(st.visible.len());
+        let end = start.saturating_add(len as usize).min(st.visible.len());
+        st.visible[start..end].fill(0);
+        let data = vec![0u8; end - start];
+        st.pending.push(PendingOp::Write {
+            offset: start,
+            data,
+        });
         Ok(())
     }
 }
