@@ -102,7 +102,17 @@ fn merge_one(
     };
     let started = Instant::now();
     record_merge(served, (layer_path, child_path), direction);
+    // Before the journal: a worker killed once the merge is planned leaves it to the
+    // replay, which gives the parent the GUID found here.
+    if direction == Direction::IntoParent {
+        if is_top {
+            served.with_chain(|c| announce_top_session_guid(served, c))??;
+        } else {
+            announce_session_guid(served, child_path, layer_path)?;
+        }
+    }
     let planned = session.vm().plan_merge(layer, direction)?;
+    vm::fsutil::crashpoint("live merge: planned");
     let token = planned.token();
     if !is_top {
         // Still timed: the switch holds writes back.
@@ -123,9 +133,6 @@ fn merge_one(
             }),
             (true, Direction::IntoChild) => copy_parent_into_top(served),
             (false, d) => {
-                if d == Direction::IntoParent {
-                    announce_session_guid(served, child_path, layer_path)?;
-                }
                 let d = match d {
                     Direction::IntoParent => vhdx::MergeDirection::IntoParent,
                     Direction::IntoChild => vhdx::MergeDirection::IntoChild,
@@ -232,6 +239,37 @@ fn record_merge(
     if let Err(e) = recorded {
         tracing::warn!("change tracking: cannot record the merge: {e}");
     }
+}
+
+/// Before Now's layer merges into its parent: the GUID the parent takes at the merge's
+/// first write, from Now's `parent_linkage2`. When none is there yet it becomes the
+/// session's own, so that the tracker accepts the parent after a worker kill (the parent
+/// is served by the session once Now's layer merged into it); one already there is kept,
+/// because the parent may carry it from an earlier, abandoned merge.
+fn announce_top_session_guid(served: &ServedDisk, c: &Chain) -> Result<uuid::Uuid> {
+    let top = c.top();
+    let mut locator = top.parent_locator().ok_or_else(|| Error::ServedChain {
+        reason: "Now's layer has no parent".into(),
+    })?;
+    if let Some(g) = locator
+        .get(KEY_PARENT_LINKAGE2)
+        .and_then(parse_braced_guid)
+        .filter(|g| !g.is_nil())
+    {
+        return Ok(g);
+    }
+    let parent = c.layers()[1]
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let g = match (served.session(), parent) {
+        (Some(s), Some(p)) => vm::tracking::session_guid(s, &p),
+        _ => uuid::Uuid::new_v4(),
+    };
+    locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
+    top.set_parent_locator(&locator)?;
+    top.flush()?;
+    Ok(g)
 }
 
 /// Before an into-parent merge below the top: the DataWriteGuid the parent takes at the
@@ -440,35 +478,9 @@ fn rebuild(
 /// Now's layer into its parent, with the guest's writes mirrored there meanwhile.
 fn copy_top_into_parent(served: &ServedDisk, durable: &(dyn Fn(u64) + Sync)) -> Result<u64> {
     let mirror = served.with_chain(|c| -> Result<Chain> {
-        let top = c.top();
-        let mut locator = top.parent_locator().ok_or_else(|| Error::ServedChain {
-            reason: "Now's layer has no parent".into(),
-        })?;
-        let guid = match locator
-            .get(KEY_PARENT_LINKAGE2)
-            .and_then(parse_braced_guid)
-            .filter(|g| !g.is_nil())
-        {
-            Some(g) => g,
-            None => {
-                // The session's own: the tracker accepts it after a worker kill, as the
-                // parent is served by the session once Now's layer merged into it.
-                let parent = c.layers()[1]
-                    .path()
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned());
-                let g = match (served.session(), parent) {
-                    (Some(s), Some(p)) => vm::tracking::session_guid(s, &p),
-                    _ => uuid::Uuid::new_v4(),
-                };
-                locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
-                top.set_parent_locator(&locator)?;
-                top.flush()?;
-                g
-            }
-        };
+        let guid = announce_top_session_guid(served, c)?;
         let parent = vhdx::open_parent_with(
-            top,
+            c.top(),
             OpenOptions {
                 writable: true,
                 keep_data_write_guid: false,

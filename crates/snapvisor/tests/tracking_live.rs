@@ -196,6 +196,7 @@ fn a_worker_killed_while_merging_a_backups_checkpoint_away_keeps_tracking_valid(
     // Each backup's recovery checkpoint merges away under the guest; the worker dies at
     // one step of that merge after the point committed, before the tracker saw its end.
     let steps = [
+        "live merge: planned",
         "live merge: copied",
         "live merge: switched",
         "live merge: committed",
@@ -252,5 +253,32 @@ fn a_worker_killed_while_merging_a_backups_checkpoint_away_keeps_tracking_valid(
     assert_same(&restored, &now, "the backup after the kills");
     let v = cli.json(&["backup", "verify", "--json"]);
     assert_eq!(v["clean"], true, "{v}");
+    support::check_all_files(&store.join("g"));
+}
+
+#[test]
+fn a_worker_killed_once_a_checkpoint_delete_is_planned_keeps_tracking_valid() {
+    // Deleting the checkpoint under Now merges Now's layer, which holds the guest's
+    // writes since the checkpoint, into its parent. The worker dies right after the
+    // merge's journal is written, before any data moved; the next open replays the merge,
+    // and the parent must come out with a DataWriteGuid the tracker accepts.
+    let dir = tempfile::tempdir().unwrap();
+    let cli = setup(dir.path());
+    let store = dir.path().join("store");
+    start_crashing_at(&cli, &store, Some("live merge: planned"));
+    let t = tracking(&cli);
+    assert_eq!(t["state"], "valid", "before the delete: {t}");
+    cli.ok(&["checkpoint", "create", "g", "--name", "u"]);
+    let from = max_tick(&store);
+    wait("ticks in Now's layer", 60, || max_tick(&store) > from + 3);
+    let _ = cli.command(&["checkpoint", "delete", "g", "u"]).output();
+    wait("the worker to die in the merge", 60, || {
+        !matches!(status(&cli)["state"].as_str(), Some("running" | "paused"))
+    });
+    // `vm show` finishes the merge from its journal.
+    let t = tracking(&cli);
+    assert_eq!(t["state"], "valid", "after the kill: {t}");
+    let list = cli.json(&["checkpoint", "list", "g", "--all", "--json"]);
+    assert!(list["checkpoints"].as_array().unwrap().is_empty(), "{list}");
     support::check_all_files(&store.join("g"));
 }
