@@ -32,7 +32,6 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
-use vhdx::format::{KEY_PARENT_LINKAGE2, braced_guid, parse_braced_guid};
 use vhdx::{Chain, OpenOptions, Segment};
 use vm::journal::Direction;
 
@@ -242,33 +241,23 @@ fn record_merge(
 }
 
 /// Before Now's layer merges into its parent: the GUID the parent takes at the merge's
-/// first write, from Now's `parent_linkage2`. When none is there yet it becomes the
-/// session's own, so that the tracker accepts the parent after a worker kill (the parent
-/// is served by the session once Now's layer merged into it); one already there is kept,
-/// because the parent may carry it from an earlier, abandoned merge.
+/// first write, announced in Now's `parent_linkage2` and made durable. When none is there
+/// yet it becomes the session's own, so that the tracker accepts the parent after a worker
+/// kill (the parent is served by the session once Now's layer merged into it); one already
+/// there is kept, because the parent may carry it from an earlier, abandoned merge.
 fn announce_top_session_guid(served: &ServedDisk, c: &Chain) -> Result<uuid::Uuid> {
-    let top = c.top();
-    let mut locator = top.parent_locator().ok_or_else(|| Error::ServedChain {
-        reason: "Now's layer has no parent".into(),
+    let parent = c.layers().get(1).and_then(|p| p.path().file_name());
+    let mut announced = false;
+    let g = vhdx::announce_merge_guid(c.top(), || {
+        announced = true;
+        match (served.session(), parent) {
+            (Some(s), Some(p)) => vm::tracking::session_guid(s, &p.to_string_lossy()),
+            _ => uuid::Uuid::new_v4(),
+        }
     })?;
-    if let Some(g) = locator
-        .get(KEY_PARENT_LINKAGE2)
-        .and_then(parse_braced_guid)
-        .filter(|g| !g.is_nil())
-    {
-        return Ok(g);
+    if announced {
+        c.top().flush()?;
     }
-    let parent = c.layers()[1]
-        .path()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned());
-    let g = match (served.session(), parent) {
-        (Some(s), Some(p)) => vm::tracking::session_guid(s, &p),
-        _ => uuid::Uuid::new_v4(),
-    };
-    locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
-    top.set_parent_locator(&locator)?;
-    top.flush()?;
     Ok(g)
 }
 
@@ -281,19 +270,11 @@ fn announce_session_guid(served: &ServedDisk, child_path: &Path, layer_path: &Pa
         return Ok(());
     };
     let f = open_beside_the_guest(child_path)?;
-    let Some(mut locator) = f.parent_locator() else {
-        // Not differencing: the merge refuses it.
-        f.close()?;
-        return Ok(());
-    };
-    if locator
-        .get(KEY_PARENT_LINKAGE2)
-        .and_then(parse_braced_guid)
-        .is_none_or(|g| g.is_nil())
-    {
-        let g = vm::tracking::session_guid(s, &parent.to_string_lossy());
-        locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
-        f.set_parent_locator(&locator)?;
+    // Not differencing: the merge refuses it.
+    if f.kind() == vhdx::DiskKind::Differencing {
+        vhdx::announce_merge_guid(&f, || {
+            vm::tracking::session_guid(s, &parent.to_string_lossy())
+        })?;
     }
     f.close()?;
     Ok(())

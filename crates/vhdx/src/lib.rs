@@ -116,9 +116,9 @@ pub use file::{
 };
 pub use io::FileIo;
 pub use merge::{
-    MergeDirection, MergeEstimate, MergeOutcome, MergePlan, dependants, estimate, estimate_open,
-    into_child_pieces, merge, merge_into_parent_from, merge_live, merge_plan, merge_unchecked,
-    relink,
+    MergeDirection, MergeEstimate, MergeOutcome, MergePlan, announce_merge_guid, dependants,
+    estimate, estimate_open, into_child_pieces, merge, merge_into_parent_from, merge_live,
+    merge_plan, merge_unchecked, relink,
 };
 pub use reparent::{SetParentOutcome, set_parent};
 #[cfg(feature = "testing")]

@@ -458,7 +458,7 @@ fn merge_into_parent(
     durable: &mut dyn FnMut(u64),
 ) -> Result<MergeOutcome> {
     let child_path = child.path().to_owned();
-    let new_guid = link_guid(&child)?;
+    let new_guid = announce_merge_guid(&child, Uuid::new_v4)?;
     let parent = open_parent_with(
         &child,
         OpenOptions {
@@ -494,12 +494,16 @@ fn merge_into_parent(
     })
 }
 
-/// Step 1 of an into-parent merge: the GUID the parent's first write will take, written
-/// into the child's `parent_linkage2`, or the one a previous run left there.
-fn link_guid(child: &VhdxFile) -> Result<Uuid> {
-    let mut locator = child
-        .parent_locator()
-        .expect("differencing file has a locator");
+/// Step 1 of an into-parent merge: the GUID the parent's first write will take, kept in
+/// the child's `parent_linkage2` so that the child stays linked to the parent whatever
+/// point the merge reaches. One already there (from a previous, interrupted run, or set by
+/// the caller) is kept; otherwise `fresh` gives it, and it is written into the child's
+/// locator (durable at the child's next flush). Errors if `child` is not differencing.
+pub fn announce_merge_guid(child: &VhdxFile, fresh: impl FnOnce() -> Uuid) -> Result<Uuid> {
+    let mut locator = child.parent_locator().ok_or_else(|| Error::Unsupported {
+        path: child.path().to_owned(),
+        reason: "not a differencing file".into(),
+    })?;
     if let Some(g) = locator
         .get(KEY_PARENT_LINKAGE2)
         .and_then(parse_braced_guid)
@@ -507,7 +511,7 @@ fn link_guid(child: &VhdxFile) -> Result<Uuid> {
     {
         return Ok(g);
     }
-    let g = Uuid::new_v4();
+    let g = fresh();
     locator.set(KEY_PARENT_LINKAGE2, braced_guid(g));
     child.set_parent_locator(&locator)?;
     Ok(g)

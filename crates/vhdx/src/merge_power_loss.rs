@@ -13,7 +13,7 @@
 //! The test fails if a block is given back before the parent's copy of it is durable,
 //! or if its punch is not made after the commit that unmaps it.
 
-use super::{IntoParentCopy, copy_into_parent, link_guid};
+use super::{IntoParentCopy, announce_merge_guid, copy_into_parent};
 use crate::testing::MemFile;
 use crate::{Chain, CreateParams, FileIo, MergeDirection, OpenOptions, VhdxFile};
 use rand::rngs::StdRng;
@@ -213,7 +213,7 @@ fn power_loss_at_any_instant_of_an_into_parent_merge_loses_nothing() {
         },
     )
     .unwrap();
-    let guid = link_guid(&child_file).unwrap();
+    let guid = announce_merge_guid(&child_file, uuid::Uuid::new_v4).unwrap();
     let parent_file = VhdxFile::open_io(
         recorded(1),
         &base,

@@ -61,11 +61,8 @@ impl FileIo for MemFile {
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut data = self.data.lock().unwrap();
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(data.len());
-        let end = start.saturating_add(len as usize).min(data.len());
-        data[start..end].fill(0);
+        let range = within(data.len(), offset, len);
+        data[range].fill(0);
         Ok(())
     }
 }
@@ -260,16 +257,22 @@ impl FileIo for CrashIo {
     /// pending like a write of zeros.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut st = self.state.lock().unwrap();
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(st.visible.len());
-        let end = start.saturating_add(len as usize).min(st.visible.len());
-        st.visible[start..end].fill(0);
-        let data = vec![0u8; end - start];
+        let range = within(st.visible.len(), offset, len);
+        st.visible[range.clone()].fill(0);
         st.pending.push(PendingOp::Write {
-            offset: start,
-            data,
+            offset: range.start,
+            data: vec![0u8; range.len()],
         });
         Ok(())
     }
+}
+
+/// The part of `[offset, offset + len)` that lies within a file of `size` bytes: a punch
+/// past the end, like one on a real file, changes nothing there.
+fn within(size: usize, offset: u64, len: u64) -> std::ops::Range<usize> {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(size);
+    let end = usize::try_from(len)
+        .map_or(usize::MAX, |l| start.saturating_add(l))
+        .min(size);
+    start..end
 }
